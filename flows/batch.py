@@ -1,0 +1,260 @@
+"""The ``tryon_batch`` flow: wiring only. The work is in ``tasks`` and ``providers``."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections import Counter
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from providers.base import ProviderError, TryOnClient
+from providers.registry import PROVIDERS, provider_spec
+from schemas.manifest import InvalidRow, ManifestError, ManifestRow
+from schemas.results import Status
+from tasks.images import PreparedImageCache
+from tasks.lake import Lake
+from tasks.process import ProgressSink, RetryPolicy, RunContext
+from tasks.tryon import (
+    ChunkOutcome,
+    invalid_records,
+    load_manifest_task,
+    process_chunk,
+    record_invalid_rows,
+    register_context,
+    unregister_context,
+)
+
+
+class ProviderLimits(BaseModel):
+    """Per-provider limits for one run. ``None`` takes the provider's documented default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_in_flight: int | None = Field(default=None, ge=1, le=1024)
+    requests_per_second: float | None = Field(default=None, gt=0)
+
+
+class BatchParams(BaseModel):
+    """Parameters of a batch run (the Prefect UI renders them as a form)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: str = Field(
+        description="Manifest URI: CSV or Parquet, a local path or any fsspec URL."
+    )
+    lake: str = Field(default="./lake", description="Lake root: a local folder or an fsspec URL.")
+    provider: str = Field(default="changeclothes", description="Provider for rows that name none.")
+    chunk_size: int = Field(default=100, ge=1, le=10_000, description="Rows per Prefect task.")
+    limits: ProviderLimits = Field(default_factory=ProviderLimits)
+    max_attempts: int = Field(
+        default=4, ge=1, le=20, description="Provider calls per row, at most."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for the lake, manifest and inputs."
+    )
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        return provider_spec(value).name
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    provider: str
+    lake: str
+    results_uri: str
+    metadata_uri: str
+    summary_uri: str
+    counts: dict[str, int]
+    total_rows: int
+    provider_calls: int
+    duration_s: float
+    fatal_error: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0: every valid row succeeded; 1: some rows failed, were skipped or invalid."""
+        return 0 if self.counts.get(Status.SUCCEEDED, 0) == self.total_rows else 1
+
+    def one_line(self) -> str:
+        parts = [f"{self.counts.get(s, 0)} {s}" for s in ("succeeded", "failed", "invalid")]
+        skipped = self.counts.get("skipped", 0)
+        line = " / ".join(parts) + (f" / {skipped} skipped" if skipped else "")
+        return f"{line} of {self.total_rows} rows"
+
+
+class RunNotStarted(Exception):
+    """The run could not start: bad manifest, unknown provider, missing key, unwritable lake."""
+
+
+class BatchIncomplete(Exception):
+    """Some rows failed or were skipped; the flow run ends Failed so the UI can retry it."""
+
+    def __init__(self, summary: RunSummary) -> None:
+        super().__init__(f"batch incomplete: {summary.one_line()}")
+        self.summary = summary
+
+
+_progress_sink: ProgressSink | None = None
+
+
+def set_progress_sink(sink: ProgressSink | None) -> None:
+    """Let an interactive caller (the CLI) watch rows finish in this process."""
+    global _progress_sink
+    _progress_sink = sink
+
+
+def _chunks(rows: list[ManifestRow], size: int) -> list[list[ManifestRow]]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def _capability_problems(row: ManifestRow, client: type[TryOnClient]) -> list[str]:
+    caps, name = client.capabilities, client.name
+    problems = []
+    if row.garment_image is None and not caps.prompt:
+        problems.append(f"provider {name!r} needs garment_image (it has no prompt endpoint)")
+    if row.lower_garment_image is not None and not caps.lower_garment:
+        problems.append(f"provider {name!r} does not take lower_garment_image")
+    if row.garment_image is not None and row.category not in caps.categories:
+        problems.append(f"provider {name!r} does not take category {row.category!r}")
+    return problems
+
+
+def _run_id() -> str:
+    current = flow_run.get_id()
+    return str(current) if current else str(uuid.uuid4())
+
+
+@flow(name="tryon-batch", log_prints=True)
+async def tryon_batch(params: BatchParams) -> RunSummary:
+    """Manifest -> validated rows -> chunked try-on at the provider's limits -> lake."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    run_id = _run_id()
+    try:
+        lake = Lake.open(params.lake, storage_options=params.storage_options)
+        lake.write_json(
+            lake.path("runs", run_id, "started.json"),
+            {"run_id": run_id, "started_at": datetime.now(UTC), "params": _public(params)},
+        )
+        default_spec = provider_spec(params.provider)
+        report = await asyncio.to_thread(
+            load_manifest_task, params.manifest, params.storage_options, sorted(PROVIDERS)
+        )
+    except (ManifestError, ValueError, OSError) as exc:
+        raise RunNotStarted(str(exc)) from None
+
+    # Group valid rows by provider; rows a provider cannot take become invalid, with the reason.
+    invalid: list[InvalidRow] = list(report.invalid)
+    by_provider: dict[str, list[ManifestRow]] = {}
+    for row in report.valid:
+        name = row.provider or default_spec.name
+        problems = _capability_problems(row, PROVIDERS[name].client_class())
+        if problems:
+            invalid.append(InvalidRow(row_index=row.row_index, row_id=row.id, reasons=problems))
+        else:
+            by_provider.setdefault(name, []).append(row)
+    invalid.sort(key=lambda r: r.row_index)
+    record_invalid_rows(lake, run_id, invalid_records(run_id, default_spec.name, invalid))
+    if _progress_sink is not None:
+        _progress_sink.started(report.n_rows)
+        for record in invalid_records(run_id, default_spec.name, invalid):
+            _progress_sink.row_done(record)
+
+    outcomes: list[ChunkOutcome] = []
+    fatal: ProviderError | None = None
+    async with AsyncExitStack() as stack:
+        inputs_http = await stack.enter_async_context(
+            httpx.AsyncClient(
+                timeout=httpx.Timeout(30.0, connect=10.0),
+                follow_redirects=True,
+                max_redirects=5,
+            )
+        )
+        images = PreparedImageCache()
+        contexts: list[RunContext] = []
+        for name, rows in by_provider.items():
+            spec = PROVIDERS[name]
+            in_flight = params.limits.max_in_flight or spec.max_in_flight
+            provider_http = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    timeout=httpx.Timeout(180.0, connect=10.0),
+                    limits=httpx.Limits(max_connections=in_flight * 2 + 4),
+                )
+            )
+            try:
+                client = spec.make_client(http=provider_http)
+            except ProviderError as exc:
+                raise RunNotStarted(str(exc)) from None
+            ctx = RunContext(
+                run_id=run_id,
+                client=client,
+                http=inputs_http,
+                lake=lake,
+                images=images,
+                max_in_flight=in_flight,
+                requests_per_second=params.limits.requests_per_second or spec.requests_per_second,
+                retry=RetryPolicy(max_attempts=params.max_attempts),
+                storage_options=params.storage_options,
+                progress=_progress_sink,
+            )
+            register_context(ctx)
+            stack.callback(unregister_context, ctx)
+            contexts.append(ctx)
+            logger.info("%s: %d rows, %d in flight", name, len(rows), in_flight)
+
+        # Enough chunks in progress to keep every provider slot busy, no more: bounded memory.
+        async def run_provider(ctx: RunContext, rows: list[ManifestRow]) -> None:
+            chunks = _chunks(rows, params.chunk_size)
+            parallel = max(2, math.ceil(2 * ctx.max_in_flight / params.chunk_size) + 1)
+            gate = asyncio.Semaphore(parallel)
+
+            async def one(index: int, chunk: list[ManifestRow]) -> None:
+                async with gate:
+                    outcomes.append(await process_chunk(run_id, ctx.client.name, index, chunk))
+
+            await asyncio.gather(*(one(i, c) for i, c in enumerate(chunks)))
+
+        await asyncio.gather(*(run_provider(ctx, by_provider[ctx.client.name]) for ctx in contexts))
+        fatal = next((c.state.fatal for c in contexts if c.state.fatal), None)
+
+    counts: Counter[str] = Counter({str(Status.INVALID): len(invalid)} if invalid else {})
+    for outcome in outcomes:
+        counts.update(outcome.counts)
+    summary = RunSummary(
+        run_id=run_id,
+        provider=default_spec.name,
+        lake=lake.uri,
+        results_uri=lake.full_uri(lake.path("results", run_id)),
+        metadata_uri=lake.metadata_glob(),
+        summary_uri=lake.full_uri(lake.path("runs", run_id, "summary.json")),
+        counts=dict(counts),
+        total_rows=report.n_rows,
+        provider_calls=sum(o.provider_calls for o in outcomes),
+        duration_s=round(time.perf_counter() - started, 3),
+        fatal_error=str(fatal) if fatal else None,
+    )
+    lake.write_json(lake.path("runs", run_id, "summary.json"), summary.model_dump(mode="json"))
+    logger.info("run %s: %s", run_id, summary.one_line())
+    if fatal is not None:
+        logger.error("stopped submitting after a run-fatal error: %s", fatal)
+    if counts.get(Status.FAILED, 0) or counts.get(Status.SKIPPED, 0):
+        raise BatchIncomplete(summary)
+    return summary
+
+
+def _public(params: BatchParams) -> dict[str, Any]:
+    """Parameters safe to store: storage option values may hold credentials."""
+    data = params.model_dump(mode="json")
+    data["storage_options"] = sorted(params.storage_options)
+    return data

@@ -1,0 +1,195 @@
+"""`tryon`: run a batch, validate a manifest, or serve the emulator, from the shell.
+
+Exit status (for schedulers): 0 every valid row succeeded; 1 some rows failed, were skipped or
+were invalid; 2 the run could not start (bad manifest, unknown provider, missing key, lake).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from contextlib import ExitStack
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+# Before Prefect is imported: its telemetry heartbeat races the ephemeral server's first SQLite
+# migrations ("database is locked") and is useless offline.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+err = Console(stderr=True)
+out = Console()
+
+EXIT_OK, EXIT_ROWS, EXIT_NOT_STARTED = 0, 1, 2
+
+
+class RichProgress:
+    """ProgressSink drawing rows done / failed / rate on a terminal."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = progress.add_task("rows", total=None, ok=0, bad=0, rate=0.0)
+        self.ok = self.bad = 0
+        self.t0 = time.perf_counter()
+
+    def started(self, total: int) -> None:
+        self.progress.update(self.task, total=total)
+
+    def row_done(self, record: Any) -> None:
+        if str(record.status) == "succeeded":
+            self.ok += 1
+        else:
+            self.bad += 1
+        done = self.ok + self.bad
+        rate = done / max(time.perf_counter() - self.t0, 1e-6)
+        self.progress.update(self.task, advance=1, ok=self.ok, bad=self.bad, rate=rate)
+
+
+def _start_emulator(stack: ExitStack) -> str:
+    """Serve every provider's protocol on loopback and point all providers (and keys) at it."""
+    from providers.emulator.server import EmulatorConfig, EmulatorServer
+    from providers.settings import DEFAULT_BASE_URLS, EMULATOR_DEFAULT_KEYS, base_url_env
+
+    server = EmulatorServer.start(EmulatorConfig())
+    stack.callback(server.stop)
+    for provider in DEFAULT_BASE_URLS:
+        os.environ[base_url_env(provider)] = server.base_url
+    for name, value in EMULATOR_DEFAULT_KEYS.items():
+        os.environ.setdefault(name, value)
+    return server.base_url
+
+
+@app.command()
+def run(
+    manifest: Annotated[str, typer.Argument(help="Manifest: CSV/Parquet path or fsspec URL.")],
+    lake: Annotated[str, typer.Option(help="Lake root: folder or fsspec URL.")] = "./lake",
+    provider: Annotated[str, typer.Option(help="Provider for rows naming none.")] = "changeclothes",
+    emulator: Annotated[
+        bool, typer.Option("--emulator", help="Start the emulator in-process and use it.")
+    ] = False,
+    chunk_size: Annotated[int, typer.Option(help="Rows per Prefect task.")] = 100,
+    max_in_flight: Annotated[
+        int | None, typer.Option(help="Provider calls in flight (default: provider's).")
+    ] = None,
+    rps: Annotated[float | None, typer.Option(help="Provider requests per second.")] = None,
+    max_attempts: Annotated[int, typer.Option(help="Provider calls per row, at most.")] = 4,
+    allow_row_errors: Annotated[
+        bool, typer.Option("--allow-row-errors", help="Exit 0 even if some rows failed.")
+    ] = False,
+    progress: Annotated[
+        bool | None, typer.Option("--progress/--no-progress", help="Progress bar (default: tty).")
+    ] = None,
+) -> None:
+    """Run a try-on batch and write results and metadata to the lake."""
+    from flows.batch import BatchIncomplete, BatchParams, RunNotStarted, set_progress_sink
+
+    try:
+        params = BatchParams(
+            manifest=manifest,
+            lake=lake,
+            provider=provider,
+            chunk_size=chunk_size,
+            limits={"max_in_flight": max_in_flight, "requests_per_second": rps},
+            max_attempts=max_attempts,
+        )
+    except ValueError as exc:
+        err.print(f"[red]cannot start:[/] {exc}")
+        raise typer.Exit(EXIT_NOT_STARTED) from None
+
+    show_progress = sys.stderr.isatty() if progress is None else progress
+    with ExitStack() as stack:
+        if emulator:
+            err.print(f"emulator: serving every provider at {_start_emulator(stack)}")
+        if show_progress:
+            bar = Progress(
+                TextColumn("[bold]try-on"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("[green]{task.fields[ok]} ok[/] [red]{task.fields[bad]} not ok[/]"),
+                TextColumn("{task.fields[rate]:.1f} rows/s"),
+                TimeElapsedColumn(),
+                console=err,
+            )
+            stack.enter_context(bar)
+            set_progress_sink(RichProgress(bar))
+            stack.callback(set_progress_sink, None)
+        from flows.batch import tryon_batch
+
+        try:
+            summary = asyncio.run(tryon_batch(params=params))
+        except RunNotStarted as exc:
+            err.print(f"[red]cannot start:[/] {exc}")
+            raise typer.Exit(EXIT_NOT_STARTED) from None
+        except BatchIncomplete as exc:
+            summary = exc.summary
+
+    out.print(f"Results:  {summary.results_uri}")
+    out.print(f"Metadata: {summary.metadata_uri}  (read with polars.scan_parquet)")
+    out.print(f"Summary:  {summary.summary_uri}")
+    if summary.fatal_error:
+        out.print(f"[red]Stopped early:[/] {summary.fatal_error}")
+    out.print(f"[bold]{summary.one_line()}[/]")
+    code = summary.exit_code
+    raise typer.Exit(EXIT_OK if allow_row_errors else code)
+
+
+@app.command()
+def validate(
+    manifest: Annotated[str, typer.Argument(help="Manifest: CSV/Parquet path or fsspec URL.")],
+) -> None:
+    """Check a manifest and print every bad row with its reason."""
+    from providers.registry import PROVIDERS
+    from schemas.manifest import ManifestError
+    from tasks.manifest import load_manifest
+
+    try:
+        report = load_manifest(manifest, known_providers=sorted(PROVIDERS))
+    except ManifestError as exc:
+        err.print(f"[red]manifest unusable:[/] {exc}")
+        raise typer.Exit(EXIT_NOT_STARTED) from None
+    if report.invalid:
+        table = Table(title=f"{len(report.invalid)} invalid rows")
+        table.add_column("row", justify="right")
+        table.add_column("id")
+        table.add_column("reason")
+        for row in report.invalid:
+            table.add_row(str(row.row_index + 1), str(row.row_id), row.message)  # 1-based
+        out.print(table)
+    out.print(report.summary())
+    raise typer.Exit(EXIT_OK if not report.invalid else EXIT_ROWS)
+
+
+@app.command("emulator")
+def emulator_cmd(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8765,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    latency: Annotated[float, typer.Option(help="Added latency per provider call (s).")] = 0.0,
+    result_ttl: Annotated[float, typer.Option(help="Seconds a result URL stays valid.")] = 3600,
+) -> None:
+    """Serve the providers' protocols locally (see README for keys and routes)."""
+    from providers.emulator.server import EmulatorConfig, FaultPlan, serve
+
+    faults = {"changeclothes": FaultPlan(latency_s=latency)}
+    config = EmulatorConfig(result_ttl_s=result_ttl, faults=faults)
+    err.print(f"emulator on http://{host}:{port}  (stats: /_emulator/stats)")
+    serve(config, host=host, port=port)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

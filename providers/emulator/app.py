@@ -1,0 +1,136 @@
+"""The emulator's ASGI app: every provider's routes, result files, and the control endpoints.
+
+Adding a provider = one route module exposing ``routes(state) -> list[Route]`` plus one line in
+``PROVIDER_ROUTES``. Vendor routes are wrapped here so stats and in-flight counts are uniform.
+Control endpoints live under ``/_emulator/`` (no vendor uses that prefix) and are not counted.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from providers.emulator import changeclothes
+from providers.emulator.config import EmulatorConfig, FaultPlan
+from providers.emulator.state import EmulatorState
+
+PROVIDER_ROUTES: dict[str, Callable[[EmulatorState], list[Route]]] = {
+    changeclothes.PROVIDER: changeclothes.routes,
+}
+FILES_PATH = "/files/{token}.webp"
+REQUEST_ID_HEADER = b"x-request-id"
+
+
+class RequestIdMiddleware:
+    """Stamp ``x-request-id`` on every response, as the vendors' gateways do."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex.encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0] != REQUEST_ID_HEADER]
+                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _tracked(route: Route, state: EmulatorState, provider: str | None) -> Route:
+    """The same route, counted in the stats (and in flight, for a provider's API calls)."""
+    endpoint = route.endpoint
+    path = route.path
+
+    async def tracked(request: Request) -> Response:
+        with state.track(f"{request.method} {path}", provider):
+            return await endpoint(request)  # type: ignore[no-any-return]
+
+    return Route(path, tracked, methods=list(route.methods or ()), name=route.name)
+
+
+def build_app(config: EmulatorConfig | None = None) -> Starlette:
+    """A fresh emulator app with its own state (reachable as ``app.state.emulator``)."""
+    config = config or EmulatorConfig()
+    unknown = sorted(set(config.faults) - set(PROVIDER_ROUTES))
+    if unknown:
+        raise ValueError(f"fault plans for unknown providers: {unknown}")
+    state = EmulatorState(config, list(PROVIDER_ROUTES))
+
+    async def result_file(request: Request) -> Response:
+        # Expired and unknown tokens look alike: 404, as for an object deleted from a bucket.
+        found = state.results.get(request.path_params["token"])
+        if found is None:
+            return JSONResponse({"error": "not found or expired"}, status_code=404)
+        data, media_type = found
+        return Response(data, media_type=media_type, headers={"Cache-Control": "no-store"})
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(state.snapshot())
+
+    async def reset(request: Request) -> Response:
+        """Zero the stats; with ``{"faults": true}`` also restore the configured fault plans."""
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            return JSONResponse({"error": "expected a JSON object"}, status_code=422)
+        state.reset_stats()
+        if body.get("faults"):
+            state.reset_faults()
+        return JSONResponse(state.snapshot())
+
+    async def faults(request: Request) -> Response:
+        """GET: the plans in force. POST ``{provider: {field: value}}``: change those fields."""
+        if request.method == "POST":
+            body = await _json_body(request)
+            if not isinstance(body, dict):
+                return JSONResponse({"error": "expected a JSON object"}, status_code=422)
+            unknown = sorted(set(body) - set(state.providers))
+            if unknown:
+                return JSONResponse({"error": f"unknown providers: {unknown}"}, status_code=422)
+            try:
+                patches = {name: FaultPlan.model_validate(patch) for name, patch in body.items()}
+            except ValidationError as exc:
+                errors = exc.errors(include_url=False, include_context=False)
+                return JSONResponse({"error": errors}, status_code=422)
+            for name, patch in patches.items():
+                state.provider(name).apply(patch)
+        return JSONResponse(
+            {name: ps.current_plan().model_dump() for name, ps in state.providers.items()}
+        )
+
+    routes: list[Route] = []
+    for provider, make_routes in PROVIDER_ROUTES.items():
+        routes.extend(_tracked(route, state, provider) for route in make_routes(state))
+    routes.append(_tracked(Route(FILES_PATH, result_file, methods=["GET"]), state, None))
+    routes += [
+        Route("/_emulator/stats", stats, methods=["GET"]),
+        Route("/_emulator/reset", reset, methods=["POST"]),
+        Route("/_emulator/faults", faults, methods=["GET", "POST"]),
+    ]
+    app = Starlette(routes=routes, middleware=[Middleware(RequestIdMiddleware)])
+    app.state.emulator = state
+    return app
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        return await request.json()
+    except ValueError:
+        return None

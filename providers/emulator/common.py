@@ -1,0 +1,121 @@
+"""Wire-level helpers every emulated provider shares: image inputs, waiting, gateway errors."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+
+import httpx
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import Response
+
+# Starlette's default caps a non-file part at 1 MB; a data: URI of a few-MB image is bigger.
+FORM_LIMITS: dict[str, int] = {"max_files": 16, "max_fields": 64, "max_part_size": 64 * 1024**2}
+
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)(?P<params>(;[^;,]*)*?);base64,", re.I)
+
+
+class InputError(ValueError):
+    """A request field the vendor would reject as an invalid parameter."""
+
+
+async def sleep_unless_disconnected(request: Request, seconds: float) -> bool:
+    """Sleep up to ``seconds``; return True early if the client hung up.
+
+    A client that times out closes its connection; noticing that ends the simulated work, so
+    in-flight counts fall and the server stops at once instead of waiting out a long hang.
+    Call only after the body was read: then ``receive()`` yields nothing but the disconnect.
+    """
+    if seconds <= 0:
+        return False
+
+    async def wait_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(wait_disconnect())
+    try:
+        done, _ = await asyncio.wait({watcher}, timeout=seconds)
+        return bool(done)
+    finally:
+        watcher.cancel()
+
+
+def unavailable_response() -> Response:
+    """An injected 5xx as a load balancer sends it: HTML, not the vendor's JSON."""
+    body = (
+        "<html><head><title>503 Service Temporarily Unavailable</title></head>"
+        "<body><center><h1>503 Service Temporarily Unavailable</h1></center></body></html>"
+    )
+    return Response(body, status_code=503, media_type="text/html")
+
+
+def decode_data_uri(value: str, field: str) -> bytes:
+    """The bytes of a ``data:image/...;base64,...`` string (strict base64)."""
+    match = _DATA_URI.match(value)
+    if match is None:
+        raise InputError(f"{field}: data URI must look like data:image/<type>;base64,<data>")
+    if not match["mime"].lower().startswith("image/"):
+        raise InputError(f"{field}: data URI type {match['mime']!r} is not an image")
+    try:
+        return base64.b64decode(value[match.end() :], validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(f"{field}: data URI is not valid base64") from None
+
+
+async def fetch_url(http: httpx.AsyncClient, url: str, field: str, max_bytes: int) -> bytes:
+    """GET an image URL as the vendor would; any failure is the caller's invalid parameter."""
+    try:
+        async with http.stream("GET", url) as response:
+            if response.status_code != 200:
+                raise InputError(f"{field}: URL could not be fetched (HTTP {response.status_code})")
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise InputError(f"{field}: image at URL exceeds {max_bytes} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except httpx.HTTPError as exc:
+        raise InputError(f"{field}: URL could not be fetched ({type(exc).__name__})") from None
+
+
+async def read_image_field(
+    value: str | UploadFile | None, field: str, *, http: httpx.AsyncClient, max_bytes: int
+) -> bytes:
+    """An image given as a file part, a data: URI or an http(s) URL, as raw bytes."""
+    if value is None or value == "":
+        raise InputError(f"{field} is required")
+    if isinstance(value, UploadFile):
+        data = await value.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise InputError(f"{field}: file exceeds {max_bytes} bytes")
+    elif value.startswith("data:"):
+        data = decode_data_uri(value, field)
+    elif value.lower().startswith(("http://", "https://")):
+        data = await fetch_url(http, value, field, max_bytes)
+    else:
+        raise InputError(f"{field} must be an image file, a data: URI or an http(s) URL")
+    if not data:
+        raise InputError(f"{field} is empty")
+    return data
+
+
+def text_field(value: str | UploadFile | None, field: str, *, required: bool) -> str | None:
+    """A plain string form field; a file part where text belongs is an invalid parameter."""
+    if isinstance(value, UploadFile):
+        raise InputError(f"{field} must be a text field, not a file")
+    if value is None or not value.strip():
+        if required:
+            raise InputError(f"{field} is required")
+        return None
+    return value
+
+
+def is_multipart(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "")
+    return content_type.split(";", 1)[0].strip().lower() == "multipart/form-data"

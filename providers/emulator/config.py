@@ -1,0 +1,61 @@
+"""Emulator configuration: result lifetime, accounts, and per-provider fault plans."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FaultPlan(BaseModel):
+    """Faults one provider's endpoints inject. Random draws come from a seeded RNG."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latency_s: float = Field(default=0.0, ge=0.0, description="Added to every vendor call.")
+    latency_jitter_s: float = Field(default=0.0, ge=0.0, description="Uniform +/- on latency.")
+    error_rate_5xx: float = Field(default=0.0, ge=0.0, le=1.0, description="HTTP 503, non-JSON.")
+    error_rate_429: float = Field(default=0.0, ge=0.0, le=1.0, description="HTTP 429.")
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After sent with a 429.")
+    timeout_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="Calls that hang.")
+    timeout_s: float = Field(default=600.0, gt=0.0, description="How long a hanging call hangs.")
+    credits: int | None = Field(
+        default=None, ge=0, description="Successful calls left before the credit-exhausted code."
+    )
+    forced_codes: list[int] = Field(
+        default_factory=list, description="A queue: the next calls answer these vendor codes."
+    )
+
+
+class EmulatorConfig(BaseModel):
+    """Everything the emulator needs; the defaults give a well-behaved, fault-free server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    result_ttl_s: float = Field(default=3600.0, gt=0.0, description="Result URLs expire after.")
+    faults: dict[str, FaultPlan] = Field(
+        default_factory=dict, description="Per provider name; providers not named get no faults."
+    )
+    seed: int = Field(default=0, description="Seeds fault draws and random result seeds.")
+    fast_mode: bool = Field(
+        default=False,
+        description="Skip decoding: check image signatures only and return pre-rendered results.",
+    )
+    deleted_user_keys: list[str] = Field(
+        default_factory=list, description="Tokens of accounts that no longer exist."
+    )
+    trial_keys: dict[str, int] = Field(
+        default_factory=dict, description="Trial tokens and how many successful calls each gets."
+    )
+    blocked_words: list[str] = Field(
+        default_factory=lambda: ["nsfw", "nude", "naked", "porn"],
+        description="Whole words that make a text field harmful content.",
+    )
+    composite_max_side: int = Field(default=768, ge=64, le=4096)
+    composite_cache_size: int = Field(default=512, ge=1, description="Composites kept (LRU).")
+    max_stored_results: int = Field(
+        default=50_000, ge=1, description="Result files kept; the oldest go first past this."
+    )
+    fetch_timeout_s: float = Field(default=15.0, gt=0.0, description="For image URLs in requests.")
+    max_image_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+
+    def fault_plan(self, provider: str) -> FaultPlan:
+        return self.faults.get(provider) or FaultPlan()

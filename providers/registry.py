@@ -1,0 +1,49 @@
+"""Provider names -> client classes and default limits. Adding a provider adds one entry here."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import httpx
+
+from providers.base import TryOnClient
+from schemas.limits import PROFILES, ImageProfile
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSpec:
+    name: str
+    client_path: str  # "module:Class", imported lazily so one provider's deps never block another
+    profile: ImageProfile
+    max_in_flight: int  # default concurrency (vendor docs where they say; conservative otherwise)
+    requests_per_second: float | None = None
+
+    def client_class(self) -> type[TryOnClient]:
+        module_name, _, class_name = self.client_path.partition(":")
+        return getattr(importlib.import_module(module_name), class_name)
+
+    def make_client(self, *, http: httpx.AsyncClient) -> TryOnClient:
+        """A client configured from the environment (base URL and credentials)."""
+        return self.client_class().from_env(http=http, profile=self.profile)  # type: ignore[attr-defined]
+
+
+PROVIDERS: dict[str, ProviderSpec] = {
+    spec.name: spec
+    for spec in (
+        ProviderSpec(
+            name="changeclothes",
+            client_path="providers.changeclothes:ChangeClothesClient",
+            profile=PROFILES["changeclothes"],
+            max_in_flight=8,
+        ),
+    )
+}
+
+
+def provider_spec(name: str) -> ProviderSpec:
+    try:
+        return PROVIDERS[name]
+    except KeyError:
+        known = ", ".join(sorted(PROVIDERS))
+        raise ValueError(f"unknown provider {name!r} (expected one of: {known})") from None

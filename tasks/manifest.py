@@ -1,0 +1,209 @@
+"""Reading a manifest (CSV or Parquet) from a local path or any fsspec URL. Pure IO, no Prefect.
+
+Every failure becomes a ``ManifestError`` whose message names the manifest and the problem but
+never the storage options, a URL's user info or its query string (presigned signatures).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+import polars as pl
+from fsspec.utils import infer_compression
+
+from schemas.manifest import (
+    KNOWN_COLUMNS,
+    ManifestError,
+    ValidationReport,
+    uri_scheme,
+    validate_manifest,
+)
+
+PARQUET_MAGIC = b"PAR1"
+CSV_EXTENSIONS = (".csv", ".txt")
+TSV_EXTENSIONS = (".tsv", ".tab")
+PARQUET_EXTENSIONS = (".parquet", ".pq")
+_REDACTED = "***"
+
+
+def read_manifest(uri: str, *, storage_options: dict[str, Any] | None = None) -> pl.DataFrame:
+    """Read a manifest with every column as text (String); raises ``ManifestError``.
+
+    The format comes from the extension (.csv/.txt, .tsv/.tab, .parquet/.pq, optionally
+    compressed, e.g. ``.csv.gz``); a file starting with the Parquet magic bytes is Parquet
+    whatever its name; anything else must be UTF-8 CSV text.
+    """
+    options = storage_options or {}
+    shown = redact_uri(uri)
+    data = _read_bytes(uri, options, shown)
+    extension = _extension(uri)
+
+    if data.startswith(PARQUET_MAGIC):
+        return _parse_parquet(data, shown)
+    if extension in PARQUET_EXTENSIONS:
+        raise ManifestError(f"manifest {shown} is not a valid Parquet file (no PAR1 header)")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(
+            f"manifest {shown} is neither Parquet nor UTF-8 CSV text "
+            f"(undecodable byte at offset {exc.start})"
+        ) from None
+    separator = "\t" if extension in TSV_EXTENSIONS else ","
+    return _parse_csv(data, separator, shown)
+
+
+def manifest_base_uri(uri: str) -> str:
+    """The directory holding the manifest, against which relative image paths resolve.
+
+    Local paths come back absolute, so resolved references do not depend on the working
+    directory at fetch time. A URL's query and fragment are dropped.
+    """
+    if not uri_scheme(uri):
+        return os.path.dirname(os.path.abspath(os.path.expanduser(uri)))
+    head, sep, rest = uri.rpartition("::")  # chained URLs: the last link holds the path
+    parts = urlsplit(rest)
+    if parts.scheme in ("http", "https"):
+        rest = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    scheme, _, path = rest.partition("://")
+    # "memory://m.csv" has no directory part: its directory is the filesystem root.
+    directory = rest.rsplit("/", 1)[0] if "/" in path else f"{scheme}://"
+    return f"{head}{sep}{directory}"
+
+
+def load_manifest(
+    uri: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    known_providers: Collection[str] | None = None,
+) -> ValidationReport:
+    """Read and validate a manifest, resolving relative image paths against its directory."""
+    frame = read_manifest(uri, storage_options=storage_options)
+    return validate_manifest(
+        frame, base_uri=manifest_base_uri(uri), known_providers=known_providers
+    )
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without user info or query string, safe to put in logs and messages."""
+    if not uri_scheme(uri):
+        return uri
+    head, sep, rest = uri.rpartition("::")
+    parts = urlsplit(rest)
+    netloc = parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
+    if netloc != parts.netloc:
+        netloc = f"{_REDACTED}@{netloc}"
+    query = _REDACTED if parts.query else ""
+    return f"{head}{sep}{urlunsplit((parts.scheme, netloc, parts.path, query, ''))}"
+
+
+def _read_bytes(uri: str, options: dict[str, Any], shown: str) -> bytes:
+    try:
+        with fsspec.open(uri, "rb", compression="infer", **options) as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise ManifestError(f"manifest not found: {shown}") from None
+    except IsADirectoryError:
+        raise ManifestError(f"manifest {shown} is a directory, not a file") from None
+    except PermissionError:
+        raise ManifestError(f"permission denied reading manifest {shown}") from None
+    except Exception as exc:
+        # Any backend (s3fs, http, ...) raises its own types. Not chained (`from None`): the
+        # original may carry request details; its type and a scrubbed message are enough.
+        detail = _scrub(str(exc), options, uri, shown)
+        raise ManifestError(
+            f"could not read manifest {shown}: {type(exc).__name__}: {detail}"
+        ) from None
+
+
+def _parse_csv(data: bytes, separator: str, shown: str) -> pl.DataFrame:
+    if not data.strip(b"\xef\xbb\xbf \t\r\n"):
+        raise ManifestError(f"manifest {shown} is empty (no header)")
+    try:
+        # All text: ids like "007" keep their zeros, nothing is guessed from the first rows.
+        return pl.read_csv(
+            io.BytesIO(data),
+            separator=separator,
+            infer_schema=False,
+            encoding="utf8",
+            raise_if_empty=True,
+        )
+    except pl.exceptions.NoDataError:
+        raise ManifestError(f"manifest {shown} is empty (no header)") from None
+    except pl.exceptions.PolarsError as exc:
+        raise ManifestError(f"manifest {shown} is not valid CSV: {_first_line(exc)}") from exc
+
+
+def _parse_parquet(data: bytes, shown: str) -> pl.DataFrame:
+    try:
+        frame = pl.read_parquet(io.BytesIO(data))
+    except Exception as exc:  # polars and pyarrow both raise their own types
+        raise ManifestError(
+            f"manifest {shown} is not a readable Parquet file: {_first_line(exc)}"
+        ) from exc
+    casts: list[pl.Expr] = []
+    for name, dtype in frame.schema.items():
+        known = name.lstrip("\ufeff").strip() in KNOWN_COLUMNS
+        if dtype == pl.String or (dtype.is_nested() and not known):
+            continue  # already text, or a nested column we never read
+        if dtype.is_nested():
+            raise ManifestError(
+                f"manifest {shown} column {name!r} has type {dtype}, which is not text"
+            )
+        # Unknown columns are never read: a value that will not cast becomes null, not an error.
+        casts.append(pl.col(name).cast(pl.String, strict=known))
+    try:
+        return frame.with_columns(casts)
+    except pl.exceptions.PolarsError as exc:
+        raise ManifestError(
+            f"manifest {shown} has a column that cannot be read as text: {_first_line(exc)}"
+        ) from exc
+
+
+def _extension(uri: str) -> str:
+    """The format extension, lowercased, ignoring a query string and a compression suffix."""
+    path = urlsplit(uri.rpartition("::")[2]).path if uri_scheme(uri) else uri
+    name = path.rsplit("/", 1)[-1].lower()
+    if infer_compression(name) is not None:
+        name = name.rsplit(".", 1)[0]
+    root, dot, ext = name.rpartition(".")
+    return f".{ext}" if dot and root else ""
+
+
+def _secrets(value: object) -> Iterator[str]:
+    """Every string nested in the storage options (keys, tokens, passwords, ...)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _secrets(item)
+    elif isinstance(value, list | tuple | set | frozenset):
+        for item in value:
+            yield from _secrets(item)
+
+
+def _scrub(message: str, options: Mapping[str, Any], uri: str, shown: str) -> str:
+    """Remove storage-option values and the raw URI (it may be presigned) from a message."""
+    if uri != shown:
+        message = message.replace(uri, shown)
+    secrets = set(_secrets(options))
+    if uri_scheme(uri):
+        # A backend may echo the URL in pieces: its query and user info are secret on their own.
+        parts = urlsplit(uri.rpartition("::")[2])
+        secrets.update({parts.query, parts.netloc.rpartition("@")[0]})
+    # Long values first, so a secret containing a shorter one is removed whole.
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 4:  # shorter values (region "eu", flags) would shred the text
+            message = message.replace(secret, _REDACTED)
+    return _first_line(message)
+
+
+def _first_line(value: object, limit: int = 300) -> str:
+    text = str(value).strip().splitlines()
+    line = text[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from providers.emulator.server import EmulatorConfig, EmulatorServer
+from providers.settings import EMULATOR_DEFAULT_KEYS, base_url_env
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE_MANIFEST = REPO / "sample" / "manifest.csv"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server() -> Iterator[None]:
+    """One temporary Prefect server (SQLite) for the flow tests of this session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[EmulatorServer]:
+    server = EmulatorServer.start(EmulatorConfig())
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def use_emulator(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> EmulatorServer:
+    """Point the changeclothes provider at the emulator, with clean stats and no faults."""
+    import httpx
+
+    monkeypatch.setenv(base_url_env("changeclothes"), emulator.base_url)
+    monkeypatch.setenv("CHANGECLOTHES_API_KEY", EMULATOR_DEFAULT_KEYS["CHANGECLOTHES_API_KEY"])
+    httpx.post(f"{emulator.base_url}/_emulator/reset", json={"faults": True}).raise_for_status()
+    return emulator

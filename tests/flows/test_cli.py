@@ -1,0 +1,88 @@
+"""The `tryon` command as a user and a scheduler see it: output, lake, exit status."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from PIL import Image
+
+from tests.flows.conftest import REPO, SAMPLE_MANIFEST
+
+pytestmark = pytest.mark.e2e
+TRYON = [sys.executable, "-m", "flows.cli"]
+
+
+def tryon(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a fresh process against this session's Prefect server (no second server)."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRYON_")}
+    env.pop("CHANGECLOTHES_API_KEY", None)
+    env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run(
+        [*TRYON, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_demo_command_end_to_end(tmp_path: Path) -> None:
+    """What `make demo` runs, on a copy of the sample: lake, messages, exit status."""
+    shutil.copytree(SAMPLE_MANIFEST.parent, tmp_path / "sample")
+    done = tryon("run", "sample/manifest.csv", "--emulator", "--lake", "lake", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr  # one row is invalid on purpose
+    assert "8 succeeded / 0 failed / 1 invalid of 9 rows" in done.stdout
+    assert "Results:" in done.stdout and "Metadata:" in done.stdout
+
+    meta = pl.scan_parquet(str(tmp_path / "lake/metadata/**/*.parquet")).collect()
+    assert meta.height == 9
+    for uri in meta.filter(pl.col("status") == "succeeded")["output_uri"]:
+        with Image.open(tmp_path / uri if not Path(uri).is_absolute() else uri) as image:
+            image.load()
+    assert meta.filter(pl.col("status") == "invalid")["row_id"].to_list() == ["ana-shoes"]
+
+    allowed = tryon(
+        "run",
+        "sample/manifest.csv",
+        "--emulator",
+        "--lake",
+        "lake2",
+        "--allow-row-errors",
+        cwd=tmp_path,
+    )
+    assert allowed.returncode == 0, allowed.stderr
+
+
+def test_run_that_cannot_start_exits_2(tmp_path: Path) -> None:
+    done = tryon("run", "missing.csv", "--emulator", "--lake", "lake", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "missing.csv" in done.stderr
+
+
+def test_unknown_provider_exits_2(tmp_path: Path) -> None:
+    done = tryon("run", str(SAMPLE_MANIFEST), "--provider", "nope", "--lake", "l", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "unknown provider 'nope'" in done.stderr
+
+
+def test_validate_reports_each_bad_row(tmp_path: Path) -> None:
+    done = tryon("validate", str(SAMPLE_MANIFEST), cwd=tmp_path)
+    assert done.returncode == 1
+    assert "ana-shoes" in done.stdout and "unknown category 'shoes'" in done.stdout
+
+    good = tmp_path / "good.csv"
+    pl.read_csv(SAMPLE_MANIFEST).filter(pl.col("id") != "ana-shoes").write_csv(good)
+    # Relative image paths resolve against the manifest's folder, so copy the images too.
+    shutil.copytree(SAMPLE_MANIFEST.parent / "images", tmp_path / "images")
+    assert tryon("validate", str(good), cwd=tmp_path).returncode == 0
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,photo\nx,y\n")
+    unusable = tryon("validate", str(bad), cwd=tmp_path)
+    assert unusable.returncode == 2
+    assert "person_image" in unusable.stderr

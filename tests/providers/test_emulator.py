@@ -1,0 +1,379 @@
+"""The emulator itself: determinism, stats, in-flight accounting, control endpoints, composites."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from providers.base import TryOnRequest
+from providers.changeclothes import GARMENT_PATH, PROMPT_PATH, ChangeClothesClient
+from providers.emulator import EmulatorConfig, EmulatorServer, FaultPlan, build_app
+from providers.emulator.composite import (
+    REGIONS,
+    render_garment,
+    render_prompt,
+    synthetic_garment,
+    synthetic_person,
+)
+from tests.providers.conftest import (
+    Control,
+    RawPost,
+    band_diff,
+    decode,
+    garment_jpeg,
+    person_jpeg,
+    prepared,
+)
+
+GARMENT_STATS_KEY = f"POST {GARMENT_PATH}"
+
+
+def garment_request(person: bytes, garment: bytes, category: str = "upper_body") -> TryOnRequest:
+    return TryOnRequest(
+        row_id="r",
+        person=prepared(person),
+        garment=prepared(garment),
+        category=category,  # type: ignore[arg-type]
+    )
+
+
+def garment_fields(person: bytes, garment: bytes, **extra: str) -> dict[str, object]:
+    return {
+        "modelImg": ("p.jpg", person, "image/jpeg"),
+        "garmentImg": ("g.jpg", garment, "image/jpeg"),
+        "category": "upper_body",
+        **extra,
+    }
+
+
+# -- composites ------------------------------------------------------------------------------
+
+
+def test_composite_is_deterministic(person: bytes, garment: bytes) -> None:
+    first = render_garment(person, garment, "dresses")
+    second = render_garment(person, garment, "dresses")
+    assert first == second
+    assert render_prompt(person, "red coat") == render_prompt(person, "red coat")
+    assert render_prompt(person, "red coat").result != render_prompt(person, "blue coat").result
+
+
+@pytest.mark.parametrize(
+    ("category", "changed", "unchanged"),
+    [
+        ("upper_body", (0.25, 0.50), (0.62, 0.90)),
+        ("lower_body", (0.60, 0.85), (0.20, 0.45)),
+        ("dresses", (0.25, 0.85), (0.00, 0.15)),
+    ],
+)
+def test_composite_changes_the_category_region_only(
+    category: str,
+    changed: tuple[float, float],
+    unchanged: tuple[float, float],
+    person: bytes,
+    garment: bytes,
+) -> None:
+    rendered = render_garment(person, garment, category)
+    output, original = decode(rendered.result), decode(person)
+    assert band_diff(output, original, *changed) > 40
+    assert band_diff(output, original, *unchanged) < 6
+    mask = decode(rendered.mask)
+    top, bottom = REGIONS[category][1], REGIONS[category][3]
+    assert band_diff(mask, mask * 0, top + 0.02, bottom - 0.02) > 250  # white inside
+    assert band_diff(mask, mask * 0, 0.0, top - 0.02) < 1  # black outside
+
+
+def test_composite_rejects_undecodable_bytes(person: bytes) -> None:
+    from providers.emulator.composite import UndecodableImage
+
+    with pytest.raises(UndecodableImage, match="garmentImg"):
+        render_garment(person, b"GIF89a but no more", "upper_body")
+
+
+async def test_same_inputs_give_identical_result_bytes(
+    client: ChangeClothesClient, control: Control, person: bytes, garment: bytes
+) -> None:
+    results = [await client.try_on(garment_request(person, garment)) for _ in range(2)]
+    assert results[0].result_url != results[1].result_url  # each call gets its own file
+    downloads = [await client.download(r.result_url) for r in results]
+    assert downloads[0] == downloads[1]
+    cache = (await control.stats())["composite_cache"]
+    assert cache == {"hits": 1, "misses": 1}
+
+
+# -- stats, in-flight, reset -----------------------------------------------------------------
+
+
+async def test_stats_count_routes_outcomes_and_downloads(
+    client: ChangeClothesClient, control: Control, raw_post: RawPost, person: bytes, garment: bytes
+) -> None:
+    results = [await client.try_on(garment_request(person, garment)) for _ in range(3)]
+    await client.download(results[0].result_url)
+    await raw_post(GARMENT_PATH, garment_fields(person, garment, category="hats"))
+    await raw_post(PROMPT_PATH, {"modelImg": ("p.jpg", person, "image/jpeg"), "prompt": "x"})
+
+    stats = await control.stats()
+
+    assert stats["requests"] == {
+        GARMENT_STATS_KEY: 4,
+        f"POST {PROMPT_PATH}": 1,
+        "GET /files/{token}.webp": 1,
+    }
+    provider = stats["by_provider"]["changeclothes"]
+    assert provider["requests"] == 5
+    assert provider["succeeded"] == 4
+    assert provider["errors"] == {"10004": 1}
+    assert provider["in_flight"] == stats["in_flight"] == 0
+    assert provider["max_in_flight"] == stats["max_in_flight"] == 1
+
+
+async def test_max_in_flight_counts_concurrent_calls(
+    client: ChangeClothesClient, control: Control, person: bytes, garment: bytes
+) -> None:
+    await control.faults(latency_s=0.4)
+    n = 6
+    await asyncio.gather(*(client.try_on(garment_request(person, garment)) for _ in range(n)))
+    stats = await control.stats()
+    assert stats["max_in_flight"] == stats["by_provider"]["changeclothes"]["max_in_flight"] == n
+
+    await control.reset()
+    limit = asyncio.Semaphore(2)
+
+    async def bounded() -> None:
+        async with limit:
+            await client.try_on(garment_request(person, garment))
+
+    await asyncio.gather(*(bounded() for _ in range(n)))
+    stats = await control.stats()
+    assert stats["max_in_flight"] == 2
+    assert stats["by_provider"]["changeclothes"]["requests"] == n
+
+
+async def test_reset_zeroes_stats_and_optionally_faults(
+    client: ChangeClothesClient, control: Control, person: bytes, garment: bytes
+) -> None:
+    await control.faults(credits=1)
+    await client.try_on(garment_request(person, garment))
+    await control.reset()
+    stats = await control.stats()
+    assert stats["requests"] == {}
+    assert stats["by_provider"]["changeclothes"]["requests"] == 0
+    assert stats["max_in_flight"] == 0
+    assert (await control.faults())["changeclothes"]["credits"] == 0  # faults kept
+    await control.reset(faults=True)
+    assert (await control.faults())["changeclothes"]["credits"] is None
+
+
+async def test_client_timeout_frees_the_in_flight_slot(
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    api_key: SecretStr,
+    control: Control,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    await control.faults(timeout_rate=1.0, timeout_s=60)
+    client = ChangeClothesClient(
+        http=http, api_key=api_key, base_url=emulator.base_url, timeout=0.3
+    )
+    with pytest.raises(Exception, match="TIMEOUT"):
+        await client.try_on(garment_request(person, garment))
+    deadline = time.monotonic() + 3
+    while (stats := await control.stats())["in_flight"] and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert stats["in_flight"] == 0
+    assert stats["by_provider"]["changeclothes"]["errors"] == {"timeout": 1}
+
+
+# -- faults endpoint -------------------------------------------------------------------------
+
+
+async def test_faults_endpoint_changes_behaviour_at_runtime(
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    control: Control,
+    raw_post: RawPost,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    plans = await control.faults(error_rate_429=1.0, retry_after_s=3)
+    assert plans["changeclothes"]["error_rate_429"] == 1.0
+    response = await raw_post(GARMENT_PATH, garment_fields(person, garment))
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "3"
+    assert response.json() == {"code": 429, "msg": "Too Many Requests"}
+
+    await control.faults(error_rate_429=0.0, error_rate_5xx=1.0)
+    response = await raw_post(GARMENT_PATH, garment_fields(person, garment))
+    assert response.status_code == 503
+    assert response.headers["content-type"].startswith("text/html")
+
+    await control.faults(error_rate_5xx=0.0, forced_codes=[20001])
+    response = await raw_post(GARMENT_PATH, garment_fields(person, garment))
+    assert (response.status_code, response.json()["code"]) == (500, 20001)
+    response = await raw_post(GARMENT_PATH, garment_fields(person, garment))
+    assert response.status_code == 200
+
+    url = f"{emulator.base_url}/_emulator/faults"
+    bad = await http.post(url, json={"changeclothes": {"error_rate_429": 2}})
+    assert bad.status_code == 422
+    bad = await http.post(url, json={"changeclothes": {"no_such_field": 1}})
+    assert bad.status_code == 422
+    bad = await http.post(url, json={"nobody": {}})
+    assert bad.status_code == 422
+
+
+async def test_fault_draws_are_deterministic_per_seed(
+    http: httpx.AsyncClient, api_key: SecretStr, person: bytes, garment: bytes
+) -> None:
+    fields = garment_fields(person, garment)
+    files = [(k, v if isinstance(v, tuple) else (None, v)) for k, v in fields.items()]
+    headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"}
+
+    async def outcomes(seed: int) -> list[int]:
+        plan = FaultPlan(error_rate_429=0.5)
+        config = EmulatorConfig(seed=seed, faults={"changeclothes": plan}, fast_mode=True)
+        with EmulatorServer.start(config) as server:
+            url = server.base_url + GARMENT_PATH
+            return [
+                (await http.post(url, files=files, headers=headers)).status_code for _ in range(12)
+            ]
+
+    first, again, other = await outcomes(3), await outcomes(3), await outcomes(4)
+    assert first == again
+    assert set(first) == {200, 429}
+    assert first != other
+
+
+def test_config_rejects_faults_for_unknown_providers() -> None:
+    with pytest.raises(ValueError, match="nobody"):
+        build_app(EmulatorConfig(faults={"nobody": FaultPlan()}))
+
+
+# -- wire protocol details -------------------------------------------------------------------
+
+
+async def test_every_response_has_a_request_id(
+    http: httpx.AsyncClient,
+    client: ChangeClothesClient,
+    emulator: EmulatorServer,
+    raw_post: RawPost,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    result = await client.try_on(garment_request(person, garment))
+    responses = [
+        await http.get(result.result_url),
+        await http.get(f"{emulator.base_url}/files/nope.webp"),
+        await http.get(f"{emulator.base_url}/_emulator/stats"),
+        await raw_post(GARMENT_PATH, garment_fields(person, garment), authorization=None),
+    ]
+    ids = [r.headers.get("x-request-id") for r in responses]
+    assert all(ids) and len(set(ids)) == len(ids)
+    assert responses[1].status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"seed": "-1"}, "seed"),
+        ({"seed": "2147483648"}, "seed"),
+        ({"seed": "abc"}, "seed"),
+        ({"randomize_seed": "yes"}, "randomize_seed"),
+        ({"guidance_scale": "0"}, "guidance_scale"),
+        ({"guidance_scale": "nan"}, "guidance_scale"),
+        ({"num_inference_steps": "0"}, "num_inference_steps"),
+        ({"num_inference_steps": "51"}, "num_inference_steps"),
+        ({"prompt": ""}, "prompt"),
+    ],
+)
+async def test_prompt_fields_are_validated(
+    raw_post: RawPost, person: bytes, fields: dict[str, str], named: str
+) -> None:
+    form: dict[str, object] = {
+        "modelImg": ("p.jpg", person, "image/jpeg"),
+        "prompt": "a coat",
+        **fields,
+    }
+    response = await raw_post(PROMPT_PATH, form)
+    assert (response.status_code, response.json()["code"]) == (400, 10004)
+    assert named in response.json()["msg"]
+
+
+@pytest.mark.parametrize("missing", ["modelImg", "garmentImg", "category"])
+async def test_garment_fields_are_required(
+    raw_post: RawPost, person: bytes, garment: bytes, missing: str
+) -> None:
+    form = garment_fields(person, garment)
+    del form[missing]
+    response = await raw_post(GARMENT_PATH, form)
+    assert response.json()["code"] == 10004
+    assert missing in response.json()["msg"]
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("data:image/jpeg;base64,@@not-base64@@", "base64"),
+        ("data:text/plain;base64,aGVsbG8=", "not an image"),
+        ("ftp://example.invalid/p.jpg", "URL"),
+    ],
+)
+async def test_bad_image_strings_are_invalid_params(
+    raw_post: RawPost, garment: bytes, value: str, fragment: str
+) -> None:
+    form = garment_fields(b"", garment)
+    form["modelImg"] = value
+    response = await raw_post(GARMENT_PATH, form)
+    assert response.json()["code"] == 10004
+    assert fragment in response.json()["msg"]
+
+
+async def test_non_multipart_body_is_an_invalid_param(
+    http: httpx.AsyncClient, emulator: EmulatorServer, api_key: SecretStr
+) -> None:
+    response = await http.post(
+        emulator.base_url + GARMENT_PATH,
+        data={
+            "modelImg": "https://x/p.jpg",
+            "garmentImg": "https://x/g.jpg",
+            "category": "dresses",
+        },
+        headers={"Authorization": f"Bearer {api_key.get_secret_value()}"},
+    )
+    assert (response.status_code, response.json()["code"]) == (400, 10004)
+    assert "multipart/form-data" in response.json()["msg"]
+
+
+async def test_failed_calls_do_not_use_credits(
+    client: ChangeClothesClient,
+    control: Control,
+    raw_post: RawPost,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    await control.faults(credits=1)
+    bad = await raw_post(GARMENT_PATH, garment_fields(person, garment, category="hats"))
+    assert bad.json()["code"] == 10004
+    assert (await client.try_on(garment_request(person, garment))).result_url
+    exhausted = await raw_post(GARMENT_PATH, garment_fields(person, garment))
+    assert (exhausted.status_code, exhausted.json()["code"]) == (402, 10003)
+
+
+async def test_fast_mode_returns_prerendered_results(
+    http: httpx.AsyncClient, api_key: SecretStr, garment: bytes
+) -> None:
+    with EmulatorServer.start(EmulatorConfig(fast_mode=True)) as server:
+        client = ChangeClothesClient(http=http, api_key=api_key, base_url=server.base_url)
+        first = await client.try_on(garment_request(person_jpeg(), garment))
+        second = await client.try_on(garment_request(person_jpeg((0, 90, 0)), garment_jpeg()))
+        one, two = [await client.download(r.result_url) for r in (first, second)]
+        assert one == two  # inputs are not decoded in fast mode
+        assert decode(one).shape[0] > 0
+        expected = render_garment(synthetic_person(), synthetic_garment(), "upper_body")
+        assert one == expected.result
+        with pytest.raises(Exception, match="INVALID_PARAM"):
+            await client.try_on(garment_request(b"plain text, not an image", garment))
