@@ -57,6 +57,24 @@ class RichProgress:
         self.progress.update(self.task, advance=1, ok=self.ok, bad=self.bad, rate=rate)
 
 
+def _route_prefect_console_logs(stack: ExitStack, console: Console) -> None:
+    """Print Prefect's console logs above the live progress bar instead of through it.
+
+    rich keeps a bar at the bottom only for output printed through the bar's own Console, so
+    Prefect's console handlers print through it while the bar is shown.
+    """
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    names = ["", *logging.root.manager.loggerDict]
+    for logger in map(logging.getLogger, names):
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                stack.callback(setattr, handler, "console", handler.console)
+                handler.console = console
+
+
 def _start_emulator(stack: ExitStack) -> str:
     """Serve every provider's protocol on loopback and point all providers (and keys) at it."""
     from providers.emulator.server import EmulatorConfig, EmulatorServer
@@ -123,6 +141,7 @@ def run(
                 console=err,
             )
             stack.enter_context(bar)
+            _route_prefect_console_logs(stack, err)
             set_progress_sink(RichProgress(bar))
             stack.callback(set_progress_sink, None)
         from flows.batch import tryon_batch

@@ -133,56 +133,50 @@ class TryOnClient(abc.ABC):
 
     async def download(self, url: str, *, max_bytes: int = 64 * 1024 * 1024) -> bytes:
         """Fetch a result before its URL expires. Expired/missing URLs are permanent errors."""
+
+        def error(
+            kind: ErrorKind, code: str, message: str, status: int | None = None
+        ) -> ProviderError:
+            return ProviderError(
+                kind=kind, code=code, message=message, provider=self.name, http_status=status
+            )
+
         try:
             async with self.http.stream("GET", url) as response:
-                if response.status_code in (403, 404, 410):
-                    raise ProviderError(
-                        kind=ErrorKind.PERMANENT,
-                        code=f"HTTP_{response.status_code}",
-                        message=f"result URL is gone or expired (HTTP {response.status_code})",
-                        provider=self.name,
-                        http_status=response.status_code,
-                    )
-                if response.status_code == 429 or response.status_code >= 500:
-                    raise ProviderError(
-                        kind=ErrorKind.TRANSIENT,
-                        code=f"HTTP_{response.status_code}",
-                        message=f"result download failed with HTTP {response.status_code}",
-                        provider=self.name,
-                        http_status=response.status_code,
-                    )
-                if response.status_code != 200:
-                    raise ProviderError(
-                        kind=ErrorKind.PERMANENT,
-                        code=f"HTTP_{response.status_code}",
-                        message=f"result download failed with HTTP {response.status_code}",
-                        provider=self.name,
-                        http_status=response.status_code,
+                status = response.status_code
+                if status != 200:
+                    gone = status in (403, 404, 410)
+                    transient = status == 429 or status >= 500
+                    raise error(
+                        ErrorKind.TRANSIENT if transient else ErrorKind.PERMANENT,
+                        f"HTTP_{status}",
+                        f"result URL is gone or expired (HTTP {status})"
+                        if gone
+                        else f"result download failed with HTTP {status}",
+                        status,
                     )
                 chunks: list[bytes] = []
                 size = 0
                 async for chunk in response.aiter_bytes():
                     size += len(chunk)
                     if size > max_bytes:
-                        raise ProviderError(
-                            kind=ErrorKind.PERMANENT,
-                            code="RESULT_TOO_LARGE",
-                            message=f"result exceeds {max_bytes} bytes",
-                            provider=self.name,
+                        raise error(
+                            ErrorKind.PERMANENT,
+                            "RESULT_TOO_LARGE",
+                            f"result exceeds {max_bytes} bytes",
                         )
                     chunks.append(chunk)
                 return b"".join(chunks)
         except httpx.TimeoutException as exc:
-            raise ProviderError(
-                kind=ErrorKind.TRANSIENT,
-                code="TIMEOUT",
-                message=f"result download timed out ({type(exc).__name__})",
-                provider=self.name,
-            ) from None
+            failure = error(
+                ErrorKind.TRANSIENT, "TIMEOUT", f"result download timed out ({type(exc).__name__})"
+            )
         except httpx.TransportError as exc:
-            raise ProviderError(
-                kind=ErrorKind.TRANSIENT,
-                code="CONNECTION_ERROR",
-                message=f"result download failed: {type(exc).__name__}",
-                provider=self.name,
-            ) from None
+            failure = error(
+                ErrorKind.TRANSIENT,
+                "CONNECTION_ERROR",
+                f"result download failed: {type(exc).__name__}",
+            )
+        # Raised outside the except block: httpx errors carry the request, which must not travel
+        # along as __context__.
+        raise failure

@@ -86,3 +86,30 @@ def test_validate_reports_each_bad_row(tmp_path: Path) -> None:
     unusable = tryon("validate", str(bad), cwd=tmp_path)
     assert unusable.returncode == 2
     assert "person_image" in unusable.stderr
+
+
+def test_prefect_console_logs_go_through_the_progress_console() -> None:
+    """With a live bar, Prefect's console handlers print through the bar's Console."""
+    import io
+    import logging
+    from contextlib import ExitStack
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+    from rich.console import Console
+
+    from flows.cli import _route_prefect_console_logs
+
+    logger = logging.getLogger("tests.tryon.console")
+    handler = PrefectConsoleHandler(stream=io.StringIO())
+    logger.addHandler(handler)
+    before = handler.console
+    bar_console = Console(file=io.StringIO())
+    try:
+        with ExitStack() as stack:
+            _route_prefect_console_logs(stack, bar_console)
+            assert handler.console is bar_console
+            logger.warning("above the bar")
+        assert handler.console is before
+        assert "above the bar" in bar_console.file.getvalue()
+    finally:
+        logger.removeHandler(handler)
