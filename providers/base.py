@@ -9,8 +9,13 @@ its client.
 from __future__ import annotations
 
 import abc
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from enum import StrEnum
+from typing import ClassVar, Literal, Self
 
 import httpx
 
@@ -52,7 +57,10 @@ class TryOnRequest:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TryOnResult:
-    result_url: str
+    """Where the result is: a URL to download before it expires, or the bytes themselves."""
+
+    result_url: str | None = None
+    result_data: bytes | None = None  # providers answering base64 (Tencent's default)
     mask_url: str | None = None
     request_id: str | None = None
     cache_hit: bool | None = None
@@ -107,6 +115,57 @@ def _rebuild_provider_error(fields: dict[str, object]) -> ProviderError:
     return ProviderError(**fields)  # type: ignore[arg-type]
 
 
+async def download_result(
+    http: httpx.AsyncClient, url: str, *, provider: str, max_bytes: int = 64 * 1024 * 1024
+) -> bytes:
+    """Fetch a result before its URL expires. Expired/missing URLs are permanent errors."""
+
+    def error(kind: ErrorKind, code: str, message: str, status: int | None = None) -> ProviderError:
+        return ProviderError(
+            kind=kind, code=code, message=message, provider=provider, http_status=status
+        )
+
+    try:
+        async with http.stream("GET", url) as response:
+            status = response.status_code
+            if status != 200:
+                gone = status in (403, 404, 410)
+                transient = status == 429 or status >= 500
+                raise error(
+                    ErrorKind.TRANSIENT if transient else ErrorKind.PERMANENT,
+                    f"HTTP_{status}",
+                    f"result URL is gone or expired (HTTP {status})"
+                    if gone
+                    else f"result download failed with HTTP {status}",
+                    status,
+                )
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise error(
+                        ErrorKind.PERMANENT,
+                        "RESULT_TOO_LARGE",
+                        f"result exceeds {max_bytes} bytes",
+                    )
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except httpx.TimeoutException as exc:
+        failure = error(
+            ErrorKind.TRANSIENT, "TIMEOUT", f"result download timed out ({type(exc).__name__})"
+        )
+    except httpx.TransportError as exc:
+        failure = error(
+            ErrorKind.TRANSIENT,
+            "CONNECTION_ERROR",
+            f"result download failed: {type(exc).__name__}",
+        )
+    # Raised outside the except block: httpx errors carry the request, which must not travel
+    # along as __context__.
+    raise failure
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What request shapes a provider accepts; checked before any call is made."""
@@ -115,6 +174,16 @@ class Capabilities:
     prompt: bool = False
     lower_garment: bool = False
     garment_optional: bool = False
+    # Inputs must be URLs the provider can fetch (Tencent): the flow stages prepared images
+    # and sets ``PreparedImage.url`` before calling.
+    needs_urls: bool = False
+    # Submit-then-poll: the client is an ``AsyncJobClient`` and reports accepted job ids.
+    async_jobs: bool = False
+
+
+OnSubmitted = Callable[[str], Awaitable[None]]
+"""Called with a provider's job id as soon as the job is accepted, before any polling, so a
+crashed run can resume polling instead of paying for a second submission."""
 
 
 class TryOnClient(abc.ABC):
@@ -127,56 +196,156 @@ class TryOnClient(abc.ABC):
         self.http = http
         self.profile = profile
 
+    @classmethod
     @abc.abstractmethod
-    async def try_on(self, request: TryOnRequest) -> TryOnResult:
+    def from_env(cls, *, http: httpx.AsyncClient, profile: ImageProfile) -> Self:
+        """A client configured from the environment: base URL and credentials.
+
+        Missing credentials raise ``ProviderError`` (FATAL, ``MISSING_API_KEY``) naming the
+        variable, never a value.
+        """
+
+    @abc.abstractmethod
+    async def try_on(
+        self, request: TryOnRequest, *, on_submitted: OnSubmitted | None = None
+    ) -> TryOnResult:
         """Run one try-on to completion (submitting and, for async providers, polling)."""
 
     async def download(self, url: str, *, max_bytes: int = 64 * 1024 * 1024) -> bytes:
         """Fetch a result before its URL expires. Expired/missing URLs are permanent errors."""
+        return await download_result(self.http, url, provider=self.name, max_bytes=max_bytes)
 
-        def error(
-            kind: ErrorKind, code: str, message: str, status: int | None = None
-        ) -> ProviderError:
-            return ProviderError(
-                kind=kind, code=code, message=message, provider=self.name, http_status=status
-            )
 
+# -- asynchronous providers: submit, then poll -----------------------------------------------
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobStatus:
+    state: JobState
+    result: TryOnResult | None = None  # set when SUCCEEDED
+    error: ProviderError | None = None  # set when FAILED (moderation, processing failure...)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PollPolicy:
+    """Poll with exponential backoff (and a little jitter) until a deadline."""
+
+    initial_s: float = 2.0
+    max_interval_s: float = 15.0
+    factor: float = 1.5
+    deadline_s: float = 900.0
+
+    def intervals(self) -> list[float]:
+        """The successive waits; their sum stays within the deadline."""
+        waits, total, wait = [], 0.0, self.initial_s
+        while total + wait <= self.deadline_s:
+            waits.append(wait)
+            total += wait
+            wait = min(self.max_interval_s, wait * self.factor)
+        return waits
+
+
+class AsyncJobClient(TryOnClient):
+    """A provider whose try-on is a job: ``submit`` returns its id, ``poll`` reports on it."""
+
+    poll_policy: PollPolicy = PollPolicy()
+
+    @abc.abstractmethod
+    async def submit(self, request: TryOnRequest) -> str:
+        """Submit the job; returns the provider's job id."""
+
+    @abc.abstractmethod
+    async def poll(self, job_id: str) -> JobStatus:
+        """One status query. Transport problems raise transient ``ProviderError``."""
+
+    async def wait(self, job_id: str) -> TryOnResult:
+        """Poll ``job_id`` until it ends or the deadline passes (then a transient TIMEOUT:
+        the job may still finish, and a rerun resumes polling it)."""
+        return await wait_for_job(self.poll, job_id, self.poll_policy, provider=self.name)
+
+    async def try_on(
+        self, request: TryOnRequest, *, on_submitted: OnSubmitted | None = None
+    ) -> TryOnResult:
+        job_id = await self.submit(request)
+        if on_submitted is not None:
+            await on_submitted(job_id)
+        return await self.wait(job_id)
+
+
+async def wait_for_job(
+    poll: Callable[[str], Awaitable[JobStatus]],
+    job_id: str,
+    policy: PollPolicy,
+    *,
+    provider: str,
+) -> TryOnResult:
+    """The polling loop shared by every async provider (try-on and refiner alike)."""
+    started = time.monotonic()
+    for wait in [0.0, *policy.intervals()]:
+        if wait:
+            await asyncio.sleep(wait * random.uniform(0.9, 1.1))
         try:
-            async with self.http.stream("GET", url) as response:
-                status = response.status_code
-                if status != 200:
-                    gone = status in (403, 404, 410)
-                    transient = status == 429 or status >= 500
-                    raise error(
-                        ErrorKind.TRANSIENT if transient else ErrorKind.PERMANENT,
-                        f"HTTP_{status}",
-                        f"result URL is gone or expired (HTTP {status})"
-                        if gone
-                        else f"result download failed with HTTP {status}",
-                        status,
-                    )
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise error(
-                            ErrorKind.PERMANENT,
-                            "RESULT_TOO_LARGE",
-                            f"result exceeds {max_bytes} bytes",
-                        )
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except httpx.TimeoutException as exc:
-            failure = error(
-                ErrorKind.TRANSIENT, "TIMEOUT", f"result download timed out ({type(exc).__name__})"
+            status = await poll(job_id)
+        except ProviderError as exc:
+            if exc.kind is not ErrorKind.TRANSIENT:
+                raise
+            continue  # a failed status query is not a failed job: ask again later
+        if status.state is JobState.SUCCEEDED and status.result is not None:
+            return status.result
+        if status.state is JobState.FAILED:
+            raise status.error or ProviderError(
+                kind=ErrorKind.PERMANENT,
+                code="JOB_FAILED",
+                message=f"job {job_id} failed",
+                provider=provider,
+                request_id=job_id,
             )
-        except httpx.TransportError as exc:
-            failure = error(
-                ErrorKind.TRANSIENT,
-                "CONNECTION_ERROR",
-                f"result download failed: {type(exc).__name__}",
-            )
-        # Raised outside the except block: httpx errors carry the request, which must not travel
-        # along as __context__.
-        raise failure
+    raise ProviderError(
+        kind=ErrorKind.TRANSIENT,
+        code="POLL_DEADLINE",
+        message=f"job {job_id} not finished after {time.monotonic() - started:.0f} s",
+        provider=provider,
+        request_id=job_id,
+    )
+
+
+# -- the refiner: improves a coarse try-on result ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefineRequest:
+    row_id: str
+    person: PreparedImage
+    top_garment: PreparedImage
+    coarse: PreparedImage  # the coarse try-on output, prepared to the refiner's profile
+    gender: Literal["woman", "man"]
+    bottom_garment: PreparedImage | None = None
+
+
+class RefinerClient(abc.ABC):
+    """A refiner (AILabTools try-on-clothes-refiner): one refine call to completion."""
+
+    name: ClassVar[str]
+
+    def __init__(self, *, http: httpx.AsyncClient, profile: ImageProfile) -> None:
+        self.http = http
+        self.profile = profile
+
+    @classmethod
+    @abc.abstractmethod
+    def from_env(cls, *, http: httpx.AsyncClient, profile: ImageProfile) -> Self: ...
+
+    @abc.abstractmethod
+    async def refine(
+        self, request: RefineRequest, *, on_submitted: OnSubmitted | None = None
+    ) -> TryOnResult: ...
+
+    async def download(self, url: str, *, max_bytes: int = 64 * 1024 * 1024) -> bytes:
+        return await download_result(self.http, url, provider=self.name, max_bytes=max_bytes)

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from providers import settings
 from providers.base import (
     Capabilities,
+    OnSubmitted,
     PreparedImage,
     ProviderError,
     TryOnClient,
@@ -282,8 +283,13 @@ class ChangeClothesClient(TryOnClient):
             f"image_transport={self.image_transport!r}, timeout={self.timeout!r})"
         )
 
-    async def try_on(self, request: TryOnRequest) -> TryOnResult:
-        """One call: the garment endpoint when a garment is given, else the prompt endpoint."""
+    async def try_on(
+        self, request: TryOnRequest, *, on_submitted: OnSubmitted | None = None
+    ) -> TryOnResult:
+        """One call: the garment endpoint when a garment is given, else the prompt endpoint.
+
+        The API is synchronous: there is no job id to report, so ``on_submitted`` is unused.
+        """
         if request.lower_garment is not None:
             raise _error(ErrorKind.PERMANENT, "UNSUPPORTED_REQUEST", "no separate lower garment")
         parts: list[tuple[str, Any]]

@@ -244,7 +244,7 @@ async def process_row(row: ManifestRow, ctx: RunContext) -> RowRecord:
 
         # Provider URLs expire (Tencent 1 h, AILab 24 h): fetch now, not at the end of the run.
         t_dl = time.perf_counter()
-        data = await _with_retries(ctx, lambda: ctx.client.download(result.result_url))
+        data = await _result_bytes(ctx, result)
         extension = await asyncio.to_thread(_sniff_extension, data)
         record.output_sha256 = hashlib.sha256(data).hexdigest()
         record.output_uri = await ctx.lake.awrite_bytes(
@@ -267,6 +267,21 @@ async def process_row(row: ManifestRow, ctx: RunContext) -> RowRecord:
         record.request_id = record.request_id or exc.request_id
     record.attempts = max(record.attempts, provider_attempts[0])
     return _finish(ctx, record, t0)
+
+
+async def _result_bytes(ctx: RunContext, result: TryOnResult) -> bytes:
+    """The result's bytes: inline (base64 answers) or downloaded from its URL."""
+    if result.result_data is not None:
+        return result.result_data
+    if not result.result_url:
+        raise ProviderError(
+            kind=ErrorKind.PERMANENT,
+            code="NO_RESULT",
+            message="the provider reported success without a result",
+            provider=ctx.client.name,
+        )
+    url = result.result_url
+    return await _with_retries(ctx, lambda: ctx.client.download(url))
 
 
 async def _download_mask(ctx: RunContext, row_id: str, url: str) -> str | None:

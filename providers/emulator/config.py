@@ -20,8 +20,15 @@ class FaultPlan(BaseModel):
     credits: int | None = Field(
         default=None, ge=0, description="Successful calls left before the credit-exhausted code."
     )
-    forced_codes: list[int] = Field(
-        default_factory=list, description="A queue: the next calls answer these vendor codes."
+    forced_codes: list[int | str] = Field(
+        default_factory=list,
+        description="A queue: the next calls answer these vendor codes (ints or strings).",
+    )
+    # Asynchronous providers: how a submitted job moves queued -> running -> done/failed.
+    job_queued_s: float = Field(default=0.3, ge=0.0, description="Time a job spends queued.")
+    job_running_s: float = Field(default=0.7, ge=0.0, description="Time a job spends running.")
+    async_failure_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Jobs that end failed instead of done."
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from providers.emulator.config import EmulatorConfig, FaultPlan
+from providers.emulator.jobs import JobStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +233,7 @@ class EmulatorState:
         }
         self.results = ResultStore(config.result_ttl_s, config.max_stored_results)
         self.composites = CompositeCache(config.composite_cache_size)
+        self.jobs = JobStore()  # submit-then-poll providers' jobs
         self._http: httpx.AsyncClient | None = None
         self.in_flight = 0
         self.reset_stats()
@@ -294,6 +296,7 @@ class EmulatorState:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "results_stored": len(self.results),
+            "jobs_submitted": self.jobs.submitted,
             "composite_cache": {
                 "hits": self.composites.hits,
                 "misses": self.composites.misses,

@@ -1,0 +1,96 @@
+"""Asynchronous jobs for the emulator's submit-then-poll providers (HiDream, AILabTools).
+
+A job's state is a function of time since submission: queued for ``job_queued_s``, running for
+``job_running_s``, then done (its result rendered on first need, then kept) or failed, decided
+at submission from the provider's seeded fault RNG. Jobs are kept per provider, so one vendor's
+task id never answers on another's result endpoint.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+JOB_LIMIT = 100_000  # oldest jobs are forgotten past this (as vendors expire task results)
+
+
+class JobPhase(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class EmulatedJob:
+    job_id: str
+    provider: str
+    submitted: float
+    queued_s: float
+    running_s: float
+    will_fail: bool
+    render: Callable[[], Awaitable[Any]]  # produces the result (e.g. a stored file's URL)
+    meta: dict[str, Any] = field(default_factory=dict)
+    result: Any = None
+    polls: int = 0
+
+    def phase(self, now: float | None = None) -> JobPhase:
+        elapsed = (time.monotonic() if now is None else now) - self.submitted
+        if elapsed < self.queued_s:
+            return JobPhase.QUEUED
+        if elapsed < self.queued_s + self.running_s:
+            return JobPhase.RUNNING
+        return JobPhase.FAILED if self.will_fail else JobPhase.DONE
+
+    async def outcome(self) -> Any:
+        """The job's result, rendered once (only call when ``phase()`` is DONE)."""
+        if self.result is None:
+            self.result = await self.render()
+        return self.result
+
+
+class JobStore:
+    def __init__(self) -> None:
+        self._jobs: OrderedDict[str, EmulatedJob] = OrderedDict()
+        self.submitted = 0
+
+    def submit(
+        self,
+        *,
+        provider: str,
+        queued_s: float,
+        running_s: float,
+        will_fail: bool,
+        render: Callable[[], Awaitable[Any]],
+        meta: dict[str, Any] | None = None,
+    ) -> EmulatedJob:
+        job = EmulatedJob(
+            job_id=str(uuid.uuid4()),
+            provider=provider,
+            submitted=time.monotonic(),
+            queued_s=queued_s,
+            running_s=running_s,
+            will_fail=will_fail,
+            render=render,
+            meta=meta or {},
+        )
+        self._jobs[job.job_id] = job
+        self.submitted += 1
+        while len(self._jobs) > JOB_LIMIT:
+            self._jobs.popitem(last=False)
+        return job
+
+    def get(self, provider: str, job_id: str) -> EmulatedJob | None:
+        job = self._jobs.get(job_id)
+        if job is None or job.provider != provider:
+            return None
+        job.polls += 1
+        return job
+
+    def __len__(self) -> int:
+        return len(self._jobs)
