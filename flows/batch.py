@@ -9,7 +9,7 @@ import uuid
 from collections import Counter
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from prefect import flow, get_run_logger
@@ -17,12 +17,15 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from providers.base import ProviderError, TryOnClient
-from providers.registry import PROVIDERS, provider_spec
+from providers.registry import PROVIDERS, REFINER, ProviderSpec, provider_spec
+from providers.settings import API_KEY_ENV
 from schemas.manifest import InvalidRow, ManifestError, ManifestRow
-from schemas.results import Status
+from schemas.results import Stage, Status
+from tasks.credentials import load_secret_blocks
 from tasks.images import PreparedImageCache
 from tasks.lake import Lake
-from tasks.process import ProgressSink, RetryPolicy, RunContext
+from tasks.process import Lane, ProgressSink, RetryPolicy, RunContext, refine_not_applicable
+from tasks.staging import InputStager
 from tasks.tryon import (
     ChunkOutcome,
     invalid_records,
@@ -58,6 +61,13 @@ class BatchParams(BaseModel):
     max_attempts: int = Field(
         default=4, ge=1, le=20, description="Provider calls per row, at most."
     )
+    refine: bool = Field(
+        default=False, description="Chain the AILabTools refiner onto every coarse result."
+    )
+    refine_gender: Literal["woman", "man"] | None = Field(
+        default=None, description="Gender for rows without one (the refiner requires it)."
+    )
+    refine_limits: ProviderLimits = Field(default_factory=ProviderLimits)
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for the lake, manifest and inputs."
     )
@@ -75,7 +85,9 @@ class RunSummary(BaseModel):
     results_uri: str
     metadata_uri: str
     summary_uri: str
-    counts: dict[str, int]
+    counts: dict[str, int]  # try-on stage (and invalid rows), by status
+    refine_counts: dict[str, int] | None = None  # refine stage, by status, when refining
+    unfinished: int = 0  # records a retry would redo (failed, or stopped by a fatal error)
     total_rows: int
     provider_calls: int
     duration_s: float
@@ -83,14 +95,19 @@ class RunSummary(BaseModel):
 
     @property
     def exit_code(self) -> int:
-        """0: every valid row succeeded; 1: some rows failed, were skipped or invalid."""
-        return 0 if self.counts.get(Status.SUCCEEDED, 0) == self.total_rows else 1
+        """0: every row succeeded (every stage that applies); 1: anything else."""
+        done = self.counts.get(Status.SUCCEEDED, 0) == self.total_rows
+        return 0 if done and not self.unfinished else 1
 
     def one_line(self) -> str:
         parts = [f"{self.counts.get(s, 0)} {s}" for s in ("succeeded", "failed", "invalid")]
         skipped = self.counts.get("skipped", 0)
         line = " / ".join(parts) + (f" / {skipped} skipped" if skipped else "")
-        return f"{line} of {self.total_rows} rows"
+        line = f"{line} of {self.total_rows} rows"
+        if self.refine_counts is not None:
+            refined = ", ".join(f"{n} {s}" for s, n in sorted(self.refine_counts.items()))
+            line += f"; refine: {refined or 'nothing to refine'}"
+        return line
 
 
 class RunNotStarted(Exception):
@@ -118,9 +135,20 @@ def _chunks(rows: list[ManifestRow], size: int) -> list[list[ManifestRow]]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
-def _capability_problems(row: ManifestRow, client: type[TryOnClient]) -> list[str]:
+def _capability_problems(
+    row: ManifestRow, client: type[TryOnClient], params: BatchParams
+) -> list[str]:
+    """Why ``client`` cannot take ``row`` as the run is configured (checked before any call)."""
     caps, name = client.capabilities, client.name
     problems = []
+    if (
+        params.refine
+        and refine_not_applicable(row) is None
+        and not (row.gender or params.refine_gender)
+    ):
+        problems.append(
+            "refine needs gender (woman|man): fill the gender column or set refine_gender"
+        )
     if row.garment_image is None and not caps.prompt:
         problems.append(f"provider {name!r} needs garment_image (it has no prompt endpoint)")
     if row.lower_garment_image is not None and not caps.lower_garment:
@@ -159,7 +187,7 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
     by_provider: dict[str, list[ManifestRow]] = {}
     for row in report.valid:
         name = row.provider or default_spec.name
-        problems = _capability_problems(row, PROVIDERS[name].client_class())
+        problems = _capability_problems(row, PROVIDERS[name].client_class(), params)
         if problems:
             invalid.append(InvalidRow(row_index=row.row_index, row_id=row.id, reasons=problems))
         else:
@@ -172,7 +200,6 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
             _progress_sink.row_done(record)
 
     outcomes: list[ChunkOutcome] = []
-    fatal: ProviderError | None = None
     async with AsyncExitStack() as stack:
         inputs_http = await stack.enter_async_context(
             httpx.AsyncClient(
@@ -181,29 +208,46 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
                 max_redirects=5,
             )
         )
-        images = PreparedImageCache()
-        contexts: list[RunContext] = []
-        for name, rows in by_provider.items():
-            spec = PROVIDERS[name]
-            in_flight = params.limits.max_in_flight or spec.max_in_flight
-            provider_http = await stack.enter_async_context(
+        # Credentials the environment lacks may come from Prefect Secret blocks.
+        accounts = [*by_provider, *(["ailab"] if params.refine else [])]
+        await load_secret_blocks(env for name in accounts for env in API_KEY_ENV[name])
+
+        async def lane_for(spec: ProviderSpec, limits: ProviderLimits) -> Lane:
+            in_flight = limits.max_in_flight or spec.max_in_flight
+            http = await stack.enter_async_context(
                 httpx.AsyncClient(
                     timeout=httpx.Timeout(180.0, connect=10.0),
                     limits=httpx.Limits(max_connections=in_flight * 2 + 4),
                 )
             )
             try:
-                client = spec.make_client(http=provider_http)
+                client = spec.make_client(http=http)
             except ProviderError as exc:
                 raise RunNotStarted(str(exc)) from None
+            rps = limits.requests_per_second or spec.requests_per_second
+            return Lane(client=client, max_in_flight=in_flight, requests_per_second=rps)
+
+        refine_lane = await lane_for(REFINER, params.refine_limits) if params.refine else None
+        images = PreparedImageCache()
+        contexts: list[RunContext] = []
+        for name, rows in by_provider.items():
+            lane = await lane_for(PROVIDERS[name], params.limits)
+            stager = None
+            if lane.client.capabilities.needs_urls:
+                try:
+                    stager = InputStager(lake, provider_base_url=lane.client.base_url)
+                except ValueError as exc:
+                    raise RunNotStarted(str(exc)) from None
+                stack.callback(stager.close)
             ctx = RunContext(
                 run_id=run_id,
-                client=client,
+                lane=lane,
+                refine=refine_lane,
+                default_gender=params.refine_gender,
+                stager=stager,
                 http=inputs_http,
                 lake=lake,
                 images=images,
-                max_in_flight=in_flight,
-                requests_per_second=params.limits.requests_per_second or spec.requests_per_second,
                 retry=RetryPolicy(max_attempts=params.max_attempts),
                 storage_options=params.storage_options,
                 progress=_progress_sink,
@@ -211,26 +255,29 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
             register_context(ctx)
             stack.callback(unregister_context, ctx)
             contexts.append(ctx)
-            logger.info("%s: %d rows, %d in flight", name, len(rows), in_flight)
+            logger.info("%s: %d rows, %d in flight", name, len(rows), lane.max_in_flight)
 
         # Enough chunks in progress to keep every provider slot busy, no more: bounded memory.
         async def run_provider(ctx: RunContext, rows: list[ManifestRow]) -> None:
             chunks = _chunks(rows, params.chunk_size)
-            parallel = max(2, math.ceil(2 * ctx.max_in_flight / params.chunk_size) + 1)
+            parallel = max(2, math.ceil(2 * ctx.lane.max_in_flight / params.chunk_size) + 1)
             gate = asyncio.Semaphore(parallel)
 
             async def one(index: int, chunk: list[ManifestRow]) -> None:
                 async with gate:
-                    outcomes.append(await process_chunk(run_id, ctx.client.name, index, chunk))
+                    outcomes.append(await process_chunk(run_id, ctx.lane.name, index, chunk))
 
             await asyncio.gather(*(one(i, c) for i, c in enumerate(chunks)))
 
-        await asyncio.gather(*(run_provider(ctx, by_provider[ctx.client.name]) for ctx in contexts))
-        fatal = next((c.state.fatal for c in contexts if c.state.fatal), None)
+        await asyncio.gather(*(run_provider(ctx, by_provider[ctx.lane.name]) for ctx in contexts))
+        lanes = [ctx.lane for ctx in contexts] + ([refine_lane] if refine_lane else [])
+        fatal = next((lane.state.fatal for lane in lanes if lane.state.fatal), None)
 
     counts: Counter[str] = Counter({str(Status.INVALID): len(invalid)} if invalid else {})
+    refine_counts: Counter[str] = Counter()
     for outcome in outcomes:
-        counts.update(outcome.counts)
+        counts.update(outcome.counts.get(Stage.TRYON, {}))
+        refine_counts.update(outcome.counts.get(Stage.REFINE, {}))
     summary = RunSummary(
         run_id=run_id,
         provider=default_spec.name,
@@ -239,6 +286,8 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
         metadata_uri=lake.metadata_glob(),
         summary_uri=lake.full_uri(lake.path("runs", run_id, "summary.json")),
         counts=dict(counts),
+        refine_counts=dict(refine_counts) if params.refine else None,
+        unfinished=sum(o.unfinished for o in outcomes),
         total_rows=report.n_rows,
         provider_calls=sum(o.provider_calls for o in outcomes),
         duration_s=round(time.perf_counter() - started, 3),
@@ -248,7 +297,7 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
     logger.info("run %s: %s", run_id, summary.one_line())
     if fatal is not None:
         logger.error("stopped submitting after a run-fatal error: %s", fatal)
-    if counts.get(Status.FAILED, 0) or counts.get(Status.SKIPPED, 0):
+    if summary.unfinished:
         raise BatchIncomplete(summary)
     return summary
 

@@ -191,6 +191,7 @@ class TryOnClient(abc.ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    base_url: str  # where the provider is (set by each client's constructor)
 
     def __init__(self, *, http: httpx.AsyncClient, profile: ImageProfile) -> None:
         self.http = http

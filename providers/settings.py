@@ -46,9 +46,32 @@ def base_url(provider: str) -> str:
     return url.rstrip("/")
 
 
+# Credentials supplied by the orchestration layer (Prefect Secret blocks), for variables the
+# environment does not set. Kept in this process only: never written to os.environ, so they
+# do not leak into child processes.
+_supplied: dict[str, SecretStr] = {}
+
+
+def secret_block_name(env_name: str) -> str:
+    """The Prefect Secret block that may hold ``env_name``: CHANGECLOTHES_API_KEY ->
+    changeclothes-api-key."""
+    return env_name.lower().replace("_", "-")
+
+
+def supply_credentials(values: dict[str, SecretStr]) -> None:
+    _supplied.update(values)
+
+
+def clear_supplied_credentials() -> None:
+    _supplied.clear()
+
+
 def credential(env_name: str) -> SecretStr | None:
+    """The environment's value first (it is the most local), else a supplied Secret block's."""
     value = os.environ.get(env_name)
-    return SecretStr(value) if value else None
+    if value:
+        return SecretStr(value)
+    return _supplied.get(env_name)
 
 
 def emulator_credential(env_name: str) -> str:

@@ -99,6 +99,15 @@ class RowRecord(BaseModel):
     total_ms: float | None = None
 
 
+def is_unfinished(status: Status | str, error_kind: ErrorKind | str | None) -> bool:
+    """Work a retry should redo: a failure, or a row a run-fatal error kept from running.
+
+    Rows skipped as not applicable (e.g. no top garment to refine) and invalid rows are
+    finished: running them again cannot change their outcome.
+    """
+    return status == Status.FAILED or (status == Status.SKIPPED and error_kind == ErrorKind.FATAL)
+
+
 def records_to_frame(records: list[RowRecord]) -> pl.DataFrame:
     """Records -> a DataFrame with exactly ``METADATA_SCHEMA`` (works for zero records too)."""
     rows = [r.model_dump(mode="python") for r in records]

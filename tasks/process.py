@@ -1,8 +1,10 @@
-"""Process manifest rows through one provider: prepare -> try on -> download -> lake.
+"""Process manifest rows: prepare -> try on -> download -> lake, then optionally refine.
 
 Pure asyncio, no Prefect: the Prefect task in ``tasks.tryon`` is a thin wrapper. One
 ``RunContext`` is shared by every chunk of a run, so the concurrency limit, the rate limit, the
-prepared-image cache and the fatal-error stop apply to the whole run, not per chunk.
+prepared-image cache and the fatal-error stop apply to the whole run, not per chunk. Each
+provider account in play (the try-on provider, the refiner) is a ``Lane`` with its own limits
+and its own fatal stop: a refiner out of credits does not stop the try-on provider.
 """
 
 from __future__ import annotations
@@ -15,22 +17,27 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 import httpx
 from PIL import Image
 
 from providers.base import (
+    OnSubmitted,
     PreparedImage,
     ProviderError,
+    RefinerClient,
+    RefineRequest,
     TryOnClient,
     TryOnRequest,
     TryOnResult,
 )
+from schemas.limits import ImageProfile
 from schemas.manifest import ManifestRow
 from schemas.results import ErrorKind, RowRecord, Stage, Status
-from tasks.images import ImageInputError, PreparedImageCache
+from tasks.images import ImageInputError, PreparedImageCache, prepare_image
 from tasks.lake import Lake
+from tasks.staging import InputStager
 
 T = TypeVar("T")
 
@@ -82,34 +89,62 @@ class ProgressSink(Protocol):
 
 @dataclass(slots=True)
 class RunState:
-    """Mutable facts shared by all rows of a run."""
+    """Mutable facts shared by all rows of a run, per lane."""
 
     fatal: ProviderError | None = None
     provider_calls: int = 0
 
 
 @dataclass(slots=True, kw_only=True)
-class RunContext:
-    run_id: str
-    client: TryOnClient
-    http: httpx.AsyncClient  # for fetching inputs (the client has its own for the provider)
-    lake: Lake
-    images: PreparedImageCache
+class Lane:
+    """One provider account in a run: its client, its limits, its fatal stop."""
+
+    client: TryOnClient | RefinerClient
     max_in_flight: int
     requests_per_second: float | None = None
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    storage_options: dict[str, object] = field(default_factory=dict)
     state: RunState = field(default_factory=RunState)
-    progress: ProgressSink | None = None
-    semaphore: asyncio.Semaphore = field(init=False)  # provider calls in flight
-    row_slots: asyncio.Semaphore = field(init=False)  # rows in progress: bounds prefetch, memory
+    semaphore: asyncio.Semaphore = field(init=False)  # calls in flight
     rate: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
         self.semaphore = asyncio.Semaphore(self.max_in_flight)
-        # Twice the call slots: the next rows' inputs are ready when a slot frees up.
-        self.row_slots = asyncio.Semaphore(self.max_in_flight * 2 + 8)
         self.rate = RateLimiter(self.requests_per_second)
+
+    @property
+    def name(self) -> str:
+        return self.client.name
+
+    @property
+    def profile(self) -> ImageProfile:
+        return self.client.profile
+
+
+@dataclass(slots=True, kw_only=True)
+class RunContext:
+    run_id: str
+    lane: Lane  # the try-on provider
+    http: httpx.AsyncClient  # for fetching inputs (clients have their own for the provider)
+    lake: Lake
+    images: PreparedImageCache
+    refine: Lane | None = None  # the refiner, when the run refines
+    default_gender: Literal["woman", "man"] | None = None  # for rows without one (refiner)
+    stager: InputStager | None = None  # for providers that take URLs only
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    storage_options: dict[str, object] = field(default_factory=dict)
+    progress: ProgressSink | None = None
+    row_slots: asyncio.Semaphore = field(init=False)  # rows in progress: bounds prefetch, memory
+
+    def __post_init__(self) -> None:
+        # Twice the call slots: the next rows' inputs are ready when a slot frees up.
+        self.row_slots = asyncio.Semaphore(self.lane.max_in_flight * 2 + 8)
+
+    @property
+    def client(self) -> TryOnClient:
+        return self.lane.client  # type: ignore[return-value]
+
+    @property
+    def state(self) -> RunState:
+        return self.lane.state
 
 
 class _RowFailure(Exception):
@@ -155,74 +190,156 @@ async def _with_retries(ctx: RunContext, call: Callable[[], Awaitable[T]]) -> T:
             await asyncio.sleep(ctx.retry.delay(attempt, retry_after))
 
 
-async def _prepare(ctx: RunContext, uri: str | None) -> PreparedImage | None:
+async def _prepare(ctx: RunContext, uri: str | None, profile: ImageProfile) -> PreparedImage | None:
     if uri is None:
         return None
-    profile = ctx.client.profile
-    return await _with_retries(
-        ctx,
-        lambda: ctx.images.get(
-            uri, http=ctx.http, profile=profile, storage_options=ctx.storage_options
-        ),
-    )
+    try:
+        return await _with_retries(
+            ctx,
+            lambda: ctx.images.get(
+                uri, http=ctx.http, profile=profile, storage_options=ctx.storage_options
+            ),
+        )
+    except ImageInputError as exc:
+        kind = ErrorKind.TRANSIENT if exc.transient else ErrorKind.PERMANENT
+        raise _RowFailure(kind, exc.code, exc.message) from None
 
 
-async def _call_provider(
-    ctx: RunContext, request: TryOnRequest, attempts: list[int]
+async def _call(
+    ctx: RunContext,
+    lane: Lane,
+    submit: Callable[[OnSubmitted], Awaitable[TryOnResult]],
+    record: RowRecord,
+    attempts: list[int],
 ) -> TryOnResult:
-    """Submit with retries; ``attempts[0]`` counts only calls that really reached the client."""
+    """Call a lane's provider with retries; ``attempts[0]`` counts calls that really went out.
+
+    A job id is put on the record the moment the provider accepts the job, so it is known
+    even if polling then fails.
+    """
+
+    async def on_submitted(job_id: str) -> None:
+        record.request_id = job_id
 
     async def one_call() -> TryOnResult:
-        if ctx.state.fatal:  # another row hit a run-fatal error while we waited
-            raise ctx.state.fatal
-        async with ctx.semaphore:
-            await ctx.rate.acquire()
-            if ctx.state.fatal:
-                raise ctx.state.fatal
-            ctx.state.provider_calls += 1
+        if lane.state.fatal:  # another row hit a run-fatal error while we waited
+            raise lane.state.fatal
+        async with lane.semaphore:
+            await lane.rate.acquire()
+            if lane.state.fatal:
+                raise lane.state.fatal
+            lane.state.provider_calls += 1
             attempts[0] += 1
-            return await ctx.client.try_on(request)
+            return await submit(on_submitted)
 
     return await _with_retries(ctx, one_call)
 
 
-async def process_row(row: ManifestRow, ctx: RunContext) -> RowRecord:
-    """Take one valid row to a recorded outcome. Never raises for row-level problems."""
-    started = datetime.now(UTC)
-    t0 = time.perf_counter()
-    record = RowRecord(
+async def _store_result(
+    ctx: RunContext, lane: Lane, result: TryOnResult, record: RowRecord, row_id: str
+) -> bytes:
+    """Fetch the result now (provider URLs expire: Tencent 1 h, AILab 24 h) and write it."""
+    if result.result_data is not None:
+        data = result.result_data
+    elif result.result_url:
+        url = result.result_url
+        data = await _with_retries(ctx, lambda: lane.client.download(url))
+    else:
+        raise ProviderError(
+            kind=ErrorKind.PERMANENT,
+            code="NO_RESULT",
+            message="the provider reported success without a result",
+            provider=lane.name,
+        )
+    extension = await asyncio.to_thread(_sniff_extension, data)
+    record.output_sha256 = hashlib.sha256(data).hexdigest()
+    path = ctx.lake.result_path(ctx.run_id, row_id, f"{record.stage}.{extension}")
+    record.output_uri = await ctx.lake.awrite_bytes(path, data)
+    if result.mask_url:
+        record.mask_uri = await _download_mask(ctx, lane, row_id, record.stage, result.mask_url)
+    return data
+
+
+async def _download_mask(
+    ctx: RunContext, lane: Lane, row_id: str, stage: Stage, url: str
+) -> str | None:
+    """Masks are a by-product: a failed mask download never fails the row."""
+    try:
+        data = await _with_retries(ctx, lambda: lane.client.download(url))
+        extension = await asyncio.to_thread(_sniff_extension, data)
+    except ProviderError:
+        return None
+    path = ctx.lake.result_path(ctx.run_id, row_id, f"{stage}-mask.{extension}")
+    return await ctx.lake.awrite_bytes(path, data)
+
+
+def _new_record(ctx: RunContext, row: ManifestRow, stage: Stage, provider: str) -> RowRecord:
+    return RowRecord(
         run_id=ctx.run_id,
         row_id=row.id,
         row_index=row.row_index,
-        stage=Stage.TRYON,
-        provider=ctx.client.name,
+        stage=stage,
+        provider=provider,
         status=Status.FAILED,
         person_image=row.person_image,
         garment_image=row.garment_image,
         lower_garment_image=row.lower_garment_image,
         category=row.category,
-        started_at=started,
+        started_at=datetime.now(UTC),
     )
-    if ctx.state.fatal is not None:
-        return _finish(ctx, record, t0, skipped_by=ctx.state.fatal)
 
-    provider_attempts = [0]
+
+async def _run_stage(
+    ctx: RunContext,
+    lane: Lane,
+    record: RowRecord,
+    work: Callable[[list[int]], Awaitable[None]],
+) -> RowRecord:
+    """Run one stage's work, turning every row-level problem into the record's outcome."""
+    t0 = time.perf_counter()
+    if lane.state.fatal is not None:
+        return _finish(record, t0, skipped_by=lane.state.fatal)
+    attempts = [0]
     try:
+        await work(attempts)
+        record.status = Status.SUCCEEDED
+    except _RowFailure as failure:
+        record.error_kind, record.error_code = failure.kind, failure.code
+        record.error_message = failure.message
+    except ProviderError as exc:
+        if exc.kind is ErrorKind.FATAL and lane.state.fatal is None:
+            lane.state.fatal = exc
+        if exc is lane.state.fatal and attempts[0] == 0:
+            return _finish(record, t0, skipped_by=exc)
+        record.error_kind, record.error_code = exc.kind, exc.code
+        record.error_message = exc.message
+        record.request_id = record.request_id or exc.request_id
+    record.attempts = attempts[0]
+    return _finish(record, t0)
+
+
+async def _try_on(ctx: RunContext, row: ManifestRow, record: RowRecord) -> bytes | None:
+    """The try-on stage; returns the result's bytes when it succeeded (for the refiner)."""
+    lane = ctx.lane
+    output: list[bytes] = []
+
+    async def work(attempts: list[int]) -> None:
         t_prep = time.perf_counter()
-        try:
-            person, garment, lower = await asyncio.gather(
-                _prepare(ctx, row.person_image),
-                _prepare(ctx, row.garment_image),
-                _prepare(ctx, row.lower_garment_image),
-            )
-        except ImageInputError as exc:
-            kind = ErrorKind.TRANSIENT if exc.transient else ErrorKind.PERMANENT
-            raise _RowFailure(kind, exc.code, exc.message) from None
-        record.prepare_ms = _ms(t_prep)
+        person, garment, lower = await asyncio.gather(
+            _prepare(ctx, row.person_image, lane.profile),
+            _prepare(ctx, row.garment_image, lane.profile),
+            _prepare(ctx, row.lower_garment_image, lane.profile),
+        )
         assert person is not None
         record.person_sha256 = person.sha256
         record.garment_sha256 = garment.sha256 if garment else None
-
+        if ctx.stager is not None:  # URL-only provider: stage the prepared bytes
+            person, garment, lower = [
+                await ctx.stager.stage(image) if image else None
+                for image in (person, garment, lower)
+            ]
+        record.prepare_ms = _ms(t_prep)
+        assert person is not None
         request = TryOnRequest(
             row_id=row.id,
             person=person,
@@ -231,73 +348,122 @@ async def process_row(row: ManifestRow, ctx: RunContext) -> RowRecord:
             category=row.category,
             garment_description=row.garment_description,
             prompt=row.prompt,
-            gender=row.gender,
+            gender=row.gender or ctx.default_gender,
         )
         t_call = time.perf_counter()
         try:
-            result = await _call_provider(ctx, request, provider_attempts)
+            result = await _call(
+                ctx,
+                lane,
+                lambda on_submitted: ctx.client.try_on(request, on_submitted=on_submitted),
+                record,
+                attempts,
+            )
         finally:
             record.provider_ms = _ms(t_call)
-            record.attempts = provider_attempts[0]
-        record.request_id = result.request_id
+        record.request_id = result.request_id or record.request_id
         record.cache_hit = result.cache_hit
-
-        # Provider URLs expire (Tencent 1 h, AILab 24 h): fetch now, not at the end of the run.
         t_dl = time.perf_counter()
-        data = await _result_bytes(ctx, result)
-        extension = await asyncio.to_thread(_sniff_extension, data)
-        record.output_sha256 = hashlib.sha256(data).hexdigest()
-        record.output_uri = await ctx.lake.awrite_bytes(
-            ctx.lake.result_path(ctx.run_id, row.id, f"{Stage.TRYON}.{extension}"), data
-        )
-        if result.mask_url:
-            record.mask_uri = await _download_mask(ctx, row.id, result.mask_url)
+        output.append(await _store_result(ctx, lane, result, record, row.id))
         record.download_ms = _ms(t_dl)
-        record.status = Status.SUCCEEDED
-    except _RowFailure as failure:
-        record.error_kind, record.error_code = failure.kind, failure.code
-        record.error_message = failure.message
-    except ProviderError as exc:
-        if exc.kind is ErrorKind.FATAL and ctx.state.fatal is None:
-            ctx.state.fatal = exc
-        if exc is ctx.state.fatal and provider_attempts[0] == 0:
-            return _finish(ctx, record, t0, skipped_by=exc)
-        record.error_kind, record.error_code = exc.kind, exc.code
-        record.error_message = exc.message
-        record.request_id = record.request_id or exc.request_id
-    record.attempts = max(record.attempts, provider_attempts[0])
-    return _finish(ctx, record, t0)
+
+    await _run_stage(ctx, lane, record, work)
+    return output[0] if output else None
 
 
-async def _result_bytes(ctx: RunContext, result: TryOnResult) -> bytes:
-    """The result's bytes: inline (base64 answers) or downloaded from its URL."""
-    if result.result_data is not None:
-        return result.result_data
-    if not result.result_url:
-        raise ProviderError(
-            kind=ErrorKind.PERMANENT,
-            code="NO_RESULT",
-            message="the provider reported success without a result",
-            provider=ctx.client.name,
-        )
-    url = result.result_url
-    return await _with_retries(ctx, lambda: ctx.client.download(url))
+def refine_not_applicable(row: ManifestRow) -> str | None:
+    """Why the refiner cannot take this row (it needs a top garment), or None."""
+    if row.garment_image is None:
+        return "the refiner needs a garment image; a prompt row cannot be refined"
+    if row.category == "lower_body":
+        return "the refiner needs a top garment; a lower_body row has none"
+    return None
 
 
-async def _download_mask(ctx: RunContext, row_id: str, url: str) -> str | None:
-    """Masks are a by-product: a failed mask download never fails the row."""
-    try:
-        data = await _with_retries(ctx, lambda: ctx.client.download(url))
-        extension = await asyncio.to_thread(_sniff_extension, data)
-    except ProviderError:
-        return None
-    path = ctx.lake.result_path(ctx.run_id, row_id, f"{Stage.TRYON}-mask.{extension}")
-    return await ctx.lake.awrite_bytes(path, data)
-
-
-def _finish(
-    ctx: RunContext, record: RowRecord, t0: float, *, skipped_by: ProviderError | None = None
+async def _refine(
+    ctx: RunContext, row: ManifestRow, coarse: bytes | None, coarse_record: RowRecord
 ) -> RowRecord:
+    lane = ctx.refine
+    assert lane is not None
+    record = _new_record(ctx, row, Stage.REFINE, lane.name)
+    reason, code = refine_not_applicable(row), "REFINE_NOT_APPLICABLE"
+    if reason is None and coarse is None:
+        reason = f"no coarse result to refine (try-on {coarse_record.status})"
+        code = "NO_COARSE_RESULT"
+    if reason is not None:
+        record.status = Status.SKIPPED
+        record.error_kind, record.error_code, record.error_message = (
+            ErrorKind.PERMANENT,
+            code,
+            reason,
+        )
+        return _finish(record, time.perf_counter())
+    assert coarse is not None and row.garment_image is not None
+    gender = row.gender or ctx.default_gender
+    assert gender is not None  # the flow makes such rows invalid before any call
+
+    async def work(attempts: list[int]) -> None:
+        t_prep = time.perf_counter()
+        person, top, bottom = await asyncio.gather(
+            _prepare(ctx, row.person_image, lane.profile),
+            _prepare(ctx, row.garment_image, lane.profile),
+            _prepare(ctx, row.lower_garment_image, lane.profile),
+        )
+        try:
+            coarse_image = await asyncio.to_thread(
+                prepare_image,
+                coarse,
+                profile=lane.profile,
+                source_uri=coarse_record.output_uri or "coarse",
+            )
+        except ImageInputError as exc:
+            raise _RowFailure(
+                ErrorKind.PERMANENT, exc.code, f"coarse result: {exc.message}"
+            ) from None
+        assert person is not None and top is not None
+        record.person_sha256, record.garment_sha256 = person.sha256, top.sha256
+        record.prepare_ms = _ms(t_prep)
+        request = RefineRequest(
+            row_id=row.id,
+            person=person,
+            top_garment=top,
+            coarse=coarse_image,
+            gender=gender,
+            bottom_garment=bottom,
+        )
+        refiner: RefinerClient = lane.client  # type: ignore[assignment]
+        t_call = time.perf_counter()
+        try:
+            result = await _call(
+                ctx,
+                lane,
+                lambda on_submitted: refiner.refine(request, on_submitted=on_submitted),
+                record,
+                attempts,
+            )
+        finally:
+            record.provider_ms = _ms(t_call)
+        record.request_id = result.request_id or record.request_id
+        t_dl = time.perf_counter()
+        await _store_result(ctx, lane, result, record, row.id)
+        record.download_ms = _ms(t_dl)
+
+    return await _run_stage(ctx, lane, record, work)
+
+
+async def process_row(row: ManifestRow, ctx: RunContext) -> list[RowRecord]:
+    """Take one valid row through its stages to recorded outcomes. Never raises for row-level
+    problems: one record per stage (try-on, and refine when the run refines)."""
+    record = _new_record(ctx, row, Stage.TRYON, ctx.lane.name)
+    coarse = await _try_on(ctx, row, record)
+    if ctx.progress is not None:
+        ctx.progress.row_done(record)
+    if ctx.refine is None:
+        return [record]
+    return [record, await _refine(ctx, row, coarse, record)]
+
+
+def _finish(record: RowRecord, t0: float, *, skipped_by: ProviderError | None = None) -> RowRecord:
     if skipped_by is not None:
         record.status = Status.SKIPPED
         record.error_kind = ErrorKind.FATAL
@@ -305,16 +471,15 @@ def _finish(
         record.error_message = f"not attempted: the run stopped on {skipped_by}"
     record.finished_at = datetime.now(UTC)
     record.total_ms = _ms(t0)
-    if ctx.progress is not None:
-        ctx.progress.row_done(record)
     return record
 
 
 async def process_rows(rows: Sequence[ManifestRow], ctx: RunContext) -> list[RowRecord]:
-    """Rows concurrently, bounded by the run's row slots; results in input order."""
+    """Rows concurrently, bounded by the run's row slots; records in input order."""
 
-    async def bounded(row: ManifestRow) -> RowRecord:
+    async def bounded(row: ManifestRow) -> list[RowRecord]:
         async with ctx.row_slots:
             return await process_row(row, ctx)
 
-    return list(await asyncio.gather(*(bounded(row) for row in rows)))
+    per_row = await asyncio.gather(*(bounded(row) for row in rows))
+    return [record for records in per_row for record in records]

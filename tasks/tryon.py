@@ -16,7 +16,7 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
 from schemas.manifest import InvalidRow, ManifestRow, ValidationReport
-from schemas.results import ErrorKind, RowRecord, Status
+from schemas.results import ErrorKind, RowRecord, Status, is_unfinished
 from tasks.lake import Lake
 from tasks.manifest import load_manifest
 from tasks.process import RunContext, process_rows
@@ -35,7 +35,8 @@ def unregister_context(ctx: RunContext) -> None:
 class ChunkOutcome(BaseModel):
     chunk: str
     provider: str
-    counts: dict[str, int]
+    counts: dict[str, dict[str, int]]  # stage -> status -> records
+    unfinished: int  # records a retry should redo
     metadata_uri: str
     provider_calls: int
 
@@ -54,18 +55,22 @@ async def process_chunk(
     run_id: str, provider: str, chunk_index: int, rows: list[ManifestRow]
 ) -> ChunkOutcome:
     ctx = _CONTEXTS[(run_id, provider)]
-    calls_before = ctx.state.provider_calls
+    lanes = [ctx.lane, *([ctx.refine] if ctx.refine else [])]
+    calls_before = sum(lane.state.provider_calls for lane in lanes)
     records = await process_rows(rows, ctx)
     part = f"part-{provider}-{chunk_index:05d}"
     uri = await ctx.lake.awrite_metadata(run_id, part, records)
-    counts = dict(Counter(str(r.status) for r in records))
+    counts: dict[str, dict[str, int]] = {}
+    for stage in sorted({str(r.stage) for r in records}):
+        counts[stage] = dict(Counter(str(r.status) for r in records if str(r.stage) == stage))
     get_run_logger().info("chunk %s/%d: %s", provider, chunk_index, counts)
     return ChunkOutcome(
         chunk=part,
         provider=provider,
         counts=counts,
+        unfinished=sum(is_unfinished(r.status, r.error_kind) for r in records),
         metadata_uri=uri,
-        provider_calls=ctx.state.provider_calls - calls_before,
+        provider_calls=sum(lane.state.provider_calls for lane in lanes) - calls_before,
     )
 
 
