@@ -103,6 +103,12 @@ def run(
     ] = None,
     rps: Annotated[float | None, typer.Option(help="Provider requests per second.")] = None,
     max_attempts: Annotated[int, typer.Option(help="Provider calls per row, at most.")] = 4,
+    refine: Annotated[
+        bool, typer.Option("--refine", help="Chain the AILabTools refiner onto each result.")
+    ] = False,
+    refine_gender: Annotated[
+        str | None, typer.Option(help="woman|man, for rows without a gender (refiner).")
+    ] = None,
     allow_row_errors: Annotated[
         bool, typer.Option("--allow-row-errors", help="Exit 0 even if some rows failed.")
     ] = False,
@@ -121,6 +127,8 @@ def run(
             chunk_size=chunk_size,
             limits={"max_in_flight": max_in_flight, "requests_per_second": rps},
             max_attempts=max_attempts,
+            refine=refine,
+            refine_gender=refine_gender,
         )
     except ValueError as exc:
         err.print(f"[red]cannot start:[/] {exc}")
@@ -194,14 +202,38 @@ def validate(
 def emulator_cmd(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8765,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    latency: Annotated[float, typer.Option(help="Added latency per provider call (s).")] = 0.0,
+    latency: Annotated[
+        float | None, typer.Option(help="Added latency per provider call, every provider (s).")
+    ] = None,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="PROVIDER.FIELD=VALUE (or all.FIELD=VALUE), repeatable: latency_s, "
+            "error_rate_5xx, error_rate_429, retry_after_s, timeout_rate, credits, "
+            "forced_codes, job_queued_s, job_running_s, async_failure_rate ..."
+        ),
+    ] = None,
     result_ttl: Annotated[float, typer.Option(help="Seconds a result URL stays valid.")] = 3600,
+    seed: Annotated[int, typer.Option(help="Seed of the fault draws.")] = 0,
+    fast_mode: Annotated[
+        bool, typer.Option("--fast-mode", help="Pre-rendered results: tiny CPU per call.")
+    ] = False,
 ) -> None:
     """Serve the providers' protocols locally (see README for keys and routes)."""
-    from providers.emulator.server import EmulatorConfig, FaultPlan, serve
+    from providers.emulator.app import PROVIDER_ROUTES
+    from providers.emulator.config import faults_from_options
+    from providers.emulator.server import EmulatorConfig, serve
 
-    faults = {"changeclothes": FaultPlan(latency_s=latency)}
-    config = EmulatorConfig(result_ttl_s=result_ttl, faults=faults)
+    try:
+        faults = faults_from_options(
+            fault or [], providers=list(PROVIDER_ROUTES), latency_s=latency
+        )
+        config = EmulatorConfig(
+            result_ttl_s=result_ttl, faults=faults, seed=seed, fast_mode=fast_mode
+        )
+    except ValueError as exc:
+        err.print(f"[red]bad option:[/] {exc}")
+        raise typer.Exit(EXIT_NOT_STARTED) from None
     err.print(f"emulator on http://{host}:{port}  (stats: /_emulator/stats)")
     serve(config, host=host, port=port)
 

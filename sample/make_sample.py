@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 HERE = Path(__file__).parent
 W, H = 600, 900
 
+GENDERS = {"ana": "woman", "ben": "man", "chi": "woman", "dev": "man"}
 PEOPLE = {
     # name: (background, skin, top, bottom)
     "ana": ((214, 226, 240), (224, 187, 160), (120, 120, 120), (50, 70, 120)),
@@ -176,9 +177,18 @@ def main() -> None:
     with open(HERE / "manifest.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
-            ["id", "person_image", "garment_image", "category", "garment_description", "prompt"]
+            [
+                "id",
+                "person_image",
+                "garment_image",
+                "category",
+                "garment_description",
+                "prompt",
+                "gender",
+            ]
         )
-        writer.writerows(rows)
+        for row in rows:  # the refiner needs each person's gender
+            writer.writerow([*row, GENDERS[row[1].split("_")[1].split(".")[0]]])
 
 
 if __name__ == "__main__":

@@ -66,3 +66,38 @@ class EmulatorConfig(BaseModel):
 
     def fault_plan(self, provider: str) -> FaultPlan:
         return self.faults.get(provider) or FaultPlan()
+
+
+def faults_from_options(
+    specs: list[str], *, providers: list[str], latency_s: float | None = None
+) -> dict[str, FaultPlan]:
+    """``tryon emulator --fault`` options -> fault plans.
+
+    Each spec is ``PROVIDER.FIELD=VALUE`` (``hidream.error_rate_5xx=0.1``,
+    ``changeclothes.forced_codes=[10005]``) or ``all.FIELD=VALUE`` for every provider; values
+    are JSON where they parse as JSON, else strings. ``latency_s`` sets every provider's latency.
+    """
+    import json
+
+    fields: dict[str, dict[str, object]] = {name: {} for name in providers}
+    if latency_s is not None:
+        for name in providers:
+            fields[name]["latency_s"] = latency_s
+    for spec in specs:
+        target, sep, raw = spec.partition("=")
+        provider, dot, field = target.partition(".")
+        if not (sep and dot and field):
+            raise ValueError(f"fault {spec!r}: expected PROVIDER.FIELD=VALUE")
+        if provider != "all" and provider not in fields:
+            raise ValueError(f"fault {spec!r}: unknown provider {provider!r} ({providers})")
+        if field not in FaultPlan.model_fields:
+            raise ValueError(
+                f"fault {spec!r}: unknown field {field!r} ({', '.join(FaultPlan.model_fields)})"
+            )
+        try:
+            value: object = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        for name in providers if provider == "all" else [provider]:
+            fields[name][field] = value
+    return {name: FaultPlan(**values) for name, values in fields.items() if values}

@@ -28,6 +28,16 @@ def emulator() -> Iterator[EmulatorServer]:
     server.stop()
 
 
+@pytest.fixture(autouse=True)
+def no_supplied_credentials() -> Iterator[None]:
+    """Credentials loaded from Secret blocks live in-process: never let one leak across tests."""
+    from providers.settings import clear_supplied_credentials
+
+    clear_supplied_credentials()
+    yield
+    clear_supplied_credentials()
+
+
 @pytest.fixture
 def use_emulator(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> EmulatorServer:
     """Point the changeclothes provider at the emulator, with clean stats and no faults."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import httpx
@@ -197,3 +198,27 @@ async def test_unreadable_input_image_fails_only_its_row(
     assert "missing.jpg" in meta["error_message"][2]
     # Neither bad row reached the provider.
     assert stats(use_emulator)["requests"]["POST /api/openapi/change-clothes-ai"] == 1
+
+
+async def test_api_key_from_a_prefect_secret_block_never_lands_in_outputs(
+    use_emulator: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.blocks.system import Secret
+
+    from providers.settings import EMULATOR_DEFAULT_KEYS
+
+    key = EMULATOR_DEFAULT_KEYS["CHANGECLOTHES_API_KEY"]
+    monkeypatch.delenv("CHANGECLOTHES_API_KEY")
+    await Secret(value=key).save("changeclothes-api-key", overwrite=True)
+    try:
+        manifest = write_manifest(tmp_path / "m.csv", sample_rows(3))
+        summary = await tryon_batch(
+            BatchParams(manifest=str(manifest), lake=str(tmp_path / "lake"))
+        )
+    finally:
+        await Secret.adelete("changeclothes-api-key")
+    assert summary.counts == {"succeeded": 3}
+    assert "CHANGECLOTHES_API_KEY" not in os.environ  # supplied in memory, not via the env
+    for path in (tmp_path / "lake").rglob("*"):
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path
