@@ -13,7 +13,7 @@ from pydantic import SecretStr
 
 DEFAULT_BASE_URLS: dict[str, str] = {
     "changeclothes": "https://changeclothesai.online",
-    "tencent": "https://aiart.tencentcloudapi.com",
+    "tencent": "https://aiart.intl.tencentcloudapi.com",  # doc 002's domain (intl accounts)
     "hidream": "https://hidreamai.com",
     "ailab": "https://www.ailabapi.com",
 }

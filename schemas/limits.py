@@ -51,7 +51,7 @@ TENCENT = ImageProfile(
     name="tencent",
     min_side=513,
     max_side=2000,
-    max_bytes=8 * 1024 * 1024,
+    max_bytes=8_000_000,  # vendors' "MB" may be decimal: the smaller reading is safe under both
     bytes_as_base64=True,
 )
 # HiDream documents no limits (doc 003): conservative defaults.
@@ -59,13 +59,13 @@ HIDREAM = ImageProfile(name="hidream", min_side=256, max_side=2048, max_bytes=4 
 # AILabTools try-on (ext) and refiner (doc 004): >150 and <4096 px, <=5 MB
 # (the try-on page says 3-5 MB depending on the model: 3 MB to be safe).
 AILAB = ImageProfile(
-    name="ailab", min_side=151, max_side=4095, max_bytes=3 * 1024 * 1024, formats=("JPEG", "PNG")
+    name="ailab", min_side=151, max_side=4095, max_bytes=3_000_000, formats=("JPEG", "PNG")
 )
 AILAB_REFINER = ImageProfile(
     name="ailab_refiner",
     min_side=151,
     max_side=4095,
-    max_bytes=5 * 1024 * 1024,
+    max_bytes=5_000_000,
     formats=("JPEG", "PNG"),
 )
 

@@ -19,12 +19,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from providers.emulator import ailab as ailab_routes
 from providers.emulator import changeclothes
+from providers.emulator import hidream as hidream_routes
+from providers.emulator import tencent as tencent_routes
 from providers.emulator.config import EmulatorConfig, FaultPlan
 from providers.emulator.state import EmulatorState
 
 PROVIDER_ROUTES: dict[str, Callable[[EmulatorState], list[Route]]] = {
     changeclothes.PROVIDER: changeclothes.routes,
+    ailab_routes.PROVIDER: ailab_routes.routes,
+    hidream_routes.PROVIDER: hidream_routes.routes,
+    tencent_routes.PROVIDER: tencent_routes.routes,
 }
 FILES_PATH = "/files/{token}.webp"
 REQUEST_ID_HEADER = b"x-request-id"

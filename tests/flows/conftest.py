@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from providers.emulator.server import EmulatorConfig, EmulatorServer
-from providers.settings import EMULATOR_DEFAULT_KEYS, base_url_env
+from providers.settings import DEFAULT_BASE_URLS, EMULATOR_DEFAULT_KEYS, base_url_env
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_MANIFEST = REPO / "sample" / "manifest.csv"
@@ -40,10 +40,12 @@ def no_supplied_credentials() -> Iterator[None]:
 
 @pytest.fixture
 def use_emulator(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> EmulatorServer:
-    """Point the changeclothes provider at the emulator, with clean stats and no faults."""
+    """Point every provider at the emulator (its default keys), with clean stats and no faults."""
     import httpx
 
-    monkeypatch.setenv(base_url_env("changeclothes"), emulator.base_url)
-    monkeypatch.setenv("CHANGECLOTHES_API_KEY", EMULATOR_DEFAULT_KEYS["CHANGECLOTHES_API_KEY"])
+    for provider in DEFAULT_BASE_URLS:
+        monkeypatch.setenv(base_url_env(provider), emulator.base_url)
+    for name, value in EMULATOR_DEFAULT_KEYS.items():
+        monkeypatch.setenv(name, value)
     httpx.post(f"{emulator.base_url}/_emulator/reset", json={"faults": True}).raise_for_status()
     return emulator

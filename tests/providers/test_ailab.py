@@ -1,0 +1,901 @@
+"""Contract tests: the AILabTools try-on and refiner clients against the emulator (no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import SecretStr
+
+from providers import settings
+from providers.ailab import (
+    CREDITS_CODE,
+    DEFAULT_POLL_POLICY,
+    ERROR_TABLE,
+    KEY_HEADER,
+    QUERY_PATH,
+    REFINER_PATH,
+    TRYON_PATH,
+    AILabRefinerClient,
+    AILabTryOnClient,
+    parse_submit,
+    parse_task_result,
+)
+from providers.base import JobState, PollPolicy, ProviderError, RefineRequest, TryOnRequest
+from providers.emulator import EmulatorConfig, EmulatorServer, FaultPlan
+from providers.emulator.ailab import CODES
+from providers.registry import REFINER, provider_spec
+from schemas.limits import AILAB, AILAB_REFINER, ImageProfile
+from schemas.results import ErrorKind
+from tasks.images import image_profile_fits, prepare_image
+from tests.providers.conftest import (
+    DELETED_KEY,
+    TRIAL_KEY,
+    TRIAL_LIMIT,
+    band_diff,
+    decode,
+    garment_jpeg,
+    person_jpeg,
+    prepared,
+)
+
+SECRET = "ailab-live-5d9e2c7a1f3b8e6d"  # distinctive, so any leak is found by substring
+FAST = PollPolicy(initial_s=0.02, max_interval_s=0.05, factor=1.5, deadline_s=10.0)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def key() -> SecretStr:
+    return SecretStr(settings.emulator_credential("AILAB_API_KEY"))
+
+
+@pytest.fixture
+def tryon(http: httpx.AsyncClient, emulator: EmulatorServer, key: SecretStr) -> AILabTryOnClient:
+    return AILabTryOnClient(http=http, api_key=key, base_url=emulator.base_url, poll_policy=FAST)
+
+
+@pytest.fixture
+def refiner(
+    http: httpx.AsyncClient, emulator: EmulatorServer, key: SecretStr
+) -> AILabRefinerClient:
+    return AILabRefinerClient(http=http, api_key=key, base_url=emulator.base_url, poll_policy=FAST)
+
+
+async def faults(http: httpx.AsyncClient, emulator: EmulatorServer, **fields: Any) -> None:
+    response = await http.post(f"{emulator.base_url}/_emulator/faults", json={"ailab": fields})
+    response.raise_for_status()
+
+
+async def quick_jobs(http: httpx.AsyncClient, emulator: EmulatorServer, **fields: Any) -> None:
+    await faults(http, emulator, job_queued_s=0.0, job_running_s=0.05, **fields)
+
+
+async def stats(http: httpx.AsyncClient, emulator: EmulatorServer) -> dict[str, Any]:
+    response = await http.get(f"{emulator.base_url}/_emulator/stats")
+    response.raise_for_status()
+    return dict(response.json())
+
+
+def tryon_request(
+    person: bytes, garment: bytes, category: str = "upper_body", **kwargs: Any
+) -> TryOnRequest:
+    return TryOnRequest(
+        row_id="row-1",
+        person=prepared(person),
+        garment=prepared(garment),
+        category=category,  # type: ignore[arg-type]
+        **kwargs,
+    )
+
+
+def refine_request(
+    person: bytes, garment: bytes, coarse: bytes, gender: str = "woman", **kwargs: Any
+) -> RefineRequest:
+    return RefineRequest(
+        row_id="row-1",
+        person=prepared(person),
+        top_garment=prepared(garment),
+        coarse=prepared(coarse),
+        gender=gender,  # type: ignore[arg-type]
+        **kwargs,
+    )
+
+
+async def expect_error(coro: object) -> ProviderError:
+    with pytest.raises(ProviderError) as info:
+        await coro  # type: ignore[misc]
+    return info.value
+
+
+def encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def flat(size: tuple[int, int], fmt: str = "JPEG") -> bytes:
+    return encode(Image.new("RGB", size, (120, 140, 160)), fmt)
+
+
+def noise(size: tuple[int, int], fmt: str = "PNG", seed: int = 1) -> bytes:
+    """Incompressible pixels: the encoded size is about width * height * 3."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return encode(Image.fromarray(pixels), fmt)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- try-on: the job lifecycle ---------------------------------------------------------------
+
+
+async def test_tryon_job_goes_queued_running_done(
+    tryon: AILabTryOnClient,
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    await faults(http, emulator, job_queued_s=0.6, job_running_s=0.6)
+    started = time.monotonic()
+    task_id = await tryon.submit(tryon_request(person, garment))
+    states = [(await tryon.poll(task_id)).state]
+    await asyncio.sleep(max(0.0, 0.9 - (time.monotonic() - started)))
+    states.append((await tryon.poll(task_id)).state)
+    await asyncio.sleep(max(0.0, 1.5 - (time.monotonic() - started)))
+    final = await tryon.poll(task_id)
+    states.append(final.state)
+
+    assert states == [JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED]
+    assert final.result is not None and final.result.request_id == task_id
+    assert final.result.result_url is not None
+    assert final.result.result_url.startswith(f"{emulator.base_url}/files/")
+    output = decode(await tryon.download(final.result.result_url))
+    assert band_diff(output, decode(person), 0.25, 0.50) > 40  # the red garment is on the torso
+    assert band_diff(output, decode(person), 0.00, 0.15) < 6  # the head is untouched
+
+
+async def test_try_on_reports_the_task_once_before_polling(
+    tryon: AILabTryOnClient,
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    await faults(http, emulator, job_queued_s=0.1, job_running_s=0.1)
+    seen: list[tuple[str, int]] = []
+
+    async def on_submitted(task_id: str) -> None:
+        polls = (await stats(http, emulator))["requests"].get(f"GET {QUERY_PATH}", 0)
+        seen.append((task_id, polls))
+
+    result = await tryon.try_on(tryon_request(person, garment), on_submitted=on_submitted)
+
+    assert len(seen) == 1
+    task_id, polls_before = seen[0]
+    assert polls_before == 0  # reported before the first status query
+    assert result.request_id == task_id
+    assert result.result_url and await tryon.download(result.result_url)
+    assert (await stats(http, emulator))["requests"][f"GET {QUERY_PATH}"] >= 2
+
+
+@pytest.mark.parametrize(
+    ("category", "changed", "unchanged"),
+    [
+        ("upper_body", (0.25, 0.50), (0.62, 0.90)),
+        ("lower_body", (0.60, 0.85), (0.20, 0.45)),
+        ("dresses", (0.25, 0.85), (0.00, 0.15)),
+    ],
+)
+async def test_each_category_maps_to_its_clothes_type(
+    category: str,
+    changed: tuple[float, float],
+    unchanged: tuple[float, float],
+    tryon: AILabTryOnClient,
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    garment: bytes,
+) -> None:
+    await quick_jobs(http, emulator)
+    person = person_jpeg(shirt=(30, 120, 40))
+    result = await tryon.try_on(tryon_request(person, garment, category))
+    assert result.result_url is not None
+    output, original = decode(await tryon.download(result.result_url)), decode(person)
+    assert band_diff(output, original, *changed) > 40
+    assert band_diff(output, original, *unchanged) < 6
+
+
+async def test_unsupported_request_shapes_fail_before_sending(
+    tryon: AILabTryOnClient,
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    shapes = [
+        tryon_request(person, garment, lower_garment=prepared(garment_jpeg((0, 0, 200)))),
+        TryOnRequest(row_id="r", person=prepared(person), prompt="a red shirt"),
+        TryOnRequest(row_id="r", person=prepared(person), garment=prepared(garment)),
+    ]
+    for request in shapes:
+        error = await expect_error(tryon.try_on(request))
+        assert (error.kind, error.code) == (ErrorKind.PERMANENT, "UNSUPPORTED_REQUEST")
+    assert (await stats(http, emulator))["by_provider"]["ailab"]["requests"] == 0
+    assert not AILabTryOnClient.capabilities.lower_garment
+    assert AILabTryOnClient.capabilities.async_jobs
+
+
+# -- the refiner -----------------------------------------------------------------------------
+
+
+async def test_refiner_result_differs_from_the_coarse_image(
+    tryon: AILabTryOnClient,
+    refiner: AILabRefinerClient,
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    await quick_jobs(http, emulator)
+    coarse_result = await tryon.try_on(tryon_request(person, garment))
+    assert coarse_result.result_url is not None
+    coarse_webp = await tryon.download(coarse_result.result_url)
+    coarse = encode(Image.open(io.BytesIO(coarse_webp)).convert("RGB"), "JPEG", quality=95)
+    submitted: list[str] = []
+
+    async def on_submitted(task_id: str) -> None:
+        submitted.append(task_id)
+
+    request = refine_request(
+        person, garment, coarse, "man", bottom_garment=prepared(garment_jpeg((10, 10, 90)))
+    )
+    result = await refiner.refine(request, on_submitted=on_submitted)
+
+    assert submitted == [result.request_id]
+    assert result.extra.get("image_count") == "1"
+    assert result.result_url is not None
+    refined = decode(await refiner.download(result.result_url))
+    before = decode(coarse)
+    assert refined.shape == before.shape
+    assert float(np.abs(refined - before).mean()) > 8  # contrast, colour and sharpening
+
+
+async def test_refiner_gender_is_checked_by_client_and_emulator(
+    refiner: AILabRefinerClient,
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    key: SecretStr,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    error = await expect_error(refiner.refine(refine_request(person, garment, person, "child")))
+    assert (error.kind, error.code) == (ErrorKind.PERMANENT, "UNSUPPORTED_REQUEST")
+    assert (await stats(http, emulator))["by_provider"]["ailab"]["requests"] == 0
+
+    files = [
+        ("task_type", (None, "async")),
+        ("gender", (None, "female")),
+        ("person_image", ("p.jpg", person, "image/jpeg")),
+        ("top_garment", ("g.jpg", garment, "image/jpeg")),
+        ("coarse_image", ("c.jpg", person, "image/jpeg")),
+    ]
+    response = await http.post(
+        emulator.base_url + REFINER_PATH,
+        files=files,
+        headers={KEY_HEADER: key.get_secret_value()},
+    )
+    with pytest.raises(ProviderError) as info:
+        parse_submit(response.status_code, response.headers, response.content)
+    assert (info.value.kind, info.value.code) == (
+        ErrorKind.PERMANENT,
+        "UNSUPPORTED_PARAMETER_VALUES",
+    )
+    assert response.status_code == 422 and "gender" in info.value.message
+
+
+async def test_refiner_job_failure_is_permanent(
+    refiner: AILabRefinerClient,
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    await quick_jobs(http, emulator, async_failure_rate=1.0)
+    error = await expect_error(refiner.refine(refine_request(person, garment, person)))
+    assert (error.kind, error.code) == (ErrorKind.PERMANENT, "ERROR_TASK_STOPPED_PROCESSING")
+    assert error.provider == "ailab_refiner" and error.request_id
+
+
+# -- every public code, one by one -----------------------------------------------------------
+
+
+def test_error_table_and_emulator_cover_the_same_public_codes() -> None:
+    assert set(ERROR_TABLE) == set(CODES)
+    assert {c: s.status for c, s in ERROR_TABLE.items()} == CODES
+    fatal = {c for c, s in ERROR_TABLE.items() if s.kind is ErrorKind.FATAL}
+    assert fatal == {
+        "ERROR_USER_NOT_EXISTS",
+        "ERROR_APPLICATIONS_NOT_EXISTS",
+        "ERROR_USER_LOCKED",
+        "AI_SERVICE_UNAUTHORIZED",
+        "ERROR_AI_NOT_EXISTS",
+        CREDITS_CODE,
+    }
+    assert all(s.kind is ErrorKind.TRANSIENT for s in ERROR_TABLE.values() if s.status >= 500)
+    # 403 about one file is the row's problem, not the account's.
+    assert ERROR_TABLE["ERROR_ILLEGAL_FILE"].kind is ErrorKind.PERMANENT
+
+
+@pytest.mark.parametrize("code", sorted(ERROR_TABLE))
+async def test_every_public_code_is_answered_and_classified(
+    code: str,
+    tryon: AILabTryOnClient,
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    await faults(http, emulator, forced_codes=[code])
+    error = await expect_error(tryon.try_on(tryon_request(person, garment)))
+    spec = ERROR_TABLE[code]
+    assert (error.kind, error.code, error.http_status) == (spec.kind, code, spec.status)
+    assert error.provider == "ailab" and error.request_id
+    assert code in error.message
+
+
+async def test_credits_429_is_fatal_but_rate_limit_429_is_transient(
+    tryon: AILabTryOnClient,
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    await quick_jobs(http, emulator, credits=1)
+    assert (await tryon.try_on(tryon_request(person, garment))).result_url
+    credits = await expect_error(tryon.try_on(tryon_request(person, garment)))
+    assert (credits.kind, credits.code, credits.http_status) == (
+        ErrorKind.FATAL,
+        CREDITS_CODE,
+        429,
+    )
+
+    await faults(http, emulator, credits=None, error_rate_429=1.0, retry_after_s=7)
+    limited = await expect_error(tryon.try_on(tryon_request(person, garment)))
+    assert (limited.kind, limited.code, limited.http_status) == (
+        ErrorKind.TRANSIENT,
+        "RATE_LIMITED",
+        429,
+    )
+    assert limited.retry_after == 7.0
+
+    await faults(http, emulator, error_rate_429=0.0, forced_codes=[429])
+    forced = await expect_error(tryon.try_on(tryon_request(person, garment)))
+    assert (forced.kind, forced.code) == (ErrorKind.TRANSIENT, "RATE_LIMITED")
+
+
+async def test_trial_key_runs_out_of_credits(
+    http: httpx.AsyncClient, emulator: EmulatorServer, person: bytes, garment: bytes
+) -> None:
+    await quick_jobs(http, emulator)
+    client = AILabTryOnClient(
+        http=http, api_key=SecretStr(TRIAL_KEY), base_url=emulator.base_url, poll_policy=FAST
+    )
+    for _ in range(TRIAL_LIMIT):
+        await client.submit(tryon_request(person, garment))
+    error = await expect_error(client.submit(tryon_request(person, garment)))
+    assert (error.kind, error.code) == (ErrorKind.FATAL, CREDITS_CODE)
+
+
+async def test_rejected_calls_cost_no_credit(
+    tryon: AILabTryOnClient,
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    await faults(http, emulator, credits=1)
+    gif = flat((300, 300), "GIF")
+    error = await expect_error(tryon.submit(tryon_request(person, gif)))
+    assert error.code == "UNSUPPORTED_FILE_TYPES"
+    assert await tryon.submit(tryon_request(person, garment))  # the credit is still there
+
+
+@pytest.mark.parametrize(
+    ("api_key", "code"),
+    [(DELETED_KEY, "ERROR_USER_NOT_EXISTS"), (SECRET, "ERROR_APPLICATIONS_NOT_EXISTS")],
+)
+async def test_bad_keys_are_fatal(
+    api_key: str,
+    code: str,
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    client = AILabTryOnClient(http=http, api_key=SecretStr(api_key), base_url=emulator.base_url)
+    error = await expect_error(client.submit(tryon_request(person, garment)))
+    assert (error.kind, error.code, error.http_status) == (ErrorKind.FATAL, code, 401)
+
+
+# -- asynchronous failures and deadlines -----------------------------------------------------
+
+
+async def test_async_job_failure_is_permanent(
+    tryon: AILabTryOnClient,
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    await quick_jobs(http, emulator, async_failure_rate=1.0)
+    task_id = await tryon.submit(tryon_request(person, garment))
+    await asyncio.sleep(0.1)
+    status = await tryon.poll(task_id)
+    assert status.state is JobState.FAILED and status.error is not None
+    error = await expect_error(tryon.wait(task_id))
+    assert (error.kind, error.code, error.request_id) == (
+        ErrorKind.PERMANENT,
+        "ERROR_TASK_STOPPED_PROCESSING",
+        task_id,
+    )
+
+
+async def test_poll_deadline_is_transient(
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    key: SecretStr,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    await faults(http, emulator, job_queued_s=0.0, job_running_s=30.0)
+    policy = PollPolicy(initial_s=0.05, max_interval_s=0.05, factor=1.0, deadline_s=0.3)
+    client = AILabTryOnClient(
+        http=http, api_key=key, base_url=emulator.base_url, poll_policy=policy
+    )
+    error = await expect_error(client.try_on(tryon_request(person, garment)))
+    assert (error.kind, error.code) == (ErrorKind.TRANSIENT, "POLL_DEADLINE")
+    assert error.request_id  # the task id: a rerun resumes polling it
+
+
+async def test_transient_poll_errors_are_retried_and_fatal_ones_stop(
+    tryon: AILabTryOnClient,
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    await quick_jobs(http, emulator)
+    task_id = await tryon.submit(tryon_request(person, garment))
+    await faults(http, emulator, forced_codes=[503, "ERROR_GATEWAY", 429, "AI_SERVICE_TIMEOUT"])
+    result = await tryon.wait(task_id)
+    assert result.request_id == task_id and result.result_url
+
+    task_id = await tryon.submit(tryon_request(person, garment))
+    await faults(http, emulator, forced_codes=["ERROR_USER_LOCKED"])
+    error = await expect_error(tryon.wait(task_id))
+    assert (error.kind, error.code) == (ErrorKind.FATAL, "ERROR_USER_LOCKED")
+
+
+async def test_unknown_task_is_a_failed_job(tryon: AILabTryOnClient) -> None:
+    status = await tryon.poll("no-such-task")
+    assert status.state is JobState.FAILED and status.error is not None
+    assert (status.error.kind, status.error.code) == (
+        ErrorKind.PERMANENT,
+        "ERROR_RESOURCE_NOT_FOUND",
+    )
+
+
+async def test_expired_result_url_is_permanent(
+    http: httpx.AsyncClient, key: SecretStr, person: bytes, garment: bytes
+) -> None:
+    config = EmulatorConfig(
+        result_ttl_s=0.4, faults={"ailab": FaultPlan(job_queued_s=0.0, job_running_s=0.0)}
+    )
+    with EmulatorServer.start(config) as server:
+        client = AILabTryOnClient(
+            http=http, api_key=key, base_url=server.base_url, poll_policy=FAST
+        )
+        result = await client.try_on(tryon_request(person, garment))
+        assert result.result_url is not None
+        assert await client.download(result.result_url)  # fresh: still there
+        await asyncio.sleep(0.6)
+        error = await expect_error(client.download(result.result_url))
+        # The task itself is forgotten too, as the vendor drops results after 24 h.
+        status = await client.poll(str(result.request_id))
+    assert (error.kind, error.code) == (ErrorKind.PERMANENT, "HTTP_404")
+    assert status.state is JobState.FAILED
+
+
+# -- transport ------------------------------------------------------------------------------
+
+
+async def test_gateway_faults_on_submit_are_transient(
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    key: SecretStr,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    client = AILabTryOnClient(http=http, api_key=key, base_url=emulator.base_url, timeout=0.3)
+    await faults(http, emulator, error_rate_5xx=1.0)
+    error = await expect_error(client.submit(tryon_request(person, garment)))
+    assert (error.kind, error.code, error.http_status) == (ErrorKind.TRANSIENT, "HTTP_503", 503)
+    await faults(http, emulator, error_rate_5xx=0.0, latency_s=5.0)
+    error = await expect_error(client.submit(tryon_request(person, garment)))
+    assert (error.kind, error.code) == (ErrorKind.TRANSIENT, "TIMEOUT")
+    unreachable = AILabTryOnClient(
+        http=http, api_key=key, base_url=f"http://127.0.0.1:{free_port()}"
+    )
+    error = await expect_error(unreachable.submit(tryon_request(person, garment)))
+    assert (error.kind, error.code) == (ErrorKind.TRANSIENT, "CONNECTION_ERROR")
+
+
+# -- the emulator's strictness and image limits ----------------------------------------------
+
+
+def _raw_fields(person: bytes, garment: bytes) -> dict[str, Any]:
+    return {
+        "task_type": (None, "async"),
+        "clothes_type": (None, "upper_body"),
+        "person_image": ("p.jpg", person, "image/jpeg"),
+        "clothes_image": ("g.jpg", garment, "image/jpeg"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "code"),
+    [
+        ({"task_type": (None, "sync")}, 422, "UNSUPPORTED_PARAMETER_VALUES"),
+        ({"task_type": None}, 400, "MISSING_PARAMETERS"),
+        ({"clothes_type": (None, "hat")}, 422, "UNSUPPORTED_PARAMETER_VALUES"),
+        ({"clothes_image": None}, 400, "MISSING_PARAMETERS"),
+        ({"clothes_image": (None, "https://example.com/g.jpg")}, 400, "ERROR_INVALID_PARAMETER"),
+        ({"person_image": ("p.jpg", b"", "image/jpeg")}, 400, "PARAMETERS_CANNOT_EMPTY"),
+    ],
+)
+async def test_emulator_rejects_malformed_submits(
+    change: dict[str, Any],
+    status: int,
+    code: str,
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    key: SecretStr,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    fields = {**_raw_fields(person, garment), **change}
+    files = [(name, value) for name, value in fields.items() if value is not None]
+    response = await http.post(
+        emulator.base_url + TRYON_PATH, files=files, headers={KEY_HEADER: key.get_secret_value()}
+    )
+    body = response.json()
+    assert (response.status_code, body["error_code"]) == (status, status)
+    assert body["error_detail"]["code"] == body["error_code_str"] == code
+    with pytest.raises(ProviderError) as info:
+        parse_submit(response.status_code, response.headers, response.content)
+    assert (info.value.kind, info.value.code) == (ErrorKind.PERMANENT, code)
+
+
+async def test_emulator_wants_key_header_multipart_and_task_id(
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    key: SecretStr,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    url = emulator.base_url + TRYON_PATH
+    no_key = await http.post(url, files=list(_raw_fields(person, garment).items()))
+    assert (no_key.status_code, no_key.json()["error_detail"]["code"]) == (
+        401,
+        "ERROR_APPLICATIONS_NOT_EXISTS",
+    )
+    headers = {KEY_HEADER: key.get_secret_value()}
+    form = await http.post(url, data={"task_type": "async"}, headers=headers)
+    assert (form.status_code, form.json()["error_detail"]["code"]) == (400, "ERROR_PARAMETERS")
+    query = await http.get(emulator.base_url + QUERY_PATH, headers=headers)
+    assert (query.status_code, query.json()["error_detail"]["code"]) == (400, "MISSING_PARAMETERS")
+
+
+ImageFactory = Callable[[], bytes]
+IMAGE_CASES: list[tuple[str, str, ImageFactory, str | None]] = [
+    # (endpoint, case, image, expected code or None for accepted)
+    ("tryon", "gif", lambda: flat((300, 300), "GIF"), "UNSUPPORTED_FILE_TYPES"),
+    ("refiner", "gif", lambda: flat((300, 300), "GIF"), "UNSUPPORTED_FILE_TYPES"),
+    ("tryon", "bmp", lambda: flat((300, 300), "BMP"), "UNSUPPORTED_FILE_TYPES"),  # JPG/PNG only
+    ("refiner", "bmp", lambda: flat((300, 300), "BMP"), None),
+    ("tryon", "webp", lambda: flat((300, 300), "WEBP"), "UNSUPPORTED_FILE_TYPES"),
+    ("refiner", "100x100", lambda: flat((100, 100)), "ERROR_LOW_RESOLUTION"),
+    ("refiner", "150x400", lambda: flat((150, 400)), "ERROR_LOW_RESOLUTION"),  # > 150, not >=
+    ("refiner", "151x400", lambda: flat((151, 400)), None),
+    ("tryon", "100x100", lambda: flat((100, 100)), None),  # the try-on doc sets no minimum
+    ("tryon", "4096x300", lambda: flat((4096, 300), "PNG"), "ERROR_HIGH_RESOLUTION"),
+    ("refiner", "300x4096", lambda: flat((300, 4096), "PNG"), "ERROR_HIGH_RESOLUTION"),
+    ("tryon", "4095x300", lambda: flat((4095, 300), "PNG"), None),
+    # ~4.3 MB: over the try-on's 3 MB, within the refiner's 5 MB
+    ("tryon", "4mb", lambda: noise((1200, 1200)), "FILE_SIZE_EXCEEDS_LIMIT"),
+    ("refiner", "4mb", lambda: noise((1200, 1200)), None),
+    ("refiner", "6mb", lambda: noise((1450, 1450)), "FILE_SIZE_EXCEEDS_LIMIT"),
+    ("tryon", "garbage", lambda: b"this is not an image at all", "FILE_DECODING_FAILURE"),
+]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "image", "expected"),
+    [pytest.param(e, f, c, id=f"{e}-{name}") for e, name, f, c in IMAGE_CASES],
+)
+async def test_image_limits_of_each_endpoint(
+    endpoint: str,
+    image: ImageFactory,
+    expected: str | None,
+    tryon: AILabTryOnClient,
+    refiner: AILabRefinerClient,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    data = image()
+    submit = (
+        tryon.submit(tryon_request(person, data))
+        if endpoint == "tryon"
+        else refiner.submit(refine_request(person, garment, data))
+    )
+    if expected is None:
+        assert await submit
+        return
+    error = await expect_error(submit)
+    assert (error.kind, error.code) == (ErrorKind.PERMANENT, expected)
+    assert error.http_status == CODES[expected]
+
+
+def _source_images() -> dict[str, bytes]:
+    rgba = Image.new("RGBA", (900, 1400), (0, 0, 0, 0))
+    rgba.paste((200, 40, 40, 255), (100, 100, 800, 1300))
+    return {
+        "huge-noisy.jpg": noise((5200, 3400), "JPEG", seed=2),
+        "tiny.png": flat((60, 90), "PNG"),
+        "photo.bmp": flat((1000, 1500), "BMP"),
+        "anim.gif": flat((500, 700), "GIF"),
+        "alpha.png": encode(rgba, "PNG"),
+    }
+
+
+@pytest.mark.parametrize("profile", [AILAB, AILAB_REFINER], ids=lambda p: p.name)
+async def test_prepared_images_always_fit(
+    profile: ImageProfile,
+    tryon: AILabTryOnClient,
+    refiner: AILabRefinerClient,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    for name, source in _source_images().items():
+        image = await asyncio.to_thread(
+            prepare_image, source, profile=profile, source_uri=f"mem://{name}"
+        )
+        assert image_profile_fits(image.data, profile), name
+        if profile is AILAB:
+            request = TryOnRequest(row_id=name, person=image, garment=image, category="dresses")
+            assert await tryon.submit(request), name
+        else:
+            refine = RefineRequest(
+                row_id=name, person=image, top_garment=image, coarse=image, gender="woman"
+            )
+            assert await refiner.submit(refine), name
+
+
+# -- configuration and secrets ---------------------------------------------------------------
+
+
+async def test_api_key_never_leaks(
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    person: bytes,
+    garment: bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    key = SecretStr(SECRET)
+    wrong = AILabTryOnClient(http=http, api_key=key, base_url=emulator.base_url)
+    slow = AILabRefinerClient(http=http, api_key=key, base_url=emulator.base_url, timeout=0.3)
+    gone = AILabTryOnClient(http=http, api_key=key, base_url=f"http://127.0.0.1:{free_port()}")
+    errors = [
+        await expect_error(wrong.submit(tryon_request(person, garment))),
+        await expect_error(wrong.poll("some-task")),
+    ]
+    await faults(http, emulator, latency_s=5.0)
+    errors.append(await expect_error(slow.submit(refine_request(person, garment, person))))
+    errors.append(await expect_error(slow.poll("some-task")))
+    await faults(http, emulator, latency_s=0.0)
+    errors.append(await expect_error(gone.submit(tryon_request(person, garment))))
+    errors.append(await expect_error(gone.poll("some-task")))
+    # A vendor echoing the key in its answer is redacted too.
+    body = f'{{"error_code": 401, "error_msg": "bad key {SECRET}"}}'.encode()
+    with pytest.raises(ProviderError) as info:
+        parse_submit(401, {}, body, redact=[SECRET])
+    errors.append(info.value)
+
+    codes = [e.code for e in errors[:6]]
+    assert (
+        codes == ["ERROR_APPLICATIONS_NOT_EXISTS"] * 2 + ["TIMEOUT"] * 2 + ["CONNECTION_ERROR"] * 2
+    )
+    for error in errors:
+        rendered = "".join(traceback.format_exception(error))
+        for text in (str(error), repr(error), error.message, rendered, repr(error.args)):
+            assert SECRET not in text
+        assert error.__context__ is None and error.__cause__ is None
+    for client in (wrong, slow, gone):
+        assert SECRET not in repr(client)
+        assert SECRET not in str(vars(client))
+        assert SECRET not in str(vars(client._wire))
+    assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize("client_class", [AILabTryOnClient, AILabRefinerClient])
+def test_from_env_requires_the_key(
+    client_class: type[AILabTryOnClient] | type[AILabRefinerClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("AILAB_API_KEY", raising=False)
+    with pytest.raises(ProviderError) as info:
+        client_class.from_env(http=httpx.AsyncClient())
+    assert (info.value.kind, info.value.code) == (ErrorKind.FATAL, "MISSING_API_KEY")
+    assert "AILAB_API_KEY" in str(info.value)
+
+
+async def test_registry_builds_both_clients_from_env(
+    monkeypatch: pytest.MonkeyPatch,
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    key: SecretStr,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    monkeypatch.setenv("AILAB_API_KEY", key.get_secret_value())
+    monkeypatch.setenv("TRYON_AILAB_BASE_URL", emulator.base_url + "/")
+    client = provider_spec("ailab").make_client(http=http)
+    refine = REFINER.make_client(http=http)
+    assert isinstance(client, AILabTryOnClient) and isinstance(refine, AILabRefinerClient)
+    assert client.base_url == refine.base_url == emulator.base_url
+    assert client.profile is AILAB and refine.profile is AILAB_REFINER
+    assert client.poll_policy == refine.poll_policy == DEFAULT_POLL_POLICY
+    assert DEFAULT_POLL_POLICY.intervals()[:3] == [5.0, 5.0, 5.0]  # the doc's "every 5 s"
+    assert await client.submit(tryon_request(person, garment))
+
+
+def test_empty_key_is_rejected() -> None:
+    with pytest.raises(ProviderError) as info:
+        AILabTryOnClient(http=httpx.AsyncClient(), api_key=SecretStr(""), base_url="http://x")
+    assert info.value.code == "MISSING_API_KEY"
+
+
+# -- the parsers on their own ----------------------------------------------------------------
+
+
+def _body(status: int, code: str = "", legacy: str | None = None, **extra: Any) -> bytes:
+    payload = {
+        "request_id": "rid",
+        "log_id": "lid",
+        "error_code": 0 if status == 200 else status,
+        "error_code_str": code if legacy is None else legacy,
+        "error_msg": "",
+        "error_detail": {"status_code": status, "code": code, "code_message": "", "message": ""},
+        **extra,
+    }
+    return json.dumps(payload).encode()
+
+
+def test_detail_code_wins_over_the_legacy_code_str() -> None:
+    # The doc's own example: the precise code and the older, coarser one side by side.
+    body = _body(422, "ERROR_NO_FACE_IN_FILE", legacy="FILE_CONTENT_NON_COMPLIANCE")
+    with pytest.raises(ProviderError) as info:
+        parse_submit(422, {}, body)
+    assert (info.value.kind, info.value.code) == (ErrorKind.PERMANENT, "ERROR_NO_FACE_IN_FILE")
+    assert info.value.request_id == "rid"
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "legacy", "kind", "ours"),
+    [
+        (429, "", CREDITS_CODE, ErrorKind.FATAL, CREDITS_CODE),  # only the old field says it
+        (429, "", "", ErrorKind.TRANSIENT, "RATE_LIMITED"),
+        (429, "SOME_NEW_LIMIT", None, ErrorKind.TRANSIENT, "RATE_LIMITED"),
+        (403, "SOME_NEW_BAN", None, ErrorKind.FATAL, "SOME_NEW_BAN"),
+        (400, "SOME_NEW_PARAM", None, ErrorKind.PERMANENT, "SOME_NEW_PARAM"),
+        (502, "", "", ErrorKind.TRANSIENT, "HTTP_502"),
+        (200, "ERROR_PARAMETERS", None, ErrorKind.PERMANENT, "ERROR_PARAMETERS"),
+    ],
+)
+def test_classification_by_code_then_status(
+    status: int, code: str, legacy: str | None, kind: ErrorKind, ours: str
+) -> None:
+    with pytest.raises(ProviderError) as info:
+        parse_submit(status, {"Retry-After": "3"}, _body(status, code, legacy))
+    assert (info.value.kind, info.value.code, info.value.http_status) == (kind, ours, status)
+    assert info.value.retry_after == 3.0
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "code"),
+    [
+        (401, ErrorKind.FATAL, "HTTP_401"),
+        (400, ErrorKind.PERMANENT, "HTTP_400"),
+        (429, ErrorKind.TRANSIENT, "RATE_LIMITED"),
+        (504, ErrorKind.TRANSIENT, "HTTP_504"),
+        (200, ErrorKind.PERMANENT, "MALFORMED_RESPONSE"),
+    ],
+)
+def test_non_json_submit_answers_are_classified_by_status(
+    status: int, kind: ErrorKind, code: str
+) -> None:
+    with pytest.raises(ProviderError) as info:
+        parse_submit(status, {}, b"<html>oops</html>")
+    assert (info.value.kind, info.value.code) == (kind, code)
+
+
+def test_submit_task_id_locations() -> None:
+    assert parse_submit(200, {}, _body(200, task_id="t-1")) == "t-1"
+    assert parse_submit(200, {}, _body(200, data={"task_id": "t-2"})) == "t-2"
+    with pytest.raises(ProviderError) as info:
+        parse_submit(200, {}, _body(200))
+    assert (info.value.kind, info.value.code) == (ErrorKind.PERMANENT, "MALFORMED_RESPONSE")
+
+
+@pytest.mark.parametrize(
+    ("extra", "state", "url"),
+    [
+        ({"task_status": 0}, JobState.QUEUED, None),
+        ({"task_status": 1}, JobState.RUNNING, None),
+        ({"task_status": 1, "output": {"task_status": "UNKNOWN"}}, JobState.RUNNING, None),
+        ({"output": {"task_status": "PENDING", "image_url": ""}}, JobState.QUEUED, None),
+        ({"task_status": 7}, JobState.RUNNING, None),  # unknown: keep polling
+        ({"task_status": 2, "data": {"image": "https://r/a.png"}}, JobState.SUCCEEDED, "a"),
+        (
+            {"task_status": 2, "output": {"task_status": "SUCCEEDED", "image_url": "https://r/b"}},
+            JobState.SUCCEEDED,
+            "b",
+        ),
+        ({"task_status": 2, "data": {"images": ["https://r/c.png"]}}, JobState.SUCCEEDED, "c"),
+        ({"task_status": 2, "output": {"task_status": "FAILED"}}, JobState.FAILED, None),
+        ({"task_status": 2, "data": {"image": ""}}, JobState.FAILED, None),  # no URL
+    ],
+)
+def test_task_result_shapes(extra: dict[str, Any], state: JobState, url: str | None) -> None:
+    status = parse_task_result(200, {}, _body(200, **extra), task_id="t")
+    assert status.state is state
+    if url is not None:
+        assert status.result is not None and status.result.result_url is not None
+        assert status.result.result_url.startswith(f"https://r/{url}")
+        assert status.result.request_id == "t"
+    if state is JobState.FAILED:
+        assert status.error is not None and status.error.kind is ErrorKind.PERMANENT
+
+
+def test_task_result_errors_about_the_call_are_raised() -> None:
+    for status, code, kind in [
+        (401, "ERROR_APPLICATIONS_NOT_EXISTS", ErrorKind.FATAL),
+        (429, CREDITS_CODE, ErrorKind.FATAL),
+        (503, "AI_SERVICE_FLOW_RESTRICTION", ErrorKind.TRANSIENT),
+    ]:
+        with pytest.raises(ProviderError) as info:
+            parse_task_result(status, {}, _body(status, code), task_id="t")
+        assert (info.value.kind, info.value.code, info.value.request_id) == (kind, code, "t")
+    with pytest.raises(ProviderError) as info:  # garbled: ask again, the job may be fine
+        parse_task_result(200, {}, b"not json", task_id="t")
+    assert info.value.kind is ErrorKind.TRANSIENT
+    failed = parse_task_result(422, {}, _body(422, "ERROR_NO_FACE_IN_FILE"), task_id="t")
+    assert failed.state is JobState.FAILED and failed.error is not None
+    assert failed.error.code == "ERROR_NO_FACE_IN_FILE"
