@@ -24,6 +24,7 @@ from schemas.results import Stage, Status
 from tasks.credentials import load_secret_blocks
 from tasks.images import PreparedImageCache
 from tasks.lake import Lake
+from tasks.limits import global_limit_name, leased_slots
 from tasks.process import Lane, ProgressSink, RetryPolicy, RunContext, refine_not_applicable
 from tasks.staging import InputStager
 from tasks.tryon import (
@@ -42,8 +43,19 @@ class ProviderLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_in_flight: int | None = Field(default=None, ge=1, le=1024)
-    requests_per_second: float | None = Field(default=None, gt=0)
+    max_in_flight: int | None = Field(
+        default=None, ge=1, le=1024, description="Calls in flight for this run."
+    )
+    requests_per_second: float | None = Field(
+        default=None, gt=0, description="Calls per second for this run."
+    )
+    global_max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Set the account-wide limit shared by all runs and workers "
+        "(a Prefect global concurrency limit 'tryon-<provider>'); unset: keep it as it is.",
+    )
 
 
 class BatchParams(BaseModel):
@@ -213,7 +225,24 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
         await load_secret_blocks(env for name in accounts for env in API_KEY_ENV[name])
 
         async def lane_for(spec: ProviderSpec, limits: ProviderLimits) -> Lane:
-            in_flight = limits.max_in_flight or spec.max_in_flight
+            wanted = limits.max_in_flight or spec.max_in_flight
+            # The account's limit is shared with every other run: lease our share once.
+            in_flight = await stack.enter_async_context(
+                leased_slots(
+                    spec.name,
+                    wanted=wanted,
+                    default_limit=spec.max_in_flight,
+                    override=limits.global_max_in_flight,
+                )
+            )
+            if in_flight < wanted:
+                logger.warning(
+                    "%s: %d in flight asked, %d allowed by the global limit %s",
+                    spec.name,
+                    wanted,
+                    in_flight,
+                    global_limit_name(spec.name),
+                )
             http = await stack.enter_async_context(
                 httpx.AsyncClient(
                     timeout=httpx.Timeout(180.0, connect=10.0),

@@ -222,3 +222,57 @@ async def test_api_key_from_a_prefect_secret_block_never_lands_in_outputs(
     for path in (tmp_path / "lake").rglob("*"):
         if path.is_file():
             assert key.encode() not in path.read_bytes(), path
+
+
+async def test_concurrent_runs_share_the_global_limit(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """Two runs at once, each wanting 3 in flight, against an account-wide limit of 3."""
+    import asyncio
+
+    from prefect import get_client
+
+    set_faults(use_emulator, latency_s=0.1)
+    manifests = [write_manifest(tmp_path / f"m{i}.csv", sample_rows(12)) for i in (1, 2)]
+    limits = {"max_in_flight": 3, "global_max_in_flight": 3}
+    try:
+        summaries = await asyncio.gather(
+            *(
+                tryon_batch(
+                    BatchParams(manifest=str(m), lake=str(tmp_path / "lake"), limits=limits)
+                )
+                for m in manifests
+            )
+        )
+        assert [s.counts for s in summaries] == [{"succeeded": 12}] * 2
+        observed = stats(use_emulator)["by_provider"]["changeclothes"]["max_in_flight"]
+        assert observed == 3  # each run alone would reach 3; together they never pass 3
+        async with get_client() as client:
+            limit = await client.read_global_concurrency_limit_by_name("tryon-changeclothes")
+        assert limit.limit == 3 and limit.active_slots == 0  # every lease was given back
+    finally:
+        async with get_client() as client:  # leave the default for the other tests
+            await client.upsert_global_concurrency_limit_by_name("tryon-changeclothes", 8)
+
+
+async def test_a_run_never_asks_for_more_than_the_global_limit(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    from prefect import get_client
+
+    async with get_client() as client:
+        await client.upsert_global_concurrency_limit_by_name("tryon-changeclothes", 2)
+    set_faults(use_emulator, latency_s=0.1)
+    try:
+        summary = await tryon_batch(
+            BatchParams(
+                manifest=str(write_manifest(tmp_path / "m.csv", sample_rows(10))),
+                lake=str(tmp_path / "lake"),
+                limits={"max_in_flight": 6},
+            )
+        )
+    finally:
+        async with get_client() as client:
+            await client.upsert_global_concurrency_limit_by_name("tryon-changeclothes", 8)
+    assert summary.counts == {"succeeded": 10}
+    assert stats(use_emulator)["by_provider"]["changeclothes"]["max_in_flight"] == 2

@@ -113,3 +113,60 @@ def test_prefect_console_logs_go_through_the_progress_console() -> None:
         assert "above the bar" in bar_console.file.getvalue()
     finally:
         logger.removeHandler(handler)
+
+
+def test_emulator_command_serves_with_injected_faults(tmp_path: Path) -> None:
+    """`tryon emulator --fault ...` as an operator runs it: faults reach the wire."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:  # a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "CHANGECLOTHES_API_KEY"}
+    env["PYTHONPATH"] = str(REPO)
+    server = subprocess.Popen(
+        [
+            *TRYON,
+            "emulator",
+            "--port",
+            str(port),
+            "--fault",
+            "changeclothes.forced_codes=[10005]",
+            "--fault",
+            "hidream.credits=0",
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                stats = httpx.get(f"{base}/_emulator/stats", timeout=1).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("emulator did not start")
+        assert stats["requests"] == {}
+        key = {"Authorization": "Bearer emulator-changeclothes-key"}
+        answer = httpx.post(
+            f"{base}/api/openapi/change-clothes-ai",
+            headers=key,
+            files={"category": (None, "upper_body")},
+        ).json()
+        assert answer["code"] == 10005  # the forced code, before any other check
+        faults = httpx.post(f"{base}/_emulator/faults", json={}).json()
+        assert faults["hidream"]["credits"] == 0
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+    bad = tryon("emulator", "--fault", "nope.latency_s=1", cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown provider 'nope'" in bad.stderr
