@@ -38,7 +38,7 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import httpx
 from pydantic import SecretStr
@@ -57,9 +57,10 @@ from providers.base import (
     RefineRequest,
     TryOnRequest,
     TryOnResult,
+    parse_retry_after,
     wait_for_job,
 )
-from providers.changeclothes import parse_retry_after
+from providers.common import guard_transport, key_from_env, redact_secrets, require_key
 from schemas.limits import AILAB, AILAB_REFINER, ImageProfile
 from schemas.results import ErrorKind
 
@@ -330,7 +331,7 @@ def _error_from(
     return ProviderError(
         kind=kind,
         code=code,
-        message=_redact(message, secrets),
+        message=redact_secrets(message, secrets),
         provider=provider,
         http_status=env.status,
         request_id=request_id or env.request_id,
@@ -406,7 +407,7 @@ def parse_task_result(
         error = ProviderError(
             kind=ErrorKind.PERMANENT,
             code=code,
-            message=_redact(message, secrets),
+            message=redact_secrets(message, secrets),
             provider=provider,
             http_status=status,
             request_id=task_id,
@@ -449,12 +450,6 @@ def parse_task_result(
     return JobStatus(state=JobState.SUCCEEDED, result=result)
 
 
-def _redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
 # -- the wire: one key, one base URL, shared by both clients -----------------------------------
 
 
@@ -471,13 +466,9 @@ class _Wire:
         timeout: float,
         query_path: str,
     ) -> None:
-        if not isinstance(api_key, SecretStr):  # a plain str must not linger in repr/vars
-            api_key = SecretStr(str(api_key))
-        if not api_key.get_secret_value():
-            raise _error(provider, ErrorKind.FATAL, "MISSING_API_KEY", "the API key is empty")
+        self._api_key = require_key(api_key, provider=provider)
         self.http = http
         self.provider = provider
-        self._api_key = api_key
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.query_path = query_path
@@ -521,29 +512,20 @@ class _Wire:
     ) -> httpx.Response:
         key = self._api_key.get_secret_value()
         url = self.base_url + path
-        error: ProviderError | None = None
-        try:
-            return await self.http.request(
+        return await guard_transport(
+            self.http.request(
                 method,
                 url,
                 files=files,
                 params=params,
                 headers={KEY_HEADER: key},
                 timeout=self.timeout,
-            )
-        except httpx.TimeoutException as exc:
-            error = _error(
-                self.provider,
-                ErrorKind.TRANSIENT,
-                "TIMEOUT",
-                f"no answer from {url} within {self.timeout}s ({type(exc).__name__})",
-            )
-        except httpx.TransportError as exc:
-            message = _redact(f"{url} unreachable: {type(exc).__name__}: {exc}", [key])
-            error = _error(self.provider, ErrorKind.TRANSIENT, "CONNECTION_ERROR", message)
-        # Raised outside the except block: httpx's exception holds the request and its key
-        # header, so it must not ride along as __context__.
-        raise error
+            ),
+            provider=self.provider,
+            url=url,
+            timeout=self.timeout,
+            secrets=[key],
+        )
 
 
 def _error(provider: str, kind: ErrorKind, code: str, message: str) -> ProviderError:
@@ -554,62 +536,65 @@ def _file(image: PreparedImage) -> tuple[str, bytes, str]:
     return (f"{image.sha256[:16] or 'image'}.{image.extension}", image.data, image.mime)
 
 
-def _key_from_env(provider: str) -> SecretStr:
-    api_key = settings.credential(API_KEY_ENV)
-    if api_key is None:
-        raise _error(provider, ErrorKind.FATAL, "MISSING_API_KEY", f"{API_KEY_ENV} is not set")
-    return api_key
-
-
 # -- the clients -------------------------------------------------------------------------------
 
 
-class AILabTryOnClient(AsyncJobClient):
-    """AILabTools Try on Clothes: one garment per call, by clothes_type; async jobs."""
+class _AILabAccount:
+    """What both AILab clients share: one account (key, base URL), its wire, the common poll.
 
-    name: ClassVar[str] = NAME
-    capabilities: ClassVar[Capabilities] = Capabilities(
-        categories=frozenset(CLOTHES_TYPES), lower_garment=False, async_jobs=True
-    )
+    A client names only what differs, as class attributes: ``name`` (carried by its errors and
+    logs), ``default_profile`` and ``default_submit_path``. Listed before the client's interface
+    class (``AsyncJobClient`` or ``RefinerClient``) so its methods fill that interface.
+    """
+
+    name: ClassVar[str]
+    default_profile: ClassVar[ImageProfile]
+    default_submit_path: ClassVar[str]
 
     def __init__(
         self,
         *,
         http: httpx.AsyncClient,
-        profile: ImageProfile = AILAB,
+        profile: ImageProfile | None = None,
         api_key: SecretStr,
         base_url: str,
         timeout: float = 60.0,
         poll_policy: PollPolicy | None = None,
-        submit_path: str = TRYON_PATH,
+        submit_path: str | None = None,
         query_path: str = QUERY_PATH,
     ) -> None:
-        super().__init__(http=http, profile=profile)
+        """``profile`` and ``submit_path`` default to the client's ``default_profile`` and
+        ``default_submit_path``."""
+        if profile is None:
+            profile = self.default_profile
+        # The next class in the MRO is the client's interface, which keeps http and profile.
+        super().__init__(http=http, profile=profile)  # type: ignore[call-arg]
         self._wire = _Wire(
             http=http,
-            provider=NAME,
+            provider=self.name,
             api_key=api_key,
             base_url=base_url,
             timeout=timeout,
             query_path=query_path,
         )
         self.poll_policy = poll_policy or DEFAULT_POLL_POLICY
-        self.submit_path = submit_path
+        self.submit_path = submit_path if submit_path is not None else self.default_submit_path
 
     @classmethod
     def from_env(
         cls,
         *,
         http: httpx.AsyncClient,
-        profile: ImageProfile = AILAB,
+        profile: ImageProfile | None = None,
         timeout: float = 60.0,
         poll_policy: PollPolicy | None = None,
-    ) -> AILabTryOnClient:
-        """Key from ``AILAB_API_KEY``, base URL from ``TRYON_AILAB_BASE_URL``."""
+    ) -> Self:
+        """Key from ``AILAB_API_KEY``, base URL from ``TRYON_AILAB_BASE_URL``: both clients
+        use the one account."""
         return cls(
             http=http,
             profile=profile,
-            api_key=_key_from_env(NAME),
+            api_key=key_from_env(API_KEY_ENV, provider=cls.name),
             base_url=settings.base_url(NAME),
             timeout=timeout,
             poll_policy=poll_policy,
@@ -624,6 +609,20 @@ class AILabTryOnClient(AsyncJobClient):
             f"{type(self).__name__}(base_url={self.base_url!r}, "
             f"timeout={self._wire.timeout!r}, poll_policy={self.poll_policy!r})"
         )
+
+    async def poll(self, job_id: str) -> JobStatus:
+        return await self._wire.poll(job_id)
+
+
+class AILabTryOnClient(_AILabAccount, AsyncJobClient):
+    """AILabTools Try on Clothes: one garment per call, by clothes_type; async jobs."""
+
+    name: ClassVar[str] = NAME
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        categories=frozenset(CLOTHES_TYPES), lower_garment=False, async_jobs=True
+    )
+    default_profile: ClassVar[ImageProfile] = AILAB
+    default_submit_path: ClassVar[str] = TRYON_PATH
 
     async def submit(self, request: TryOnRequest) -> str:
         """Upload person and garment; returns the task id (the job is paid for from here)."""
@@ -649,67 +648,13 @@ class AILabTryOnClient(AsyncJobClient):
         ]
         return await self._wire.submit(self.submit_path, parts)
 
-    async def poll(self, job_id: str) -> JobStatus:
-        return await self._wire.poll(job_id)
 
-
-class AILabRefinerClient(RefinerClient):
+class AILabRefinerClient(_AILabAccount, RefinerClient):
     """AILabTools Try on Clothes Refiner (doc 004): refines any provider's coarse result."""
 
     name: ClassVar[str] = REFINER_NAME
-
-    def __init__(
-        self,
-        *,
-        http: httpx.AsyncClient,
-        profile: ImageProfile = AILAB_REFINER,
-        api_key: SecretStr,
-        base_url: str,
-        timeout: float = 60.0,
-        poll_policy: PollPolicy | None = None,
-        submit_path: str = REFINER_PATH,
-        query_path: str = QUERY_PATH,
-    ) -> None:
-        super().__init__(http=http, profile=profile)
-        self._wire = _Wire(
-            http=http,
-            provider=REFINER_NAME,
-            api_key=api_key,
-            base_url=base_url,
-            timeout=timeout,
-            query_path=query_path,
-        )
-        self.poll_policy = poll_policy or DEFAULT_POLL_POLICY
-        self.submit_path = submit_path
-
-    @classmethod
-    def from_env(
-        cls,
-        *,
-        http: httpx.AsyncClient,
-        profile: ImageProfile = AILAB_REFINER,
-        timeout: float = 60.0,
-        poll_policy: PollPolicy | None = None,
-    ) -> AILabRefinerClient:
-        """Key from ``AILAB_API_KEY``, base URL from ``TRYON_AILAB_BASE_URL`` (one account)."""
-        return cls(
-            http=http,
-            profile=profile,
-            api_key=_key_from_env(REFINER_NAME),
-            base_url=settings.base_url(NAME),
-            timeout=timeout,
-            poll_policy=poll_policy,
-        )
-
-    @property
-    def base_url(self) -> str:
-        return self._wire.base_url
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(base_url={self.base_url!r}, "
-            f"timeout={self._wire.timeout!r}, poll_policy={self.poll_policy!r})"
-        )
+    default_profile: ClassVar[ImageProfile] = AILAB_REFINER
+    default_submit_path: ClassVar[str] = REFINER_PATH
 
     async def submit(self, request: RefineRequest) -> str:
         """Upload the inputs and the coarse result; returns the task id."""
@@ -729,9 +674,6 @@ class AILabRefinerClient(RefinerClient):
         if request.bottom_garment is not None:
             parts.append(("bottom_garment", _file(request.bottom_garment)))
         return await self._wire.submit(self.submit_path, parts)
-
-    async def poll(self, job_id: str) -> JobStatus:
-        return await self._wire.poll(job_id)
 
     async def wait(self, job_id: str) -> TryOnResult:
         """Poll until the task ends or the deadline passes (transient POLL_DEADLINE)."""

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import ClassVar, Literal, Self
 
@@ -113,6 +116,29 @@ class ProviderError(Exception):
 
 def _rebuild_provider_error(fields: dict[str, object]) -> ProviderError:
     return ProviderError(**fields)  # type: ignore[arg-type]
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delay-seconds or HTTP-date); None if absent/bad.
+
+    Every client reads it the same way into ``ProviderError.retry_after``.
+    """
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
 
 
 async def download_result(

@@ -12,11 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Literal, NoReturn
 
 import httpx
@@ -31,6 +27,15 @@ from providers.base import (
     TryOnClient,
     TryOnRequest,
     TryOnResult,
+    parse_retry_after,
+)
+from providers.common import (
+    ErrorSpec,
+    classify_status,
+    guard_transport,
+    key_from_env,
+    redact_secrets,
+    require_key,
 )
 from schemas.limits import CHANGECLOTHES, ImageProfile
 from schemas.results import ErrorKind
@@ -45,15 +50,6 @@ SEED_MAX = 2_147_483_647
 
 ImageTransport = Literal["file", "data_uri", "url"]
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorSpec:
-    """One documented response code: its name, how it affects the run, what it means."""
-
-    name: str
-    kind: ErrorKind
-    meaning: str
 
 
 # The doc's response codes (both endpoints share them). Kinds are our reading of each meaning.
@@ -96,26 +92,6 @@ class PromptOptions(BaseModel):
         return fields
 
 
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delay-seconds or HTTP-date); None if absent/bad."""
-    if value is None or not value.strip():
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
-
-
 def parse_response(
     status: int,
     headers: Mapping[str, str],
@@ -137,7 +113,7 @@ def parse_response(
         raise ProviderError(
             kind=kind,
             code=code,
-            message=_redact(message, secrets),
+            message=redact_secrets(message, secrets),
             provider=NAME,
             http_status=status,
             request_id=request_id,
@@ -149,7 +125,7 @@ def parse_response(
         snippet = " ".join(body[:160].decode("utf-8", "replace").split())
         if 200 <= status < 300:
             fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", f"HTTP {status} without JSON code")
-        kind, name = _classify_status(status)
+        kind, name = classify_status(status)
         fail(kind, name, f"HTTP {status} without the vendor's JSON body: {snippet!r}")
 
     code: int = payload["code"]
@@ -160,7 +136,7 @@ def parse_response(
     if spec is not None:
         fail(spec.kind, spec.name, f"code {code} {spec.name} ({spec.meaning}): {msg}")
     # Not a vendor code; a gateway in front may still be saying "slow down" or "try later".
-    kind, name = _classify_status(status)
+    kind, name = classify_status(status)
     if status == 429 or status >= 500 or status in (401, 403):
         fail(kind, name, f"code {code} with HTTP {status}: {msg}")
     fail(ErrorKind.PERMANENT, "UNKNOWN_CODE", f"unknown code {code} (HTTP {status}): {msg}")
@@ -180,16 +156,6 @@ def _vendor_json(body: bytes) -> dict[str, Any] | None:
     if not isinstance(code, int) or isinstance(code, bool):
         return None
     return {**payload, "code": code}
-
-
-def _classify_status(status: int) -> tuple[ErrorKind, str]:
-    if status == 429:
-        return ErrorKind.TRANSIENT, "RATE_LIMITED"
-    if status >= 500:
-        return ErrorKind.TRANSIENT, f"HTTP_{status}"
-    if status in (401, 403):
-        return ErrorKind.FATAL, f"HTTP_{status}"
-    return ErrorKind.PERMANENT, f"HTTP_{status}"
 
 
 _Fail = Callable[[ErrorKind, str, str], NoReturn]
@@ -215,12 +181,6 @@ def _success(payload: dict[str, Any], request_id: str | None, fail: _Fail) -> Tr
     )
 
 
-def _redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
 class ChangeClothesClient(TryOnClient):
     """ChangeClothesAI over httpx. The API key is held as ``SecretStr`` and never echoed."""
 
@@ -241,10 +201,7 @@ class ChangeClothesClient(TryOnClient):
         prompt_options: PromptOptions | None = None,
     ) -> None:
         super().__init__(http=http, profile=profile)
-        if not isinstance(api_key, SecretStr):  # a plain str must not linger in repr/vars
-            api_key = SecretStr(str(api_key))
-        if not api_key.get_secret_value():
-            raise _error(ErrorKind.FATAL, "MISSING_API_KEY", "the API key is empty")
+        api_key = require_key(api_key, provider=NAME)
         if image_transport not in ("file", "data_uri", "url"):
             raise ValueError(f"image_transport must be file, data_uri or url: {image_transport!r}")
         self._api_key = api_key
@@ -264,13 +221,10 @@ class ChangeClothesClient(TryOnClient):
         prompt_options: PromptOptions | None = None,
     ) -> ChangeClothesClient:
         """Key from ``CHANGECLOTHES_API_KEY``, base URL from ``TRYON_CHANGECLOTHES_BASE_URL``."""
-        api_key = settings.credential(API_KEY_ENV)
-        if api_key is None:
-            raise _error(ErrorKind.FATAL, "MISSING_API_KEY", f"{API_KEY_ENV} is not set")
         return cls(
             http=http,
             profile=profile,
-            api_key=api_key,
+            api_key=key_from_env(API_KEY_ENV, provider=NAME),
             base_url=settings.base_url(NAME),
             image_transport=image_transport,
             timeout=timeout,
@@ -338,28 +292,19 @@ class ChangeClothesClient(TryOnClient):
     async def _post(self, path: str, parts: list[tuple[str, Any]]) -> TryOnResult:
         key = self._api_key.get_secret_value()
         url = self.base_url + path
-        error: ProviderError | None = None
-        try:
-            # Always multipart (the doc requires it): httpx sends (None, str) parts as fields.
-            response = await self.http.post(
+        # Always multipart (the doc requires it): httpx sends (None, str) parts as fields.
+        response = await guard_transport(
+            self.http.post(
                 url,
                 files=parts,
                 headers={"Authorization": f"Bearer {key}"},
                 timeout=self.timeout,
-            )
-        except httpx.TimeoutException as exc:
-            error = _error(
-                ErrorKind.TRANSIENT,
-                "TIMEOUT",
-                f"no answer from {url} within {self.timeout}s ({type(exc).__name__})",
-            )
-        except httpx.TransportError as exc:
-            message = _redact(f"{url} unreachable: {type(exc).__name__}: {exc}", [key])
-            error = _error(ErrorKind.TRANSIENT, "CONNECTION_ERROR", message)
-        if error is not None:
-            # Raised outside the except block: httpx's exception holds the request and its
-            # Authorization header, so it must not ride along as __context__.
-            raise error
+            ),
+            provider=NAME,
+            url=url,
+            timeout=self.timeout,
+            secrets=[key],
+        )
         _log.debug("changeclothes %s -> HTTP %s", path, response.status_code)
         return parse_response(
             response.status_code, response.headers, response.content, redact=[key]

@@ -17,7 +17,6 @@ import json
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NoReturn
 
 import httpx
@@ -34,8 +33,16 @@ from providers.base import (
     ProviderError,
     TryOnRequest,
     TryOnResult,
+    parse_retry_after,
 )
-from providers.changeclothes import parse_retry_after
+from providers.common import (
+    ErrorSpec,
+    classify_status,
+    guard_transport,
+    key_from_env,
+    redact_secrets,
+    require_key,
+)
 from schemas.limits import HIDREAM, ImageProfile
 from schemas.results import ErrorKind
 
@@ -43,6 +50,8 @@ NAME = "hidream"
 API_KEY_ENV = "HIDREAM_API_KEY"
 SUBMIT_PATH = "/api-pub/ec/v3/image/vton/async"  # (doc)
 REQUEST_ID_HEADERS = ("x-request-id", "request-id")
+# HTTP statuses that stop the run: bad key (401/403) and, here, no credits (402).
+FATAL_STATUSES = (401, 402, 403)
 
 ImageTransport = Literal["base64", "url"]
 _log = logging.getLogger(__name__)
@@ -71,15 +80,6 @@ DEFAULT_FAILURE_CODES: Mapping[int, str] = {
 }
 # Jobs take tens of seconds; 10 min before giving up (a rerun resumes polling the task id).
 DEFAULT_POLL_POLICY = PollPolicy(initial_s=2.0, max_interval_s=10.0, factor=1.5, deadline_s=600.0)
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorSpec:
-    """One response code: its name, how it affects the run, what it means."""
-
-    name: str
-    kind: ErrorKind
-    meaning: str
 
 
 # UNVERIFIED placeholder: doc 003 documents no code but 0 (success). These are the codes the
@@ -123,7 +123,7 @@ class _Context:
         return ProviderError(
             kind=kind,
             code=code,
-            message=_redact(message, self.secrets),
+            message=redact_secrets(message, self.secrets),
             provider=NAME,
             http_status=self.status,
             request_id=self.request_id,
@@ -145,13 +145,13 @@ def _checked_payload(
         if not is_error_status:
             ctx.fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", f"HTTP {status} without JSON code")
         snippet = " ".join(body[:160].decode("utf-8", "replace").split())
-        kind, name = _classify_status(status)
+        kind, name = classify_status(status, fatal=FATAL_STATUSES)
         ctx.fail(kind, name, f"HTTP {status} without the vendor's JSON body: {snippet!r}")
     code: int = payload["code"]
     message = str(payload.get("message") or "")[:500]
     spec = error_table.get(code)
     if is_error_status:
-        kind, name = _classify_status(status)
+        kind, name = classify_status(status, fatal=FATAL_STATUSES)
         if spec is not None and status != 429:
             name = spec.name
         ctx.fail(kind, name, f"HTTP {status}, code {code}: {message}")
@@ -282,28 +282,8 @@ def _as_int(value: object) -> int | None:
     return None
 
 
-def _classify_status(status: int) -> tuple[ErrorKind, str]:
-    if status == 429:
-        return ErrorKind.TRANSIENT, "RATE_LIMITED"
-    if status >= 500:
-        return ErrorKind.TRANSIENT, f"HTTP_{status}"
-    if status in (401, 402, 403):  # bad key or no credits: no other row can succeed either
-        return ErrorKind.FATAL, f"HTTP_{status}"
-    return ErrorKind.PERMANENT, f"HTTP_{status}"
-
-
-def _redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
-def _error(
-    kind: ErrorKind, code: str, message: str, request_id: str | None = None
-) -> ProviderError:
-    return ProviderError(
-        kind=kind, code=code, message=message, provider=NAME, request_id=request_id
-    )
+def _error(kind: ErrorKind, code: str, message: str) -> ProviderError:
+    return ProviderError(kind=kind, code=code, message=message, provider=NAME)
 
 
 # -- the client ---------------------------------------------------------------------------------
@@ -336,10 +316,7 @@ class HiDreamClient(AsyncJobClient):
         """``base64_prefix``: send ``data:<mime>;base64,...`` instead of raw base64. The doc
         says only "base64"; raw is what HiDream's own sibling examples send (UNVERIFIED)."""
         super().__init__(http=http, profile=profile)
-        if not isinstance(api_key, SecretStr):  # a plain str must not linger in repr/vars
-            api_key = SecretStr(str(api_key))
-        if not api_key.get_secret_value():
-            raise _error(ErrorKind.FATAL, "MISSING_API_KEY", "the API key is empty")
+        api_key = require_key(api_key, provider=NAME)
         if image_transport not in ("base64", "url"):
             raise ValueError(f"image_transport must be base64 or url: {image_transport!r}")
         if not result_path.startswith("/"):
@@ -367,11 +344,12 @@ class HiDreamClient(AsyncJobClient):
     ) -> HiDreamClient:
         """Key from ``HIDREAM_API_KEY``, base URL from ``TRYON_HIDREAM_BASE_URL``; ``options``
         are the constructor's (transport, result_path, status_map, poll_policy...)."""
-        api_key = settings.credential(API_KEY_ENV)
-        if api_key is None:
-            raise _error(ErrorKind.FATAL, "MISSING_API_KEY", f"{API_KEY_ENV} is not set")
         return cls(
-            http=http, profile=profile, api_key=api_key, base_url=settings.base_url(NAME), **options
+            http=http,
+            profile=profile,
+            api_key=key_from_env(API_KEY_ENV, provider=NAME),
+            base_url=settings.base_url(NAME),
+            **options,
         )
 
     def __repr__(self) -> str:
@@ -474,26 +452,17 @@ class HiDreamClient(AsyncJobClient):
     ) -> httpx.Response:
         key = self._api_key.get_secret_value()
         url = self.base_url + path
-        error: ProviderError | None = None
-        try:
-            return await self.http.request(
+        return await guard_transport(
+            self.http.request(
                 method,
                 url,
                 headers={"Authorization": f"Bearer {key}"},
                 timeout=self.timeout,
                 **kwargs,
-            )
-        except httpx.TimeoutException as exc:
-            error = _error(
-                ErrorKind.TRANSIENT,
-                "TIMEOUT",
-                f"no answer from {url} within {self.timeout}s ({type(exc).__name__})",
-                request_id,
-            )
-        except httpx.TransportError as exc:
-            message = _redact(f"{url} unreachable: {type(exc).__name__}: {exc}", [key])
-            error = _error(ErrorKind.TRANSIENT, "CONNECTION_ERROR", message, request_id)
-        assert error is not None
-        # Raised outside the except block: httpx's exception holds the request and its
-        # Authorization header, so it must not ride along as __context__.
-        raise error
+            ),
+            provider=NAME,
+            url=url,
+            timeout=self.timeout,
+            secrets=[key],
+            request_id=request_id,
+        )

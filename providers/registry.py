@@ -28,44 +28,26 @@ class ProviderSpec:
         return self.client_class().from_env(http=http, profile=self.profile)
 
 
+def _spec(name: str, client_path: str, *, max_in_flight: int) -> ProviderSpec:
+    """An entry whose profile is the one ``schemas.limits`` keeps under the same name."""
+    return ProviderSpec(
+        name=name, client_path=client_path, profile=PROFILES[name], max_in_flight=max_in_flight
+    )
+
+
 PROVIDERS: dict[str, ProviderSpec] = {
     spec.name: spec
     for spec in (
-        ProviderSpec(
-            name="changeclothes",
-            client_path="providers.changeclothes:ChangeClothesClient",
-            profile=PROFILES["changeclothes"],
-            max_in_flight=8,
-        ),
+        _spec("changeclothes", "providers.changeclothes:ChangeClothesClient", max_in_flight=8),
         # Tencent documents 1 concurrent task per account by default (doc 002).
-        ProviderSpec(
-            name="tencent",
-            client_path="providers.tencent:TencentClient",
-            profile=PROFILES["tencent"],
-            max_in_flight=1,
-        ),
-        ProviderSpec(
-            name="hidream",
-            client_path="providers.hidream:HiDreamClient",
-            profile=PROFILES["hidream"],
-            max_in_flight=4,
-        ),
-        ProviderSpec(
-            name="ailab",
-            client_path="providers.ailab:AILabTryOnClient",
-            profile=PROFILES["ailab"],
-            max_in_flight=4,
-        ),
+        _spec("tencent", "providers.tencent:TencentClient", max_in_flight=1),
+        _spec("hidream", "providers.hidream:HiDreamClient", max_in_flight=4),
+        _spec("ailab", "providers.ailab:AILabTryOnClient", max_in_flight=4),
     )
 }
 
 # The refiner chained onto any provider's coarse result (``--refine``).
-REFINER = ProviderSpec(
-    name="ailab_refiner",
-    client_path="providers.ailab:AILabRefinerClient",
-    profile=PROFILES["ailab_refiner"],
-    max_in_flight=4,
-)
+REFINER = _spec("ailab_refiner", "providers.ailab:AILabRefinerClient", max_in_flight=4)
 
 
 def provider_spec(name: str) -> ProviderSpec:

@@ -44,6 +44,13 @@ from providers.base import (
     TryOnRequest,
     TryOnResult,
 )
+from providers.common import (
+    as_secret,
+    classify_status,
+    guard_transport,
+    missing_key,
+    redact_secrets,
+)
 from schemas.limits import TENCENT, ImageProfile
 from schemas.results import ErrorKind
 
@@ -351,7 +358,7 @@ def parse_response(
         raise ProviderError(
             kind=kind,
             code=code,
-            message=_redact(message, secrets),
+            message=redact_secrets(message, secrets),
             provider=NAME,
             http_status=status,
             request_id=request_id,
@@ -398,13 +405,7 @@ def _classify_status(status: int) -> tuple[ErrorKind, str]:
     if 200 <= status < 300:
         # A garbled or truncated 200 is transport trouble more often than a vendor answer.
         return ErrorKind.TRANSIENT, "MALFORMED_RESPONSE"
-    if status == 429:
-        return ErrorKind.TRANSIENT, "RATE_LIMITED"
-    if status >= 500:
-        return ErrorKind.TRANSIENT, f"HTTP_{status}"
-    if status in (401, 403):
-        return ErrorKind.FATAL, f"HTTP_{status}"
-    return ErrorKind.PERMANENT, f"HTTP_{status}"
+    return classify_status(status)
 
 
 _Fail = Callable[[ErrorKind, str, str], NoReturn]
@@ -429,12 +430,6 @@ def _success(
     if not data:
         fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", "ResultImage decodes to no bytes")
     return TryOnResult(result_data=data, request_id=request_id)
-
-
-def _redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
 
 
 # -- the client --------------------------------------------------------------------------------
@@ -463,14 +458,14 @@ class TencentClient(TryOnClient):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(http=http, profile=profile)
-        secret_id, secret_key = _secret(secret_id), _secret(secret_key)
+        secret_id, secret_key = as_secret(secret_id), as_secret(secret_key)
         if not secret_id.get_secret_value() or not secret_key.get_secret_value():
-            raise _error(ErrorKind.FATAL, "MISSING_API_KEY", "the SecretId or SecretKey is empty")
+            raise missing_key(NAME, "the SecretId or SecretKey is empty")
         if not region.strip():
             raise ValueError("region must not be empty")
         self._secret_id = secret_id
         self._secret_key = secret_key
-        self._token = _secret(session_token) if session_token is not None else None
+        self._token = as_secret(session_token) if session_token is not None else None
         self.base_url = base_url.rstrip("/")
         url = httpx.URL(self.base_url + "/")
         # The signed host must equal the Host header sent: with the port when non-default.
@@ -500,7 +495,7 @@ class TencentClient(TryOnClient):
             if value is None
         ]  # fmt: skip
         if missing:
-            raise _error(ErrorKind.FATAL, "MISSING_API_KEY", f"{' and '.join(missing)} not set")
+            raise missing_key(NAME, f"{' and '.join(missing)} not set")
         assert secret_id is not None and secret_key is not None
         token = next((t for env in TOKEN_ENVS if (t := settings.credential(env))), None)
         return cls(
@@ -570,27 +565,18 @@ class TencentClient(TryOnClient):
         """One synchronous call (no job id exists, so ``on_submitted`` is unused)."""
         payload = json.dumps(self.request_body(request), separators=(",", ":")).encode()
         secrets = self._secrets()
-        error: ProviderError | None = None
-        try:
-            response = await self.http.post(
+        response = await guard_transport(
+            self.http.post(
                 self.endpoint,
                 content=payload,
                 headers=self.signed_headers(payload),
                 timeout=self.timeout,
-            )
-        except httpx.TimeoutException as exc:
-            error = _error(
-                ErrorKind.TRANSIENT,
-                "TIMEOUT",
-                f"no answer from {self.endpoint} within {self.timeout}s ({type(exc).__name__})",
-            )
-        except httpx.TransportError as exc:
-            message = f"{self.endpoint} unreachable: {type(exc).__name__}: {exc}"
-            error = _error(ErrorKind.TRANSIENT, "CONNECTION_ERROR", _redact(message, secrets))
-        if error is not None:
-            # Raised outside the except block: httpx's exception holds the request with its
-            # Authorization header, which must not ride along as __context__.
-            raise error
+            ),
+            provider=NAME,
+            url=self.endpoint,
+            timeout=self.timeout,
+            secrets=secrets,
+        )
         _log.debug("tencent %s -> HTTP %s", ACTION, response.status_code)
         return parse_response(
             response.status_code,
@@ -603,11 +589,6 @@ class TencentClient(TryOnClient):
     def _secrets(self) -> list[str]:
         values = [self._secret_key, self._secret_id, self._token]
         return [v.get_secret_value() for v in values if v is not None]
-
-
-def _secret(value: SecretStr | str) -> SecretStr:
-    # A plain str must not linger in repr/vars.
-    return value if isinstance(value, SecretStr) else SecretStr(str(value))
 
 
 def _url(image: PreparedImage) -> str:

@@ -21,7 +21,6 @@ like the injected rate limit).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import io
 import logging
@@ -36,17 +35,18 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from providers import settings
-from providers.emulator import composite
+from providers.emulator import common, composite
 from providers.emulator.common import (
     FORM_LIMITS,
+    GatewayAnswers,
+    cache_key,
     is_multipart,
-    sleep_unless_disconnected,
-    unavailable_response,
+    pass_gateway,
 )
 from providers.emulator.jobs import EmulatedJob, JobPhase
 from providers.emulator.state import EmulatorState, QuotaError, QuotaTicket
@@ -174,13 +174,8 @@ REFINER_RULE = ImageRule(frozenset({"JPEG", "PNG", "BMP"}), 5 * MB, 150, 4096)
 _SNIFFED = {"image/jpeg": "JPEG", "image/png": "PNG", "image/bmp": "BMP", "image/gif": "GIF"}
 
 
-class VendorError(Exception):
-    """Ends a call with one of the vendor's codes."""
-
-    def __init__(self, code: str, detail: str | None = None) -> None:
-        super().__init__(code, detail)
-        self.code = code
-        self.detail = detail
+class VendorError(common.VendorError[str]):
+    """Ends a call with one of the vendor's codes (an ``error_detail.code`` of ``CODES``)."""
 
 
 def routes(state: EmulatorState) -> list[Route]:
@@ -216,6 +211,12 @@ class _AILabApi:
         self.state = state
         self.provider = state.provider(PROVIDER)
         self.api_key = settings.emulator_credential(API_KEY_ENV)
+        self.gateway = GatewayAnswers(
+            # A hang ends in the vendor's AI_SERVICE_TIMEOUT (504), counted as that code too.
+            timed_out=partial(self._error, "AI_SERVICE_TIMEOUT", "upstream timed out"),
+            rate_limited=self._rate_limited,
+            forced=self._forced,
+        )
 
     async def try_on(self, request: Request) -> Response:
         return await self._call(request, self._try_on, charge=True)
@@ -236,26 +237,9 @@ class _AILabApi:
         charge: bool,
     ) -> Response:
         ps = self.provider
-        try:
-            # Read the whole body first: answering mid-upload makes clients see a reset.
-            await request.body()
-        except ClientDisconnect:
-            return Response(status_code=400)
-        decision = ps.draw_faults()
-        if decision.timeout:
-            ps.record("timeout")
-            await sleep_unless_disconnected(request, ps.plan.timeout_s)
-            return self._error("AI_SERVICE_TIMEOUT", "upstream timed out")
-        if decision.rate_limited:
-            return self._rate_limited()
-        if decision.unavailable:
-            ps.record(503)
-            return unavailable_response()
-        await sleep_unless_disconnected(request, decision.latency_s)
-
-        forced = ps.pop_forced()
-        if forced is not None:
-            return self._forced(forced)
+        admitted = await pass_gateway(request, ps, self.gateway)
+        if isinstance(admitted, Response):
+            return admitted
         ticket: QuotaTicket | None = None
         try:
             token = self._authenticate(request)
@@ -306,7 +290,7 @@ class _AILabApi:
             key = f"fast|ailab|{region}|{max_side}"
             compute = partial(composite.prerendered, "garment", region, max_side)
         else:
-            key = _key("ailab-tryon", region, str(max_side), person, garment)
+            key = cache_key("ailab-tryon", region, str(max_side), person, garment)
             compute = partial(composite.render_garment, person, garment, region, max_side=max_side)
 
         async def render() -> bytes:
@@ -329,7 +313,7 @@ class _AILabApi:
             key = f"fast|ailab-refine|{max_side}"
             compute = partial(prerendered_refined, max_side)
         else:
-            key = _key("ailab-refine", str(max_side), coarse)
+            key = cache_key("ailab-refine", str(max_side), coarse)
             compute = partial(render_refined, coarse, max_side=max_side)
 
         async def render() -> bytes:
@@ -494,16 +478,6 @@ def _choice(form: FormData, field: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise VendorError("UNSUPPORTED_PARAMETER_VALUES", f"{field} must be one of {allowed}")
     return value
-
-
-def _key(*parts: str | bytes) -> str:
-    """A cache key over the inputs that shape the picture (hashes, so images are not kept)."""
-    digest = hashlib.sha256()
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part
-        digest.update(len(data).to_bytes(8, "big"))
-        digest.update(data)
-    return digest.hexdigest()
 
 
 def render_refined(coarse: bytes, *, max_side: int = 768) -> bytes:

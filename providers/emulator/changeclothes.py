@@ -14,7 +14,6 @@ Requests"}``; a 5xx is an HTML 503 from "the load balancer".
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import math
@@ -25,20 +24,21 @@ from typing import Any
 
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from providers import settings
-from providers.emulator import composite
+from providers.emulator import common, composite
 from providers.emulator.common import (
     FORM_LIMITS,
+    GatewayAnswers,
     InputError,
+    cache_key,
     is_multipart,
+    pass_gateway,
     read_image_field,
-    sleep_unless_disconnected,
     text_field,
-    unavailable_response,
 )
 from providers.emulator.state import EmulatorState, QuotaError, QuotaTicket
 
@@ -70,13 +70,8 @@ _BEARER = re.compile(r"^Bearer (\S+)$", re.IGNORECASE)  # RFC 7235: the scheme i
 _log = logging.getLogger(__name__)
 
 
-class VendorError(Exception):
-    """Ends a call with one of the vendor's codes."""
-
-    def __init__(self, code: int, detail: str | None = None) -> None:
-        super().__init__(code, detail)
-        self.code = code
-        self.detail = detail
+class VendorError(common.VendorError[int]):
+    """Ends a call with one of the vendor's codes (see ``CODES``)."""
 
 
 def routes(state: EmulatorState) -> list[Route]:
@@ -93,6 +88,12 @@ class _ChangeClothesApi:
         self.state = state
         self.provider = state.provider(PROVIDER)
         self.api_key = settings.emulator_credential(API_KEY_ENV)
+        self.gateway = GatewayAnswers(
+            # A hang ends in the service's own code 500 (counted once, as the timeout).
+            timed_out=partial(self._json, 500, "SERVER_ERROR: upstream timed out"),
+            rate_limited=self._rate_limited,
+            forced=partial(self._error, detail="injected by the emulator's fault plan"),
+        )
 
     async def garment(self, request: Request) -> Response:
         return await self._call(request, self._garment)
@@ -106,32 +107,9 @@ class _ChangeClothesApi:
         self, request: Request, process: Callable[[Request, FormData], Awaitable[dict[str, Any]]]
     ) -> Response:
         ps = self.provider
-        try:
-            # Read the whole body first: answering mid-upload makes clients see a reset, not
-            # the status we mean to send.
-            await request.body()
-        except ClientDisconnect:
-            return Response(status_code=400)
-        decision = ps.draw_faults()
-        if decision.timeout:
-            ps.record("timeout")
-            await sleep_unless_disconnected(request, ps.plan.timeout_s)
-            return self._json(500, "SERVER_ERROR: upstream timed out")
-        if decision.rate_limited:
-            ps.record(429)
-            return JSONResponse(
-                {"code": 429, "msg": "Too Many Requests"},
-                status_code=429,
-                headers={"Retry-After": str(ps.plan.retry_after_s)},
-            )
-        if decision.unavailable:
-            ps.record(503)
-            return unavailable_response()
-        await sleep_unless_disconnected(request, decision.latency_s)
-
-        forced = ps.pop_forced()
-        if forced is not None:
-            return self._error(forced, "injected by the emulator's fault plan")
+        admitted = await pass_gateway(request, ps, self.gateway)
+        if isinstance(admitted, Response):
+            return admitted
         ticket: QuotaTicket | None = None
         try:
             token = self._authenticate(request)
@@ -196,7 +174,7 @@ class _ChangeClothesApi:
             key = f"fast|garment|{category}|{max_side}"
             compute = partial(composite.prerendered, "garment", category, max_side)
         else:
-            key = _key("garment", category, str(max_side), person, garment)
+            key = cache_key("garment", category, str(max_side), person, garment)
             compute = partial(
                 composite.render_garment, person, garment, category, max_side=max_side
             )
@@ -239,7 +217,7 @@ class _ChangeClothesApi:
             key = f"fast|prompt|{max_side}"
             compute = partial(composite.prerendered, "prompt", "", max_side)
         else:
-            key = _key("prompt", str(max_side), person, prompt.encode())
+            key = cache_key("prompt", str(max_side), person, prompt.encode())
             compute = partial(composite.render_prompt, person, prompt, max_side=max_side)
         rendered = await self.state.composites.get_or_compute(key, compute)
         # The doc's example answer for this endpoint has no "msg" and no mask.
@@ -268,14 +246,18 @@ class _ChangeClothesApi:
         token = self.state.results.put(data, "image/webp")
         return f"{str(request.base_url).rstrip('/')}/files/{token}.webp"
 
+    def _rate_limited(self) -> Response:
+        """The gateway's 429 (not a vendor code), with Retry-After."""
+        self.provider.record(429)
+        return JSONResponse(
+            {"code": 429, "msg": "Too Many Requests"},
+            status_code=429,
+            headers={"Retry-After": str(self.provider.plan.retry_after_s)},
+        )
+
     def _error(self, code: int, detail: str | None = None) -> Response:
         if code == 429:  # a forced 429 looks like the gateway's
-            self.provider.record(429)
-            return JSONResponse(
-                {"code": 429, "msg": "Too Many Requests"},
-                status_code=429,
-                headers={"Retry-After": str(self.provider.plan.retry_after_s)},
-            )
+            return self._rate_limited()
         self.provider.record(code)
         name, _ = CODES.get(code, ("UNKNOWN", 400))
         return self._json(code, f"{name}: {detail}" if detail else name)
@@ -296,13 +278,3 @@ def _int_field(form: FormData, field: str, low: int, high: int) -> int | None:
     if not low <= value <= high:
         raise InputError(f"{field} must be between {low} and {high}")
     return value
-
-
-def _key(*parts: str | bytes) -> str:
-    """A cache key over the inputs that shape the picture (hashes, so images are not kept)."""
-    digest = hashlib.sha256()
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part
-        digest.update(len(data).to_bytes(8, "big"))
-        digest.update(data)
-    return digest.hexdigest()

@@ -1,16 +1,23 @@
-"""Wire-level helpers every emulated provider shares: image inputs, waiting, gateway errors."""
+"""Wire-level helpers every emulated provider shares: the gateway's injected faults, image
+inputs, waiting, cache keys."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import hashlib
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import httpx
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+
+from providers.emulator.state import ProviderState
 
 # Starlette's default caps a non-file part at 1 MB; a data: URI of a few-MB image is bigger.
 FORM_LIMITS: dict[str, int] = {"max_files": 16, "max_fields": 64, "max_part_size": 64 * 1024**2}
@@ -18,8 +25,21 @@ FORM_LIMITS: dict[str, int] = {"max_files": 16, "max_fields": 64, "max_part_size
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)(?P<params>(;[^;,]*)*?);base64,", re.I)
 
 
+CodeT = TypeVar("CodeT", int, str)
+
+
 class InputError(ValueError):
     """A request field the vendor would reject as an invalid parameter."""
+
+
+class VendorError(Exception, Generic[CodeT]):
+    """Ends a call with one of the vendor's codes. Each route module subclasses it with its
+    code type, so one vendor's handler never catches another's codes."""
+
+    def __init__(self, code: CodeT, detail: str | None = None) -> None:
+        super().__init__(code, detail)
+        self.code = code
+        self.detail = detail
 
 
 async def sleep_unless_disconnected(request: Request, seconds: float) -> bool:
@@ -51,6 +71,78 @@ def unavailable_response() -> Response:
         "<body><center><h1>503 Service Temporarily Unavailable</h1></center></body></html>"
     )
     return Response(body, status_code=503, media_type="text/html")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayAnswers:
+    """How one vendor's gateway answers the faults its ``FaultPlan`` injects.
+
+    Each callable builds that vendor's response; ``timed_out`` and ``rate_limited`` record in
+    the stats what the vendor counts (the hang itself is counted as "timeout", a 5xx as 503).
+    ``forced``: the answer to a forced code popped after the latency; None where the vendor
+    takes forced codes itself (HiDream holds ``task_status:N`` for a submission, Tencent
+    answers them only after authentication).
+    """
+
+    timed_out: Callable[[], Response]
+    rate_limited: Callable[[], Response]
+    unavailable: Callable[[], Response] = unavailable_response
+    forced: Callable[[int], Response] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A call the gateway lets through to the vendor logic."""
+
+    body: bytes
+    latency_s: float  # left to spend by the caller (0 once the gateway spent it)
+
+
+async def pass_gateway(
+    request: Request,
+    provider: ProviderState,
+    answers: GatewayAnswers,
+    *,
+    spend_latency: bool = True,
+) -> Admitted | Response:
+    """Read the whole request, then draw the plan's faults for it: a fault's answer, or
+    ``Admitted``. ``spend_latency=False`` leaves the latency to the caller (Tencent spends it
+    inside its concurrency slot, where it stands for generation time)."""
+    try:
+        # The whole body first: answering mid-upload makes clients see a reset, not the
+        # status we mean to send.
+        body = await request.body()
+    except ClientDisconnect:
+        return Response(status_code=400)
+    decision = provider.draw_faults()
+    if decision.timeout:
+        provider.record("timeout")
+        await sleep_unless_disconnected(request, provider.plan.timeout_s)
+        return answers.timed_out()
+    if decision.rate_limited:
+        return answers.rate_limited()
+    if decision.unavailable:
+        provider.record(503)
+        return answers.unavailable()
+    if not spend_latency:
+        return Admitted(body, decision.latency_s)
+    await sleep_unless_disconnected(request, decision.latency_s)
+    if answers.forced is not None:
+        forced = provider.pop_forced()
+        if forced is not None:
+            return answers.forced(forced)
+    return Admitted(body, 0.0)
+
+
+def cache_key(*parts: str | bytes) -> str:
+    """A composite-cache key over the inputs that shape the picture (hashes, so images are
+    not kept); each part length-prefixed so no two part lists collide."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def decode_data_uri(value: str, field: str) -> bytes:

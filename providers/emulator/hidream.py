@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import hmac
 import io
 import json
@@ -32,18 +31,19 @@ from functools import partial
 from typing import Any
 
 from PIL import Image
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from providers import settings
-from providers.emulator import composite
+from providers.emulator import common, composite
 from providers.emulator.common import (
+    GatewayAnswers,
     InputError,
+    cache_key,
     decode_data_uri,
     fetch_url,
-    sleep_unless_disconnected,
-    unavailable_response,
+    pass_gateway,
 )
 from providers.emulator.jobs import EmulatedJob, JobPhase
 from providers.emulator.state import EmulatorState, QuotaError, QuotaTicket
@@ -96,13 +96,8 @@ _FAILURE_TEXT = {
 _log = logging.getLogger(__name__)
 
 
-class VendorError(Exception):
+class VendorError(common.VendorError[int]):
     """Ends a call with one of the vendor's codes (see ``CODES``)."""
-
-    def __init__(self, code: int, detail: str | None = None) -> None:
-        super().__init__(code, detail)
-        self.code = code
-        self.detail = detail
 
 
 def routes(state: EmulatorState) -> list[Route]:
@@ -145,6 +140,8 @@ class _HiDreamApi:
         self.provider = state.provider(PROVIDER)
         self.api_key = settings.emulator_credential(API_KEY_ENV)
         self._background: set[asyncio.Task[None]] = set()
+        # Forced codes are taken in _call: a task_status:N entry waits for a submission.
+        self.gateway = GatewayAnswers(timed_out=_gateway_timeout, rate_limited=self._rate_limited)
 
     # -- the gateway, in the order a real one answers -------------------------------------------
 
@@ -162,21 +159,9 @@ class _HiDreamApi:
         submission: bool,
     ) -> Response:
         ps = self.provider
-        try:
-            raw = await request.body()  # all of it first: answering mid-upload looks like a reset
-        except ClientDisconnect:
-            return Response(status_code=400)
-        decision = ps.draw_faults()
-        if decision.timeout:
-            ps.record("timeout")
-            await sleep_unless_disconnected(request, ps.plan.timeout_s)
-            return Response("<html><body>504 Gateway Time-out</body></html>", 504)
-        if decision.rate_limited:
-            return self._rate_limited()
-        if decision.unavailable:
-            ps.record(503)
-            return unavailable_response()
-        await sleep_unless_disconnected(request, decision.latency_s)
+        admitted = await pass_gateway(request, ps, self.gateway)
+        if isinstance(admitted, Response):
+            return admitted
 
         final_status: int | None = None
         forced = self._pop_forced(submission)
@@ -193,7 +178,7 @@ class _HiDreamApi:
                     ticket = ps.take_quota(self.api_key, None)
                 except QuotaError:
                     raise VendorError(40201) from None
-            data = await process(request, raw, final_status)
+            data = await process(request, admitted.body, final_status)
         except VendorError as exc:
             if ticket is not None:
                 ticket.refund()
@@ -286,7 +271,7 @@ class _HiDreamApi:
             parts: list[str | bytes] = ["hidream", str(max_side), images["person"]]
             for data, category in layers:
                 parts += [category, data]
-            key = _key(*parts)
+            key = cache_key(*parts)
             compute = partial(_compose, images["person"], tuple(layers), max_side)
         base_url = str(request.base_url).rstrip("/")
         job = self.state.jobs.submit(
@@ -436,6 +421,11 @@ class _HiDreamApi:
         return JSONResponse({"code": code, "message": message, "request_id": ""}, status)
 
 
+def _gateway_timeout() -> Response:
+    """What a hung call finally gets: the gateway's HTML 504."""
+    return Response("<html><body>504 Gateway Time-out</body></html>", 504)
+
+
 def _compose(person: bytes, layers: tuple[tuple[bytes, str], ...], max_side: int) -> bytes:
     """Each garment drawn in turn onto the person (upper, then lower), as WEBP bytes."""
     image = person
@@ -446,13 +436,3 @@ def _compose(person: bytes, layers: tuple[tuple[bytes, str], ...], max_side: int
 
 def _prerendered(category: str, max_side: int) -> bytes:
     return composite.prerendered("garment", category, max_side).result
-
-
-def _key(*parts: str | bytes) -> str:
-    """A cache key over the inputs that shape the picture (hashes, so images are not kept)."""
-    digest = hashlib.sha256()
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part
-        digest.update(len(data).to_bytes(8, "big"))
-        digest.update(data)
-    return digest.hexdigest()

@@ -52,13 +52,20 @@ from functools import partial
 from urllib.parse import urlsplit
 
 from PIL import Image, ImageDraw, ImageFont
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from providers import settings
-from providers.emulator import composite
-from providers.emulator.common import InputError, fetch_url, sleep_unless_disconnected
+from providers.emulator import common, composite
+from providers.emulator.common import (
+    GatewayAnswers,
+    InputError,
+    cache_key,
+    fetch_url,
+    pass_gateway,
+    sleep_unless_disconnected,
+)
 from providers.emulator.state import EmulatorState, QuotaError, QuotaTicket
 
 PROVIDER = "tencent"
@@ -136,13 +143,8 @@ _REGION = re.compile(r"^[a-z]{2,}-[a-z]+(-\d+)?$")
 _log = logging.getLogger(__name__)
 
 
-class VendorError(Exception):
+class VendorError(common.VendorError[str]):
     """Ends a call with one of Tencent's error codes."""
-
-    def __init__(self, code: str, detail: str | None = None) -> None:
-        super().__init__(code, detail)
-        self.code = code
-        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,21 +192,21 @@ class TencentApi:
     async def handle(self, request: Request) -> Response:
         ps = self.provider
         request_id = str(uuid.uuid4())
-        try:
-            # Read the whole body first: answering mid-upload makes clients see a reset.
-            body = await request.body()
-        except ClientDisconnect:
-            return Response(status_code=400)
-        decision = ps.draw_faults()
-        if decision.timeout:
-            ps.record("timeout")
-            await sleep_unless_disconnected(request, ps.plan.timeout_s)
-            return self._json_error(request_id, "FailedOperation.RequestTimeout", record=False)
-        if decision.rate_limited:
-            return self._json_error(request_id, "RequestLimitExceeded")
-        if decision.unavailable:
-            ps.record(503)
-            return _html_error(503)
+        answers = GatewayAnswers(
+            # A hang ends in the service's RequestTimeout, counted once (as the timeout).
+            timed_out=partial(
+                self._json_error, request_id, "FailedOperation.RequestTimeout", record=False
+            ),
+            # Tencent's frequency limit is HTTP 200 RequestLimitExceeded, without Retry-After.
+            rate_limited=partial(self._json_error, request_id, "RequestLimitExceeded"),
+            unavailable=partial(_html_error, 503),
+            # Forced codes are answered only once the caller is authenticated (below).
+        )
+        # The latency stays: it is spent inside the concurrency slot, standing for generation.
+        admitted = await pass_gateway(request, ps, answers, spend_latency=False)
+        if isinstance(admitted, Response):
+            return admitted
+        body = admitted.body
         ticket: QuotaTicket | None = None
         try:
             secret_id = self._authenticate(request, body)
@@ -220,7 +222,7 @@ class TencentApi:
                 raise VendorError("ResourceUnavailable.LowBalance") from None
             self.processing += 1
             try:
-                result = await self._process(request, call, decision.latency_s)
+                result = await self._process(request, call, admitted.latency_s)
             finally:
                 self.processing -= 1
         except VendorError as exc:
@@ -339,9 +341,9 @@ class TencentApi:
         logo_key = hashlib.sha256(logo).hexdigest() if logo else ("text" if call.logo_add else "")
         rect = call.logo_rect
         if config.fast_mode:
-            key = _key("tencent-fast", call.category, str(max_side), logo_key, repr(rect))
+            key = cache_key("tencent-fast", call.category, str(max_side), logo_key, repr(rect))
         else:
-            key = _key(
+            key = cache_key(
                 "tencent", call.category, str(max_side), logo_key, repr(rect), person, garment
             )
         compute = partial(
@@ -648,13 +650,3 @@ def _draw_text_logo(image: Image.Image) -> None:
         (x - pad, y - pad, x + right - left + pad, y + bottom - top + pad), fill=(0, 0, 0)
     )
     draw.text((x - left, y - top), DEFAULT_LOGO_TEXT, fill=(255, 255, 255), font=font)
-
-
-def _key(*parts: str | bytes) -> str:
-    """A cache key over the inputs that shape the picture (hashes, so images are not kept)."""
-    digest = hashlib.sha256()
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part
-        digest.update(len(data).to_bytes(8, "big"))
-        digest.update(data)
-    return digest.hexdigest()

@@ -27,3 +27,9 @@ def test_provider_error_round_trips_through_pickle() -> None:
         429,
     )
     assert copy.retryable and str(copy) == str(error)
+
+
+def test_redaction_ignores_empty_secrets() -> None:
+    from providers.common import redact_secrets
+
+    assert redact_secrets("token abc in text", ["", "abc"]) == "token *** in text"
