@@ -25,7 +25,14 @@ from tasks.credentials import load_secret_blocks
 from tasks.images import PreparedImageCache
 from tasks.lake import Lake
 from tasks.limits import global_limit_name, leased_slots
-from tasks.process import Lane, ProgressSink, RetryPolicy, RunContext, refine_not_applicable
+from tasks.process import (
+    Lane,
+    ProgressSink,
+    RetryPolicy,
+    RunContext,
+    refine_not_applicable,
+    rows_in_progress,
+)
 from tasks.staging import InputStager
 from tasks.tryon import (
     ChunkOutcome,
@@ -246,7 +253,11 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
             http = await stack.enter_async_context(
                 httpx.AsyncClient(
                     timeout=httpx.Timeout(180.0, connect=10.0),
-                    limits=httpx.Limits(max_connections=in_flight * 2 + 4),
+                    # One connection per row in progress, no more (see rows_in_progress).
+                    limits=httpx.Limits(
+                        max_connections=rows_in_progress(in_flight),
+                        max_keepalive_connections=rows_in_progress(in_flight),
+                    ),
                 )
             )
             try:

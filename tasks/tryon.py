@@ -55,8 +55,6 @@ async def process_chunk(
     run_id: str, provider: str, chunk_index: int, rows: list[ManifestRow]
 ) -> ChunkOutcome:
     ctx = _CONTEXTS[(run_id, provider)]
-    lanes = [ctx.lane, *([ctx.refine] if ctx.refine else [])]
-    calls_before = sum(lane.state.provider_calls for lane in lanes)
     records = await process_rows(rows, ctx)
     part = f"part-{provider}-{chunk_index:05d}"
     uri = await ctx.lake.awrite_metadata(run_id, part, records)
@@ -70,7 +68,9 @@ async def process_chunk(
         counts=counts,
         unfinished=sum(is_unfinished(r.status, r.error_kind) for r in records),
         metadata_uri=uri,
-        provider_calls=sum(lane.state.provider_calls for lane in lanes) - calls_before,
+        # Each record counts the calls it really made; chunks overlap, so a delta of the
+        # lane's shared counter would also count other chunks' calls.
+        provider_calls=sum(r.attempts for r in records),
     )
 
 

@@ -161,6 +161,7 @@ async def test_in_flight_never_exceeds_limit(use_emulator: EmulatorServer, tmp_p
         )
     )
     assert summary.counts == {"succeeded": 24}
+    assert summary.provider_calls == 24  # counted once each, though chunks overlap
     observed = stats(use_emulator)["by_provider"]["changeclothes"]["max_in_flight"]
     assert observed == 3  # reached, never exceeded, across 5 concurrent chunks
 
