@@ -8,7 +8,7 @@ LAKE ?= ./lake
 # ("database is locked"); it sends nothing useful offline anyway.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test lint fmt emulator clean
+.PHONY: install demo test lint fmt emulator clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ fmt: $(STAMP)
 
 emulator: $(STAMP)
 	$(BIN)/tryon emulator --port 8765
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(LAKE) .pytest_cache .ruff_cache

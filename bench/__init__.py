@@ -1,0 +1,1 @@
+"""Benchmarks of the try-on flows against the local emulator (``make bench``)."""
