@@ -151,10 +151,6 @@ class RunContext:
     def client(self) -> TryOnClient:
         return self.lane.client  # type: ignore[return-value]
 
-    @property
-    def state(self) -> RunState:
-        return self.lane.state
-
 
 class _RowFailure(Exception):
     """Internal: ends a row with a recorded error."""
