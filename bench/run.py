@@ -330,24 +330,36 @@ def slow_scenario(
 def profile_scenario(
     ctx: dict[str, Any], emulator: Emulator, server: PrefectServer, rows: int
 ) -> dict[str, Any]:
-    """The fast scenario's flow once more, under the all-thread sampler (not a measured run)."""
+    """Where the fast scenario's CPU goes (diagnostic runs, after the measured ones).
+
+    1. A ladder: the fast scenario's rows through one more layer of our stack per rung
+       (``bench.ladder``): our provider client alone, then ``tasks.process`` without Prefect,
+       then the same with its small file work inline; the flow is the last rung.
+    2. A what-if on the flow itself: the result sniff and lake writes inline.
+    3. The flow under the all-thread sampler (``bench.sampler``): CPU by thread is exact
+       (/proc ticks); the stacks are biased towards calls that release the GIL (syscalls).
+    """
     emulator.set_latency(ctx["latency_fast"])
-    out_json = ctx["tmp"] / "profile.json"
-    argv = flow_argv(
-        ctx["manifests"][rows], ctx["tmp"] / "lake-profile", ctx["concurrency"], ctx["chunk_size"]
-    )
-    argv += ["--profile", str(out_json)]
-    log(f"profile: fast flow under the sampler ({rows} rows)")
-    with measured(emulator, server) as m:
-        result, _ = run_child(
-            argv, env=ctx["flow_env"], log_path=ctx["tmp"] / "profile.log", what="profile"
-        )
-    sampled = json.loads(out_json.read_text())
-    # A what-if, measured like the fast scenario: the same flow with the two tiny per-file
-    # thread hops (result sniff, lake write) run inline on the event loop.
-    argv = flow_argv(
-        ctx["manifests"][rows], ctx["tmp"] / "lake-whatif", ctx["concurrency"], ctx["chunk_size"]
-    )
+    concurrency, manifest = ctx["concurrency"], ctx["manifests"][rows]
+    ladder: dict[str, Any] = {}
+    for mode in ("client", "process", "process-inline-io"):
+        argv = [PY, "-m", "bench.ladder", mode, str(manifest), str(ctx["tmp"] / f"ladder-{mode}")]
+        argv += ["--max-in-flight", str(concurrency)]
+        log(f"ladder: {mode} ({rows} rows)")
+        with measured(emulator, None) as m:
+            result, _ = run_child(
+                argv, env=ctx["flow_env"], log_path=ctx["tmp"] / f"ladder-{mode}.log", what=mode
+            )
+        side = {**result, **m}
+        problems = []
+        if side["succeeded"] != rows or side["emulator"]["changeclothes_requests"] != rows:
+            problems.append(f"{side['succeeded']} succeeded of {rows}")
+        if side["emulator"]["max_in_flight"] != concurrency:
+            problems.append(f"emulator max in flight {side['emulator']['max_in_flight']}")
+        ladder[mode] = {**per_row(side, rows), "checks": problems or "ok", "raw": side}
+        shutil.rmtree(ctx["tmp"] / f"ladder-{mode}", ignore_errors=True)
+
+    argv = flow_argv(manifest, ctx["tmp"] / "lake-whatif", concurrency, ctx["chunk_size"])
     argv.append("--what-if-inline-io")
     log(f"what-if: fast flow with small IO inline ({rows} rows)")
     with measured(emulator, server) as w:
@@ -355,25 +367,40 @@ def profile_scenario(
             argv, env=ctx["flow_env"], log_path=ctx["tmp"] / "what-if.log", what="what-if"
         )
     what_if = {**what_if, **w}
+
+    out_json = ctx["tmp"] / "profile.json"
+    argv = flow_argv(manifest, ctx["tmp"] / "lake-profile", concurrency, ctx["chunk_size"])
+    argv += ["--profile", str(out_json)]
+    log(f"profile: fast flow under the sampler ({rows} rows)")
+    with measured(emulator, server) as m:
+        result, _ = run_child(
+            argv, env=ctx["flow_env"], log_path=ctx["tmp"] / "profile.log", what="profile"
+        )
+    sampled = json.loads(out_json.read_text())
     ours = [e for e in sampled["inclusive"] if e[0].startswith(("tasks/", "flows/", "providers/"))]
     return {
-        "note": "sampled CPU seconds by stack (all threads); the sampler slows the run",
-        "rows": rows,
-        "wall_s": result["wall_s"],
-        "cpu_s": result["cpu_s"],
-        "thread_cpu_s": result["thread_cpu_s"],
-        "server_cpu_s": m.get("server_cpu_s"),
-        "sampled_cpu_s": sampled["sampled_cpu_s"],
-        "by_thread": sampled["by_thread"][:8],
-        "by_leaf_module": sampled["by_leaf_module"][:12],
-        "inclusive_top": sampled["inclusive"][:30],
-        "inclusive_our_code": ours[:20],
-        "leaf_top": sampled["leaf"][:20],
+        "ladder": ladder,
         "what_if_inline_io": {
             **per_row(what_if, rows),
-            "checks": check(what_if, rows, ctx["concurrency"]) or "ok",
+            "checks": check(what_if, rows, concurrency) or "ok",
             "thread_cpu_s": what_if["thread_cpu_s"],
             "raw": what_if,
+        },
+        "sampler": {
+            "note": "CPU seconds sampled per thread from /proc (exact) and charged to the "
+            "Python stack seen at each sample; stacks are biased towards GIL-releasing calls "
+            "(syscalls such as poll/getpeername/send), so read them as hints only. "
+            "The sampler slows the run.",
+            "rows": rows,
+            "wall_s": result["wall_s"],
+            "cpu_s": result["cpu_s"],
+            "server_cpu_s": m.get("server_cpu_s"),
+            "sampled_cpu_s": sampled["sampled_cpu_s"],
+            "by_thread": sampled["by_thread"][:8],
+            "by_leaf_module": sampled["by_leaf_module"][:12],
+            "inclusive_top": sampled["inclusive"][:30],
+            "inclusive_our_code": ours[:20],
+            "leaf_top": sampled["leaf"][:20],
         },
     }
 
@@ -573,14 +600,14 @@ def main(argv: list[str] | None = None) -> int:
         results["memory"] = memory_scenario(ctx, emulator, server, memory_sizes)
         if args.profile:
             fast = results["fast"]
-            fast["profile"] = profile_scenario(ctx, emulator, server, fast_rows)
-            what_if = fast["profile"]["what_if_inline_io"]
-            what_if["ratio_vs_plain"] = round(
-                what_if["rows_per_s"] / fast["plain"]["rows_per_s"], 3
-            )
-            what_if["cpu_ratio_vs_plain"] = round(
-                what_if["cpu_ms_per_row"] / fast["plain"]["cpu_ms_per_row"], 3
-            )
+            fast["profile"] = profile = profile_scenario(ctx, emulator, server, fast_rows)
+            for entry in [*profile["ladder"].values(), profile["what_if_inline_io"]]:
+                entry["ratio_vs_plain"] = round(
+                    entry["rows_per_s"] / fast["plain"]["rows_per_s"], 3
+                )
+                entry["cpu_ratio_vs_plain"] = round(
+                    entry["cpu_ms_per_row"] / fast["plain"]["cpu_ms_per_row"], 3
+                )
         results["servers"] = {
             "prefect_server_ready_s": round(server.ready_s, 1),
             "emulator_ready_s": round(emulator.ready_s, 1),

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from providers.base import ProviderError, TryOnClient
 from providers.registry import PROVIDERS, REFINER, ProviderSpec, provider_spec
 from providers.settings import API_KEY_ENV
+from providers.transport import provider_http_client
 from schemas.manifest import InvalidRow, ManifestError, ManifestRow
 from schemas.results import Stage, Status
 from tasks.credentials import load_secret_blocks
@@ -251,13 +252,11 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
                     global_limit_name(spec.name),
                 )
             http = await stack.enter_async_context(
-                httpx.AsyncClient(
+                # One connection per row in progress (see rows_in_progress), on the aiohttp
+                # transport: httpcore's pool bookkeeping was most of the fast path's CPU.
+                provider_http_client(
+                    max_connections=rows_in_progress(in_flight),
                     timeout=httpx.Timeout(180.0, connect=10.0),
-                    # One connection per row in progress, no more (see rows_in_progress).
-                    limits=httpx.Limits(
-                        max_connections=rows_in_progress(in_flight),
-                        max_keepalive_connections=rows_in_progress(in_flight),
-                    ),
                 )
             )
             try:

@@ -240,28 +240,31 @@ class _AILabApi:
         admitted = await pass_gateway(request, ps, self.gateway)
         if isinstance(admitted, Response):
             return admitted
-        ticket: QuotaTicket | None = None
         try:
-            token = self._authenticate(request)
-            if charge:
-                try:
-                    ticket = ps.take_quota(token, self.state.config.trial_keys.get(token))
-                except QuotaError:
-                    raise VendorError("ERROR_NOT_ENOUGH_CREDITS") from None
-            response = await process(request)
-        except VendorError as exc:
+            ticket: QuotaTicket | None = None
+            try:
+                token = self._authenticate(request)
+                if charge:
+                    try:
+                        ticket = ps.take_quota(token, self.state.config.trial_keys.get(token))
+                    except QuotaError:
+                        raise VendorError("ERROR_NOT_ENOUGH_CREDITS") from None
+                response = await process(request)
+            except VendorError as exc:
+                if ticket is not None:
+                    ticket.refund()
+                return self._error(exc.code, exc.detail)
+            except Exception:
+                if ticket is not None:
+                    ticket.refund()
+                _log.exception("emulator: ailab call failed")
+                return self._error("SERVICE_INTERNAL_ERROR", "unexpected emulator failure")
             if ticket is not None:
-                ticket.refund()
-            return self._error(exc.code, exc.detail)
-        except Exception:
-            if ticket is not None:
-                ticket.refund()
-            _log.exception("emulator: ailab call failed")
-            return self._error("SERVICE_INTERNAL_ERROR", "unexpected emulator failure")
-        if ticket is not None:
-            ticket.commit()
-        ps.record(response.status_code)
-        return response
+                ticket.commit()
+            ps.record(response.status_code)
+            return response
+        finally:
+            await admitted.answer_at_deadline(request)
 
     def _authenticate(self, request: Request) -> str:
         token = request.headers.get(KEY_HEADER)

@@ -110,37 +110,40 @@ class _ChangeClothesApi:
         admitted = await pass_gateway(request, ps, self.gateway)
         if isinstance(admitted, Response):
             return admitted
-        ticket: QuotaTicket | None = None
         try:
-            token = self._authenticate(request)
+            ticket: QuotaTicket | None = None
             try:
-                ticket = ps.take_quota(token, self.state.config.trial_keys.get(token))
-            except QuotaError as exc:
-                raise VendorError(10006 if exc.reason == "trial" else 10003) from None
-            if not is_multipart(request):
-                raise VendorError(10004, "content-type must be multipart/form-data")
-            try:
-                async with request.form(**FORM_LIMITS) as form:
-                    data = await process(request, form)
-            except MultiPartException as exc:
-                raise VendorError(10004, f"malformed multipart body: {exc.message}") from None
-            except InputError as exc:
-                raise VendorError(10004, str(exc)) from None
-            except composite.UndecodableImage as exc:
-                raise VendorError(10004, f"image could not be decoded: {exc}") from None
-        except VendorError as exc:
-            if ticket is not None:
-                ticket.refund()
-            return self._error(exc.code, exc.detail)
-        except Exception:
-            if ticket is not None:
-                ticket.refund()
-            _log.exception("emulator: changeclothes call failed")
-            return self._error(500, "unexpected emulator failure")
-        assert ticket is not None  # every path without one returned above
-        ticket.commit()
-        ps.record(200)
-        return JSONResponse(data)
+                token = self._authenticate(request)
+                try:
+                    ticket = ps.take_quota(token, self.state.config.trial_keys.get(token))
+                except QuotaError as exc:
+                    raise VendorError(10006 if exc.reason == "trial" else 10003) from None
+                if not is_multipart(request):
+                    raise VendorError(10004, "content-type must be multipart/form-data")
+                try:
+                    async with request.form(**FORM_LIMITS) as form:
+                        data = await process(request, form)
+                except MultiPartException as exc:
+                    raise VendorError(10004, f"malformed multipart body: {exc.message}") from None
+                except InputError as exc:
+                    raise VendorError(10004, str(exc)) from None
+                except composite.UndecodableImage as exc:
+                    raise VendorError(10004, f"image could not be decoded: {exc}") from None
+            except VendorError as exc:
+                if ticket is not None:
+                    ticket.refund()
+                return self._error(exc.code, exc.detail)
+            except Exception:
+                if ticket is not None:
+                    ticket.refund()
+                _log.exception("emulator: changeclothes call failed")
+                return self._error(500, "unexpected emulator failure")
+            assert ticket is not None  # every path without one returned above
+            ticket.commit()
+            ps.record(200)
+            return JSONResponse(data)
+        finally:
+            await admitted.answer_at_deadline(request)
 
     def _authenticate(self, request: Request) -> str:
         header = request.headers.get("authorization")

@@ -96,6 +96,13 @@ class Admitted:
 
     body: bytes
     latency_s: float  # left to spend by the caller (0 once the gateway spent it)
+    # Loop time the answer is due at: the plan's latency is the vendor's response time, its
+    # own work included, so a route answers at max(deadline, done) and not latency + work.
+    deadline: float = 0.0
+
+    async def answer_at_deadline(self, request: Request) -> None:
+        """Wait for ``deadline`` (or the client hanging up); the route then answers."""
+        await sleep_unless_disconnected(request, self.deadline - asyncio.get_running_loop().time())
 
 
 async def pass_gateway(
@@ -106,8 +113,10 @@ async def pass_gateway(
     spend_latency: bool = True,
 ) -> Admitted | Response:
     """Read the whole request, then draw the plan's faults for it: a fault's answer, or
-    ``Admitted``. ``spend_latency=False`` leaves the latency to the caller (Tencent spends it
-    inside its concurrency slot, where it stands for generation time)."""
+    ``Admitted``, whose caller answers at ``Admitted.answer_at_deadline`` (the latency covers
+    the vendor work). ``spend_latency=False`` leaves the latency to the caller (Tencent spends
+    it inside its concurrency slot, where it stands for generation time)."""
+    arrived = asyncio.get_running_loop().time()
     try:
         # The whole body first: answering mid-upload makes clients see a reset, not the
         # status we mean to send.
@@ -126,12 +135,12 @@ async def pass_gateway(
         return answers.unavailable()
     if not spend_latency:
         return Admitted(body, decision.latency_s)
-    await sleep_unless_disconnected(request, decision.latency_s)
     if answers.forced is not None:
         forced = provider.pop_forced()
         if forced is not None:
+            await sleep_unless_disconnected(request, decision.latency_s)
             return answers.forced(forced)
-    return Admitted(body, 0.0)
+    return Admitted(body, 0.0, deadline=arrived + decision.latency_s)
 
 
 def cache_key(*parts: str | bytes) -> str:

@@ -163,35 +163,38 @@ class _HiDreamApi:
         if isinstance(admitted, Response):
             return admitted
 
-        final_status: int | None = None
-        forced = self._pop_forced(submission)
-        if isinstance(forced, int):
-            return self._forced(forced)
-        if isinstance(forced, str):
-            final_status = int(FORCED_STATUS.match(forced)[1])  # type: ignore[index]
-
-        ticket: QuotaTicket | None = None
         try:
-            self._authenticate(request)
-            if submission:
-                try:
-                    ticket = ps.take_quota(self.api_key, None)
-                except QuotaError:
-                    raise VendorError(40201) from None
-            data = await process(request, admitted.body, final_status)
-        except VendorError as exc:
+            final_status: int | None = None
+            forced = self._pop_forced(submission)
+            if isinstance(forced, int):
+                return self._forced(forced)
+            if isinstance(forced, str):
+                final_status = int(FORCED_STATUS.match(forced)[1])  # type: ignore[index]
+
+            ticket: QuotaTicket | None = None
+            try:
+                self._authenticate(request)
+                if submission:
+                    try:
+                        ticket = ps.take_quota(self.api_key, None)
+                    except QuotaError:
+                        raise VendorError(40201) from None
+                data = await process(request, admitted.body, final_status)
+            except VendorError as exc:
+                if ticket is not None:
+                    ticket.refund()
+                return self._error(exc.code, exc.detail)
+            except Exception:
+                if ticket is not None:
+                    ticket.refund()
+                _log.exception("emulator: hidream call failed")
+                return self._error(50000, "unexpected emulator failure")
             if ticket is not None:
-                ticket.refund()
-            return self._error(exc.code, exc.detail)
-        except Exception:
-            if ticket is not None:
-                ticket.refund()
-            _log.exception("emulator: hidream call failed")
-            return self._error(50000, "unexpected emulator failure")
-        if ticket is not None:
-            ticket.commit()
-        ps.record(200)
-        return JSONResponse(data)
+                ticket.commit()
+            ps.record(200)
+            return JSONResponse(data)
+        finally:
+            await admitted.answer_at_deadline(request)
 
     def _pop_forced(self, submission: bool) -> int | str | None:
         """The next forced code; a ``task_status:N`` waits in the queue for a submission."""
