@@ -22,9 +22,11 @@ from providers.settings import API_KEY_ENV
 from providers.transport import provider_http_client
 from schemas.manifest import InvalidRow, ManifestError, ManifestRow
 from schemas.results import Stage, Status
+from tasks.artifacts import ProgressTee, RunProgressArtifact, publish_run_outputs
 from tasks.credentials import load_secret_blocks
 from tasks.images import PreparedImageCache
 from tasks.lake import Lake
+from tasks.ledger import WorkLedger
 from tasks.limits import global_limit_name, leased_slots
 from tasks.process import (
     Lane,
@@ -97,6 +99,38 @@ class BatchParams(BaseModel):
     def _known_provider(cls, value: str) -> str:
         return provider_spec(value).name
 
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Flow parameters are stored by Prefect and shown in its UI: never credentials."""
+        found = sorted(_credential_keys(value))
+        if found:
+            raise ValueError(
+                f"storage_options holds credentials ({', '.join(found)}): flow parameters are "
+                "kept in Prefect's database and shown in its UI. Give them to the worker's "
+                "environment instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                "AWS_SESSION_TOKEN; AWS_PROFILE or an instance role), and keep only "
+                "non-secret options (endpoint_url, client_kwargs) here"
+            )
+        return value
+
+
+_SECRET_KEY_WORDS = ("secret", "token", "password", "passwd", "credential", "sas")
+
+
+def _credential_keys(options: object, prefix: str = "") -> list[str]:
+    """Keys of ``options`` (nested dicts too) that name credentials (s3fs, gcsfs, adlfs...)."""
+    found: list[str] = []
+    if isinstance(options, dict):
+        for key, item in options.items():
+            name = str(key).lower()
+            if name in ("key", "access_key", "access_key_id", "account_key") or any(
+                word in name for word in _SECRET_KEY_WORDS
+            ):
+                found.append(f"{prefix}{key}")
+            found += _credential_keys(item, f"{prefix}{key}.")
+    return found
+
 
 class RunSummary(BaseModel):
     run_id: str
@@ -105,9 +139,11 @@ class RunSummary(BaseModel):
     results_uri: str
     metadata_uri: str
     summary_uri: str
+    contact_sheet_uri: str | None = None  # HTML; a PNG grid beside it
     counts: dict[str, int]  # try-on stage (and invalid rows), by status
     refine_counts: dict[str, int] | None = None  # refine stage, by status, when refining
     unfinished: int = 0  # records a retry would redo (failed, or stopped by a fatal error)
+    already_done: int = 0  # of the succeeded rows: done and recorded by earlier runs, no call
     total_rows: int
     provider_calls: int
     duration_s: float
@@ -124,6 +160,8 @@ class RunSummary(BaseModel):
         skipped = self.counts.get("skipped", 0)
         line = " / ".join(parts) + (f" / {skipped} skipped" if skipped else "")
         line = f"{line} of {self.total_rows} rows"
+        if self.already_done:
+            line += f" ({self.already_done} already done by earlier runs)"
         if self.refine_counts is not None:
             refined = ", ".join(f"{n} {s}" for s, n in sorted(self.refine_counts.items()))
             line += f"; refine: {refined or 'nothing to refine'}"
@@ -213,14 +251,18 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
         else:
             by_provider.setdefault(name, []).append(row)
     invalid.sort(key=lambda r: r.row_index)
-    record_invalid_rows(lake, run_id, invalid_records(run_id, default_spec.name, invalid))
-    if _progress_sink is not None:
-        _progress_sink.started(report.n_rows)
-        for record in invalid_records(run_id, default_spec.name, invalid):
-            _progress_sink.row_done(record)
+    bad = invalid_records(run_id, default_spec.name, invalid, manifest=params.manifest)
+    await record_invalid_rows(lake, run_id, bad)
+    # The CLI's progress bar (when there is one) and a Prefect progress artifact.
+    progress = RunProgressArtifact()
+    sink = ProgressTee(_progress_sink, progress)
+    sink.started(report.n_rows)
+    for record in bad:
+        sink.row_done(record)
 
     outcomes: list[ChunkOutcome] = []
     async with AsyncExitStack() as stack:
+        await stack.enter_async_context(progress)  # 0 % now, 100 % (or where it stopped) at exit
         inputs_http = await stack.enter_async_context(
             httpx.AsyncClient(
                 timeout=httpx.Timeout(30.0, connect=10.0),
@@ -289,7 +331,8 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
                 images=images,
                 retry=RetryPolicy(max_attempts=params.max_attempts),
                 storage_options=params.storage_options,
-                progress=_progress_sink,
+                progress=sink,
+                ledger=WorkLedger(lake, run_id),
             )
             register_context(ctx)
             stack.callback(unregister_context, ctx)
@@ -321,19 +364,27 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
         run_id=run_id,
         provider=default_spec.name,
         lake=lake.uri,
-        results_uri=lake.full_uri(lake.path("results", run_id)),
+        results_uri=lake.full_uri(lake.path("outputs")),
         metadata_uri=lake.metadata_glob(),
         summary_uri=lake.full_uri(lake.path("runs", run_id, "summary.json")),
+        contact_sheet_uri=lake.full_uri(lake.run_path(run_id, "contact_sheet.html")),
         counts=dict(counts),
         refine_counts=dict(refine_counts) if params.refine else None,
         unfinished=sum(o.unfinished for o in outcomes),
+        already_done=sum(o.already_done for o in outcomes),
         total_rows=report.n_rows,
         provider_calls=sum(o.provider_calls for o in outcomes),
         duration_s=round(time.perf_counter() - started, 3),
         fatal_error=str(fatal) if fatal else None,
     )
     lake.write_json(lake.path("runs", run_id, "summary.json"), summary.model_dump(mode="json"))
+    # Last: readers and reruns trust this run's metadata from here on.
+    await asyncio.to_thread(
+        lake.commit_run, run_id, {"run_id": run_id, "committed_at": datetime.now(UTC)}
+    )
     logger.info("run %s: %s", run_id, summary.one_line())
+    # For people: the contact sheet in the lake, a summary table and a report in Prefect.
+    await publish_run_outputs(lake, summary, storage_options=params.storage_options)
     if fatal is not None:
         logger.error("stopped submitting after a run-fatal error: %s", fatal)
     if summary.unfinished:

@@ -165,6 +165,8 @@ def run(
     out.print(f"Results:  {summary.results_uri}")
     out.print(f"Metadata: {summary.metadata_uri}  (read with polars.scan_parquet)")
     out.print(f"Summary:  {summary.summary_uri}")
+    if summary.contact_sheet_uri:
+        out.print(f"Contact sheet: {summary.contact_sheet_uri}")
     if summary.fatal_error:
         out.print(f"[red]Stopped early:[/] {summary.fatal_error}")
     out.print(f"[bold]{summary.one_line()}[/]")

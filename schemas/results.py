@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import StrEnum
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 
 class Status(StrEnum):
@@ -56,6 +56,8 @@ METADATA_SCHEMA: dict[str, pl.DataType] = {
     "attempts": pl.Int32(),
     "request_id": pl.String(),  # the provider's id for the call (or async task id)
     "cache_hit": pl.Boolean(),
+    "work_key": pl.String(),  # stage + provider + parameters + input hashes (tasks/ledger.py)
+    "reused_from_run": pl.String(),  # set when the work was done by an earlier, crashed run
     "started_at": pl.Datetime("us", "UTC"),
     "finished_at": pl.Datetime("us", "UTC"),
     "prepare_ms": pl.Float64(),  # fetch + decode + fit of the inputs
@@ -91,12 +93,24 @@ class RowRecord(BaseModel):
     attempts: int = 0
     request_id: str | None = None
     cache_hit: bool | None = None
+    work_key: str | None = None
+    reused_from_run: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
     prepare_ms: float | None = None
     provider_ms: float | None = None
     download_ms: float | None = None
     total_ms: float | None = None
+    # Not a column: True when a committed earlier run's metadata already holds this record,
+    # so this run reports the row as done without writing it again (no duplicates).
+    _already_recorded: bool = PrivateAttr(default=False)
+
+    @property
+    def already_recorded(self) -> bool:
+        return self._already_recorded
+
+    def mark_already_recorded(self) -> None:
+        self._already_recorded = True
 
 
 def is_unfinished(status: Status | str, error_kind: ErrorKind | str | None) -> bool:

@@ -14,7 +14,8 @@ import hashlib
 import io
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, Protocol, TypeVar
@@ -37,6 +38,7 @@ from schemas.manifest import ManifestRow
 from schemas.results import ErrorKind, RowRecord, Stage, Status
 from tasks.images import ImageInputError, PreparedImageCache, prepare_image
 from tasks.lake import Lake
+from tasks.ledger import DoneEntry, WorkLedger, work_key
 from tasks.staging import InputStager
 
 T = TypeVar("T")
@@ -142,6 +144,8 @@ class RunContext:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     storage_options: dict[str, object] = field(default_factory=dict)
     progress: ProgressSink | None = None
+    ledger: WorkLedger | None = None  # None: no reuse of earlier work (benchmarks, tests)
+    work_locks: dict[str, tuple[asyncio.Lock, int]] = field(default_factory=dict)
     row_slots: asyncio.Semaphore = field(init=False)  # rows in progress: bounds prefetch, memory
 
     def __post_init__(self) -> None:
@@ -210,6 +214,36 @@ async def _prepare(ctx: RunContext, uri: str | None, profile: ImageProfile) -> P
         raise _RowFailure(kind, exc.code, exc.message) from None
 
 
+class _Resumable(Protocol):
+    async def wait(self, job_id: str) -> TryOnResult: ...
+
+
+async def _resume_job(
+    ctx: RunContext, lane: Lane, key: str, record: RowRecord
+) -> TryOnResult | None:
+    """Poll the job an earlier (crashed) run got accepted for this work, if there is one.
+
+    None: nothing to resume, or the provider says the job failed or does not know it (then a
+    new submission is the only way). Transient and fatal errors propagate: the job may still
+    finish, so a later rerun polls it again rather than paying twice.
+    """
+    if ctx.ledger is None or not hasattr(lane.client, "wait"):
+        return None
+    job = await ctx.ledger.job(key)
+    if job is None or job.provider != lane.name:
+        return None
+    record.request_id = job.job_id
+    client: _Resumable = lane.client  # type: ignore[assignment]
+    try:
+        async with lane.semaphore:  # a running job holds a provider slot, as when submitted
+            return await client.wait(job.job_id)
+    except ProviderError as exc:
+        if exc.kind is not ErrorKind.PERMANENT:
+            raise
+        await ctx.ledger.forget_job(key)
+        return None
+
+
 async def _call(
     ctx: RunContext,
     lane: Lane,
@@ -219,12 +253,19 @@ async def _call(
 ) -> TryOnResult:
     """Call a lane's provider with retries; ``attempts[0]`` counts calls that really went out.
 
-    A job id is put on the record the moment the provider accepts the job, so it is known
-    even if polling then fails.
+    A job id is put on the record, and in the ledger, the moment the provider accepts the job
+    and before the first poll: known even if polling fails, resumed if the process dies.
     """
+    key = record.work_key
+    if key is not None:
+        resumed = await _resume_job(ctx, lane, key, record)
+        if resumed is not None:
+            return resumed
 
     async def on_submitted(job_id: str) -> None:
         record.request_id = job_id
+        if ctx.ledger is not None and key is not None:
+            await ctx.ledger.record_job(key, lane.name, job_id)
 
     async def one_call() -> TryOnResult:
         if lane.state.fatal:  # another row hit a run-fatal error while we waited
@@ -240,7 +281,7 @@ async def _call(
 
 
 async def _store_result(
-    ctx: RunContext, lane: Lane, result: TryOnResult, record: RowRecord, row_id: str
+    ctx: RunContext, lane: Lane, result: TryOnResult, record: RowRecord
 ) -> bytes:
     """Fetch the result now (provider URLs expire: Tencent 1 h, AILab 24 h) and write it."""
     if result.result_data is not None:
@@ -257,24 +298,104 @@ async def _store_result(
         )
     extension = await asyncio.to_thread(_sniff_extension, data)
     record.output_sha256 = hashlib.sha256(data).hexdigest()
-    path = ctx.lake.result_path(ctx.run_id, row_id, f"{record.stage}.{extension}")
+    path = ctx.lake.output_path(record.output_sha256, extension)
     record.output_uri = await ctx.lake.awrite_bytes(path, data)
     if result.mask_url:
-        record.mask_uri = await _download_mask(ctx, lane, row_id, record.stage, result.mask_url)
+        record.mask_uri = await _download_mask(ctx, lane, result.mask_url)
     return data
 
 
-async def _download_mask(
-    ctx: RunContext, lane: Lane, row_id: str, stage: Stage, url: str
-) -> str | None:
+async def _download_mask(ctx: RunContext, lane: Lane, url: str) -> str | None:
     """Masks are a by-product: a failed mask download never fails the row."""
     try:
         data = await _with_retries(ctx, lambda: lane.client.download(url))
         extension = await asyncio.to_thread(_sniff_extension, data)
     except ProviderError:
         return None
-    path = ctx.lake.result_path(ctx.run_id, row_id, f"{stage}-mask.{extension}")
+    path = ctx.lake.output_path(hashlib.sha256(data).hexdigest(), extension)
     return await ctx.lake.awrite_bytes(path, data)
+
+
+@asynccontextmanager
+async def _one_at_a_time(ctx: RunContext, key: str) -> AsyncIterator[None]:
+    """Rows of this run asking for the same work take turns: the first does it, the others
+    then find it in the ledger (or, if it failed, try it themselves)."""
+    if ctx.ledger is None:
+        yield
+        return
+    lock, users = ctx.work_locks.get(key, (asyncio.Lock(), 0))
+    ctx.work_locks[key] = (lock, users + 1)
+    try:
+        async with lock:
+            yield
+    finally:
+        lock, users = ctx.work_locks[key]
+        if users == 1:
+            del ctx.work_locks[key]
+        else:
+            ctx.work_locks[key] = (lock, users - 1)
+
+
+async def _reuse(
+    ctx: RunContext, key: str, row: ManifestRow, record: RowRecord
+) -> DoneEntry | None:
+    """Fill ``record`` from the ledger when this work was done before; None if it was not.
+
+    The row is then done with no provider call. Its record is written again only when no
+    committed run's metadata holds it yet for this row id (a crashed run, this run retried).
+    """
+    if ctx.ledger is None:
+        return None
+    entry = await ctx.ledger.done(key)
+    if entry is None:
+        return None
+    done = entry.record
+    for name in (
+        "output_uri", "mask_uri", "output_sha256", "request_id", "cache_hit",
+        "person_sha256", "garment_sha256",
+    ):  # fmt: skip
+        setattr(record, name, getattr(done, name))
+    if entry.produced_by != ctx.run_id:
+        record.reused_from_run = entry.produced_by
+    assert row.id is not None
+    if await ctx.ledger.recorded_elsewhere(entry, row.id):
+        record.mark_already_recorded()
+    else:
+        await ctx.ledger.adopt(entry, row.id)
+    return entry
+
+
+async def _record_once(ctx: RunContext, row: ManifestRow, record: RowRecord) -> None:
+    """A final outcome decided from the row alone: in the ledger under a key over the row's
+    fields, so a rerun does not record it again once a committed run has."""
+    if ctx.ledger is None or row.id is None:
+        return
+    record.work_key = work_key(
+        stage=f"{record.stage}:{record.error_code}",
+        provider=record.provider,
+        row_id=row.id,
+        category=row.category,
+        person=row.person_image,
+        garment=row.garment_image,
+        lower=row.lower_garment_image,
+        prompt=row.prompt,
+    )
+    entry = await ctx.ledger.done(record.work_key)
+    if entry is None:
+        await ctx.ledger.mark_done(record.work_key, record)
+    elif await ctx.ledger.recorded_elsewhere(entry, row.id):
+        record.mark_already_recorded()
+    else:
+        await ctx.ledger.adopt(entry, row.id)
+
+
+async def _remember(ctx: RunContext, record: RowRecord) -> None:
+    """The stage succeeded: into the ledger (after its output is in the lake), job done."""
+    if ctx.ledger is None or record.work_key is None:
+        return
+    record.status = Status.SUCCEEDED
+    await ctx.ledger.mark_done(record.work_key, record)
+    await ctx.ledger.forget_job(record.work_key)
 
 
 def _new_record(ctx: RunContext, row: ManifestRow, stage: Stage, provider: str) -> RowRecord:
@@ -337,39 +458,59 @@ async def _try_on(ctx: RunContext, row: ManifestRow, record: RowRecord) -> bytes
         assert person is not None
         record.person_sha256 = person.sha256
         record.garment_sha256 = garment.sha256 if garment else None
-        if ctx.stager is not None:  # URL-only provider: stage the prepared bytes
-            person, garment, lower = [
-                await ctx.stager.stage(image) if image else None
-                for image in (person, garment, lower)
-            ]
-        record.prepare_ms = _ms(t_prep)
-        assert person is not None
-        request = TryOnRequest(
-            row_id=row.id,
-            person=person,
-            garment=garment,
-            lower_garment=lower,
+        gender = row.gender or ctx.default_gender
+        record.work_key = work_key(
+            stage=str(Stage.TRYON),
+            provider=lane.name,
             category=row.category,
-            garment_description=row.garment_description,
             prompt=row.prompt,
-            gender=row.gender or ctx.default_gender,
+            garment_description=row.garment_description,
+            gender=gender,
+            person=person.sha256,
+            garment=record.garment_sha256,
+            lower=lower.sha256 if lower else None,
         )
-        t_call = time.perf_counter()
-        try:
-            result = await _call(
-                ctx,
-                lane,
-                lambda on_submitted: ctx.client.try_on(request, on_submitted=on_submitted),
-                record,
-                attempts,
+        async with _one_at_a_time(ctx, record.work_key):
+            if (done := await _reuse(ctx, record.work_key, row, record)) is not None:
+                record.prepare_ms = _ms(t_prep)
+                coarse_uri = done.record.output_uri
+                if ctx.refine is not None and coarse_uri:  # the refiner's input
+                    output.append(await asyncio.to_thread(ctx.lake.read_uri, coarse_uri))
+                return
+            if ctx.stager is not None:  # URL-only provider: stage the prepared bytes
+                person, garment, lower = [
+                    await ctx.stager.stage(image) if image else None
+                    for image in (person, garment, lower)
+                ]
+            record.prepare_ms = _ms(t_prep)
+            assert person is not None
+            request = TryOnRequest(
+                row_id=row.id,
+                person=person,
+                garment=garment,
+                lower_garment=lower,
+                category=row.category,
+                garment_description=row.garment_description,
+                prompt=row.prompt,
+                gender=gender,
             )
-        finally:
-            record.provider_ms = _ms(t_call)
-        record.request_id = result.request_id or record.request_id
-        record.cache_hit = result.cache_hit
-        t_dl = time.perf_counter()
-        output.append(await _store_result(ctx, lane, result, record, row.id))
-        record.download_ms = _ms(t_dl)
+            t_call = time.perf_counter()
+            try:
+                result = await _call(
+                    ctx,
+                    lane,
+                    lambda on_submitted: ctx.client.try_on(request, on_submitted=on_submitted),
+                    record,
+                    attempts,
+                )
+            finally:
+                record.provider_ms = _ms(t_call)
+            record.request_id = result.request_id or record.request_id
+            record.cache_hit = result.cache_hit
+            t_dl = time.perf_counter()
+            output.append(await _store_result(ctx, lane, result, record))
+            record.download_ms = _ms(t_dl)
+            await _remember(ctx, record)
 
     await _run_stage(ctx, lane, record, work)
     return output[0] if output else None
@@ -401,6 +542,8 @@ async def _refine(
             code,
             reason,
         )
+        if code == "REFINE_NOT_APPLICABLE":  # final whatever run finds it: record it once
+            await _record_once(ctx, row, record)
         return _finish(record, time.perf_counter())
     assert coarse is not None and row.garment_image is not None
     gender = row.gender or ctx.default_gender
@@ -426,31 +569,44 @@ async def _refine(
             ) from None
         assert person is not None and top is not None
         record.person_sha256, record.garment_sha256 = person.sha256, top.sha256
-        record.prepare_ms = _ms(t_prep)
-        request = RefineRequest(
-            row_id=row.id,
-            person=person,
-            top_garment=top,
-            coarse=coarse_image,
+        record.work_key = work_key(
+            stage=str(Stage.REFINE),
+            provider=lane.name,
             gender=gender,
-            bottom_garment=bottom,
+            coarse=coarse_image.sha256,
+            person=person.sha256,
+            top=top.sha256,
+            bottom=bottom.sha256 if bottom else None,
         )
-        refiner: RefinerClient = lane.client  # type: ignore[assignment]
-        t_call = time.perf_counter()
-        try:
-            result = await _call(
-                ctx,
-                lane,
-                lambda on_submitted: refiner.refine(request, on_submitted=on_submitted),
-                record,
-                attempts,
+        record.prepare_ms = _ms(t_prep)
+        async with _one_at_a_time(ctx, record.work_key):
+            if await _reuse(ctx, record.work_key, row, record) is not None:
+                return
+            request = RefineRequest(
+                row_id=row.id,
+                person=person,
+                top_garment=top,
+                coarse=coarse_image,
+                gender=gender,
+                bottom_garment=bottom,
             )
-        finally:
-            record.provider_ms = _ms(t_call)
-        record.request_id = result.request_id or record.request_id
-        t_dl = time.perf_counter()
-        await _store_result(ctx, lane, result, record, row.id)
-        record.download_ms = _ms(t_dl)
+            refiner: RefinerClient = lane.client  # type: ignore[assignment]
+            t_call = time.perf_counter()
+            try:
+                result = await _call(
+                    ctx,
+                    lane,
+                    lambda on_submitted: refiner.refine(request, on_submitted=on_submitted),
+                    record,
+                    attempts,
+                )
+            finally:
+                record.provider_ms = _ms(t_call)
+            record.request_id = result.request_id or record.request_id
+            t_dl = time.perf_counter()
+            await _store_result(ctx, lane, result, record)
+            record.download_ms = _ms(t_dl)
+            await _remember(ctx, record)
 
     return await _run_stage(ctx, lane, record, work)
 

@@ -8,6 +8,7 @@ registry keyed by run id, set up by the flow.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import Any
 
@@ -16,10 +17,12 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
 from schemas.manifest import InvalidRow, ManifestRow, ValidationReport
-from schemas.results import ErrorKind, RowRecord, Status, is_unfinished
+from schemas.results import ErrorKind, RowRecord, Stage, Status, is_unfinished
 from tasks.lake import Lake
+from tasks.ledger import WorkLedger, work_key
 from tasks.manifest import load_manifest
 from tasks.process import RunContext, process_rows
+from tasks.report import write_report_records
 
 _CONTEXTS: dict[tuple[str, str], RunContext] = {}
 
@@ -37,8 +40,9 @@ class ChunkOutcome(BaseModel):
     provider: str
     counts: dict[str, dict[str, int]]  # stage -> status -> records
     unfinished: int  # records a retry should redo
-    metadata_uri: str
+    metadata_uri: str | None  # None when every record is already in a committed run's metadata
     provider_calls: int
+    already_done: int = 0  # try-on records done and recorded by earlier, committed runs
 
 
 @task(name="load-manifest", cache_policy=NONE, retries=2, retry_delay_seconds=2)
@@ -57,7 +61,11 @@ async def process_chunk(
     ctx = _CONTEXTS[(run_id, provider)]
     records = await process_rows(rows, ctx)
     part = f"part-{provider}-{chunk_index:05d}"
-    uri = await ctx.lake.awrite_metadata(run_id, part, records)
+    fresh = [r for r in records if not r.already_recorded]
+    uri = await ctx.lake.awrite_metadata(run_id, part, fresh) if fresh else None
+    held = [r for r in records if r.already_recorded]
+    if held:  # not metadata (an earlier run holds them), but the contact sheet shows them
+        await asyncio.to_thread(write_report_records, ctx.lake, run_id, part, held)
     counts: dict[str, dict[str, int]] = {}
     for stage in sorted({str(r.stage) for r in records}):
         counts[stage] = dict(Counter(str(r.status) for r in records if str(r.stage) == stage))
@@ -71,10 +79,13 @@ async def process_chunk(
         # Each record counts the calls it really made; chunks overlap, so a delta of the
         # lane's shared counter would also count other chunks' calls.
         provider_calls=sum(r.attempts for r in records),
+        already_done=sum(r.already_recorded and r.stage == Stage.TRYON for r in records),
     )
 
 
-def invalid_records(run_id: str, provider: str, invalid: list[InvalidRow]) -> list[RowRecord]:
+def invalid_records(
+    run_id: str, provider: str, invalid: list[InvalidRow], *, manifest: str
+) -> list[RowRecord]:
     """Records for rows that failed validation: nothing was attempted for them."""
     return [
         RowRecord(
@@ -86,14 +97,49 @@ def invalid_records(run_id: str, provider: str, invalid: list[InvalidRow]) -> li
             error_kind=ErrorKind.INVALID,
             error_code="INVALID_ROW",
             error_message=row.message,
+            # The same bad row of the same manifest is one finding, whatever run reports it.
+            work_key=work_key(
+                stage="invalid",
+                manifest=manifest,
+                row_index=row.row_index,
+                row_id=row.row_id,
+                reasons=row.message,
+            ),
         )
         for row in invalid
     ]
 
 
+async def _unrecorded(ledger: WorkLedger, records: list[RowRecord]) -> list[RowRecord]:
+    """The invalid-row records no committed earlier run has written yet (ledger updated)."""
+    fresh = []
+    for record in records:
+        key, row_id = record.work_key, record.row_id or f"#{record.row_index}"
+        assert key is not None
+        entry = await ledger.done(key)
+        if entry is None:
+            await ledger.mark_done(key, record.model_copy(update={"row_id": row_id}))
+        elif await ledger.recorded_elsewhere(entry, row_id):
+            continue
+        else:
+            await ledger.adopt(entry, row_id)
+        fresh.append(record)
+    return fresh
+
+
 @task(name="record-invalid-rows", cache_policy=NONE)
-def record_invalid_rows(lake: Lake, run_id: str, records: list[RowRecord]) -> str | None:
-    if not records:
+async def record_invalid_rows(lake: Lake, run_id: str, records: list[RowRecord]) -> str | None:
+    fresh = await _unrecorded(WorkLedger(lake, run_id), records)
+    kept = {id(r) for r in fresh}
+    held = [r for r in records if id(r) not in kept]
+    if held:
+        await asyncio.to_thread(write_report_records, lake, run_id, "part-invalid", held)
+    if records:
+        get_run_logger().warning(
+            "%d invalid manifest rows (%d recorded by earlier runs)",
+            len(records),
+            len(records) - len(fresh),
+        )
+    if not fresh:
         return None
-    get_run_logger().warning("%d invalid manifest rows recorded", len(records))
-    return lake.write_metadata(run_id, "part-invalid", records)
+    return await lake.awrite_metadata(run_id, "part-invalid", fresh)

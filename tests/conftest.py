@@ -3,6 +3,40 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from tests.prefect_server import PrefectServer
+    from tests.s3server import S3Server
 
 # Before Prefect is imported anywhere: telemetry races the first SQLite migrations.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server on 127.0.0.1 (moto, free port) with a bucket for the tests.
+
+    For the whole session the AWS environment is scrubbed (no profile, config file, endpoint
+    or instance-metadata look-up can send a client anywhere else) and loopback bypasses any
+    proxy, so s3fs's presigned URLs can be fetched by plain httpx and by the emulator.
+    """
+    from tests.s3server import isolate_aws_environment, run_s3_server
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        isolate_aws_environment(monkeypatch, tmp_path_factory.mktemp("aws-home"))
+        with run_s3_server() as server:
+            yield server
+
+
+@pytest.fixture(scope="session")
+def real_prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """``prefect server start`` on loopback with its background services (see
+    tests/prefect_server.py); the repossessor looks for expired leases every second."""
+    from tests.prefect_server import run_prefect_server
+
+    with run_prefect_server(tmp_path_factory.mktemp("prefect-server")) as server:
+        yield server

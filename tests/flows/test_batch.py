@@ -38,7 +38,8 @@ def write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:
 
 
 def sample_rows(n: int) -> list[dict[str, str]]:
-    """n valid rows over the sample images (absolute paths)."""
+    """n valid rows over the sample images (absolute paths); each a distinct piece of work
+    (its own garment description), so none is deduplicated by the work ledger."""
     images = SAMPLE_MANIFEST.parent / "images"
     garments = ["garment_red_tee.jpg", "garment_striped_tee.jpg", "garment_green_tee.png"]
     people = ["person_ana.jpg", "person_ben.jpg", "person_chi.png"]
@@ -48,6 +49,7 @@ def sample_rows(n: int) -> list[dict[str, str]]:
             "person_image": str(images / people[i % 3]),
             "garment_image": str(images / garments[(i // 3) % 3]),
             "category": "upper_body",
+            "garment_description": f"look {i}",
         }
         for i in range(n)
     ]

@@ -46,6 +46,17 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
             image.load()
     assert meta.filter(pl.col("status") == "invalid")["row_id"].to_list() == ["ana-shoes"]
 
+    # The run's contact sheet opens and shows every row of the manifest.
+    (run_dir,) = (tmp_path / "lake" / "runs").iterdir()
+    assert (run_dir / "_COMMITTED").is_file()
+    html = (run_dir / "contact_sheet.html").read_text()
+    for row_id in pl.read_csv(SAMPLE_MANIFEST)["id"]:
+        assert f">{row_id}<" in html or f"{row_id}</" in html, row_id
+    assert html.count("data:image/") >= 8 * 2  # at least person and coarse per done row
+    with Image.open(run_dir / "contact_sheet.png") as sheet:
+        sheet.load()
+        assert sheet.height > 9 * 100  # a band per row
+
     allowed = tryon(
         "run",
         "sample/manifest.csv",

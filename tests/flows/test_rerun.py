@@ -1,0 +1,183 @@
+"""Reruns never pay twice: finished work is skipped, a crashed run's accepted jobs are resumed,
+and the metadata dataset never holds a (row, stage) pair twice."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import polars as pl
+import pytest
+
+from flows.batch import BatchIncomplete, BatchParams, tryon_batch
+from providers.emulator.server import EmulatorServer
+from tests.flows.conftest import REPO, SAMPLE_MANIFEST
+from tests.flows.test_batch import sample_rows, write_manifest
+from tests.prefect_server import PrefectServer
+
+pytestmark = pytest.mark.e2e
+
+HIDREAM_SUBMIT = "POST /api-pub/ec/v3/image/vton/async"
+
+
+def stats(emulator: EmulatorServer) -> dict:
+    return httpx.get(f"{emulator.base_url}/_emulator/stats").json()
+
+
+def reset_stats(emulator: EmulatorServer) -> None:
+    httpx.post(f"{emulator.base_url}/_emulator/reset", json={}).raise_for_status()
+
+
+def set_faults(emulator: EmulatorServer, provider: str, **plan: object) -> None:
+    httpx.post(f"{emulator.base_url}/_emulator/faults", json={provider: plan}).raise_for_status()
+
+
+def dataset(lake: Path) -> pl.DataFrame:
+    return pl.scan_parquet(f"{lake}/metadata/**/*.parquet").collect()
+
+
+def assert_no_duplicate_pairs(frame: pl.DataFrame) -> None:
+    pairs = frame.group_by("row_id", "stage").len().filter(pl.col("len") > 1)
+    assert pairs.is_empty(), pairs
+
+
+def provider_posts(emulator: EmulatorServer) -> int:
+    return sum(n for route, n in stats(emulator)["requests"].items() if route.startswith("POST"))
+
+
+async def test_rerun_of_a_finished_manifest_calls_no_provider(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    lake = tmp_path / "lake"
+    params = BatchParams(
+        manifest=str(SAMPLE_MANIFEST), lake=str(lake), refine=True, refine_gender="woman"
+    )
+    first = await tryon_batch(params)
+    assert first.counts == {"succeeded": 8, "invalid": 1}
+    assert provider_posts(use_emulator) > 8  # try-on and refine calls went out
+    before = dataset(lake)
+
+    reset_stats(use_emulator)
+    second = await tryon_batch(params)
+
+    assert provider_posts(use_emulator) == 0
+    assert second.provider_calls == 0
+    assert second.counts == first.counts and second.already_done == 8
+    assert second.refine_counts == first.refine_counts
+    after = dataset(lake)
+    assert_no_duplicate_pairs(after)
+    assert after.height == before.height  # the rerun added nothing: it was all there
+    for run in (first.run_id, second.run_id):
+        assert (lake / "runs" / run / "_COMMITTED").is_file()
+
+
+async def test_rerun_does_only_what_is_unfinished(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    lake = tmp_path / "lake"
+    manifest = write_manifest(tmp_path / "m.csv", sample_rows(9))
+    params = BatchParams(manifest=str(manifest), lake=str(lake), max_attempts=1)
+    set_faults(use_emulator, "changeclothes", forced_codes=[10004, 10004])  # 2 rows rejected
+    with pytest.raises(BatchIncomplete) as failed:
+        await tryon_batch(params)
+    assert failed.value.summary.counts == {"succeeded": 7, "failed": 2}
+
+    reset_stats(use_emulator)
+    second = await tryon_batch(params)
+    assert second.counts == {"succeeded": 9} and second.already_done == 7
+    assert stats(use_emulator)["requests"]["POST /api/openapi/change-clothes-ai"] == 2
+    frame = dataset(lake)
+    latest = frame.sort("finished_at").group_by("row_id").last()
+    assert latest["status"].to_list() == ["succeeded"] * 9
+    # History is kept (the failed attempts of run 1), never the same outcome twice.
+    assert frame.filter(pl.col("status") == "succeeded").group_by("row_id").len()["len"].max() == 1
+
+
+async def test_prefect_retry_of_the_same_flow_run_redoes_only_unfinished_rows(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """What a retry from the UI does: the same flow run (same id) runs again."""
+    from prefect import get_client
+    from prefect.flow_engine import run_flow_async
+    from prefect.states import Scheduled
+
+    lake = tmp_path / "lake"
+    manifest = write_manifest(tmp_path / "m.csv", sample_rows(6))
+    params = BatchParams(manifest=str(manifest), lake=str(lake), max_attempts=1)
+    set_faults(use_emulator, "changeclothes", forced_codes=[10004])
+    async with get_client() as client:
+        flow_run = await client.create_flow_run(tryon_batch, parameters={"params": params})
+        state = await run_flow_async(
+            tryon_batch, flow_run=flow_run, parameters={"params": params}, return_type="state"
+        )
+        assert state.is_failed()
+        assert dataset(lake).filter(pl.col("status") == "failed").height == 1
+
+        reset_stats(use_emulator)
+        await client.set_flow_run_state(flow_run.id, Scheduled(), force=True)
+        flow_run = await client.read_flow_run(flow_run.id)
+        state = await run_flow_async(
+            tryon_batch, flow_run=flow_run, parameters={"params": params}, return_type="state"
+        )
+    assert state.is_completed()
+    assert stats(use_emulator)["requests"]["POST /api/openapi/change-clothes-ai"] == 1
+    frame = dataset(lake)
+    assert frame["run_id"].unique().to_list() == [str(flow_run.id)]
+    assert_no_duplicate_pairs(frame)  # the retry replaced the run's parts in place
+    assert frame["status"].to_list() == ["succeeded"] * 6
+
+
+def _count(folder: Path) -> int:
+    return sum(1 for _ in folder.rglob("*.json")) if folder.exists() else 0
+
+
+def test_sigkill_mid_run_then_rerun_resumes_accepted_jobs(
+    use_emulator: EmulatorServer, real_prefect_server: PrefectServer, tmp_path: Path
+) -> None:
+    """HiDream jobs take ~3 s: kill the run once some rows are done and jobs are accepted.
+
+    Against a real ``prefect server start``: the killed run's global-limit lease (60 s here,
+    the server's minimum) is reclaimed by the server's repossessor, as in production, so the
+    rerun can start.
+    """
+    rows = sample_rows(9)  # nine distinct person x garment pairs: nine pieces of work
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    lake = tmp_path / "lake"
+    set_faults(use_emulator, "hidream", job_queued_s=0.5, job_running_s=2.5)
+    env = real_prefect_server.env(PYTHONPATH=str(REPO), TRYON_LEASE_DURATION_S="60")
+    argv = [sys.executable, "-m", "flows.cli", "run", str(manifest), "--lake", str(lake)]
+    argv += ["--provider", "hidream"]
+
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (_count(lake / "work") >= 2 and _count(lake / "jobs") >= 2):
+        if first.poll() is not None:
+            stderr = first.stderr.read().decode() if first.stderr else ""
+            raise AssertionError(f"the run ended before it could be killed:\n{stderr[-3000:]}")
+        assert time.monotonic() < deadline, "no progress to kill in the middle of"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    accepted_before = stats(use_emulator)["requests"].get(HIDREAM_SUBMIT, 0)
+    in_flight_jobs = _count(lake / "jobs")
+    assert 0 < accepted_before < len(rows) + 1 and in_flight_jobs >= 1
+    assert not list((lake / "runs").glob("*/_COMMITTED"))  # the killed run never committed
+
+    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    # Every accepted job was polled again, none submitted twice: one submission per row.
+    assert stats(use_emulator)["requests"][HIDREAM_SUBMIT] == len(rows)
+    assert _count(lake / "jobs") == 0
+    frame = dataset(lake)
+    assert sorted(frame["row_id"]) == sorted(r["id"] for r in rows)
+    assert frame["status"].to_list() == ["succeeded"] * len(rows)
+    assert_no_duplicate_pairs(frame)
+    # Outputs are named by content: every file is one the dataset points at, no orphans.
+    files = {str(p) for p in (lake / "outputs").iterdir()}
+    assert files == set(frame["output_uri"]) | set(frame["mask_uri"].drop_nulls())
+    # Rows the killed run finished were adopted, not redone.
+    assert frame["reused_from_run"].drop_nulls().len() >= 2

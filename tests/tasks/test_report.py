@@ -1,0 +1,427 @@
+"""Contact sheets from synthetic records over real image files in a temporary lake (no Prefect)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from schemas.results import ErrorKind, RowRecord, Stage, Status
+from tasks.lake import Lake
+from tasks.report import (
+    PLACEHOLDER_RGB,
+    ContactSheet,
+    build_contact_sheet,
+    count_statuses,
+    group_failures,
+    group_rows,
+    lake_image_reader,
+    make_thumbnail,
+    read_run_records,
+    write_contact_sheet,
+    write_report_records,
+)
+
+RUN_ID = "run-7"
+RED, BLUE, GREEN, MAGENTA, YELLOW = (
+    (220, 30, 30),
+    (30, 40, 220),
+    (20, 200, 40),
+    (200, 0, 200),
+    (
+        230,
+        210,
+        0,
+    ),
+)
+SCRIPT_ID = "<script>alert('x')</script>"
+NASTY_MESSAGE = "rejected <img src=x onerror=alert(1)> & 'quoted' | piped"
+
+
+def png_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (60, 90)) -> bytes:
+    buffer = BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def close(pixel: tuple[int, ...], colour: tuple[int, int, int], tolerance: int = 12) -> bool:
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel[:3], colour, strict=True))
+
+
+class RunFixture:
+    """A lake holding one run's outputs, with its records (the metadata not yet written)."""
+
+    def __init__(self, root: Path) -> None:
+        self.lake = Lake.open(str(root / "lake"))
+        inputs = root / "inputs"
+        inputs.mkdir()
+        self.person = inputs / "person.png"
+        self.person.write_bytes(png_bytes(RED))
+        self.garment = inputs / "garment.png"
+        self.garment.write_bytes(png_bytes(BLUE))
+        self.corrupt = inputs / "corrupt.jpg"
+        self.corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        self.records: list[RowRecord] = []
+
+    def output(self, row_id: str, stage: Stage, colour: tuple[int, int, int]) -> str:
+        return self.lake.write_bytes(self.output_path(row_id, stage), png_bytes(colour))
+
+    def output_path(self, row_id: str, stage: Stage) -> str:
+        return self.lake.path("outputs", f"{row_id}-{stage}.png")
+
+    def add(self, row_index: int, row_id: str, status: Status, **fields: object) -> None:
+        defaults: dict[str, object] = {
+            "person_image": str(self.person),
+            "garment_image": str(self.garment),
+            "category": "upper_body",
+        }
+        if status == Status.INVALID:
+            defaults = {}
+        self.records.append(
+            RowRecord.model_validate(
+                {
+                    "run_id": RUN_ID,
+                    "row_id": row_id,
+                    "row_index": row_index,
+                    "provider": "changeclothes",
+                    "status": status,
+                    **defaults,
+                    **fields,
+                }
+            )
+        )
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> RunFixture:
+    """Six rows: refined, invalid (hostile id), failed (corrupt garment), output file missing,
+    refine skipped, prompt row (no garment)."""
+    fx = RunFixture(tmp_path)
+    fx.add(0, "ok-1", Status.SUCCEEDED, output_uri=fx.output("ok-1", Stage.TRYON, GREEN))
+    fx.add(
+        0,
+        "ok-1",
+        Status.SUCCEEDED,
+        stage=Stage.REFINE,
+        provider="ailab",
+        output_uri=fx.output("ok-1", Stage.REFINE, MAGENTA),
+    )
+    fx.add(
+        1,
+        SCRIPT_ID,
+        Status.INVALID,
+        error_kind=ErrorKind.INVALID,
+        error_code="INVALID_ROW",
+        error_message="id unsafe for a path",
+    )
+    fx.add(
+        2,
+        "fail-1",
+        Status.FAILED,
+        garment_image=str(fx.corrupt),
+        error_kind=ErrorKind.PERMANENT,
+        error_code="IMAGE_REJECTED",
+        error_message=NASTY_MESSAGE,
+        attempts=1,
+    )
+    fx.add(
+        3,
+        "missing-out",
+        Status.SUCCEEDED,
+        output_uri=fx.lake.full_uri(fx.output_path("missing-out", Stage.TRYON)),
+    )
+    fx.add(
+        4, "skip-refine", Status.SUCCEEDED, output_uri=fx.output("skip-refine", Stage.TRYON, YELLOW)
+    )
+    fx.add(
+        4,
+        "skip-refine",
+        Status.SKIPPED,
+        stage=Stage.REFINE,
+        provider="ailab",
+        error_code="REFINE_NOT_APPLICABLE",
+        error_message="no top garment to refine",
+    )
+    fx.add(
+        5,
+        "prompt-row",
+        Status.SUCCEEDED,
+        garment_image=None,
+        output_uri=fx.output("prompt-row", Stage.TRYON, GREEN),
+    )
+    return fx
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient() as client:
+        yield client
+
+
+class RowsParser(HTMLParser):
+    """Collects, per table body row, the text of each cell (entities decoded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self.scripts = 0
+        self._in_body = False
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "script":
+            self.scripts += 1
+        elif tag == "tbody":
+            self._in_body = True
+        elif tag == "tr" and self._in_body:
+            self.rows.append([])
+        elif tag == "td" and self._in_body:
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None:
+            self.rows[-1].append("".join(self._cell))
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def parse(sheet: ContactSheet) -> RowsParser:
+    parser = RowsParser()
+    parser.feed(sheet.html)
+    return parser
+
+
+async def test_png_grid_has_a_band_per_row_and_images_in_their_cells(
+    run: RunFixture, http: httpx.AsyncClient
+) -> None:
+    sheet = await build_contact_sheet(
+        run.records, read_image=lake_image_reader(run.lake, http=http)
+    )
+    layout = sheet.layout
+    png = Image.open(BytesIO(sheet.png))
+    png.load()
+
+    assert png.format == "PNG"
+    assert layout.columns == ("person", "garment", "coarse", "refined")  # the run refined
+    assert png.size == (4 * (128 + 2 * layout.pad) + layout.status_width, layout.top + 6 * 140)
+    assert (sheet.rows, sheet.rows_with_images, sheet.rows_listed) == (6, 6, 6)
+
+    def centre(row: int, column: str) -> tuple[int, ...]:
+        left, top, right, bottom = layout.thumb_box(row, column)
+        return png.getpixel(((left + right) // 2, (top + bottom) // 2))
+
+    def corner(row: int, column: str) -> tuple[int, ...]:
+        left, top, _, _ = layout.thumb_box(row, column)
+        return png.getpixel((left + 2, top + 2))
+
+    # Row 0 succeeded in both stages: every cell shows its image, none the placeholder.
+    assert close(centre(0, "person"), RED)
+    assert close(centre(0, "garment"), BLUE)
+    assert close(centre(0, "coarse"), GREEN)
+    assert close(centre(0, "refined"), MAGENTA)
+    assert not close(centre(0, "coarse"), PLACEHOLDER_RGB)
+    # Invalid row: placeholders everywhere.
+    for column in layout.columns:
+        assert corner(1, column) == PLACEHOLDER_RGB
+    # Failed row: the person still shows, the corrupt garment and the coarse cell do not.
+    assert close(centre(2, "person"), RED)
+    assert corner(2, "garment") == PLACEHOLDER_RGB
+    assert corner(2, "coarse") == PLACEHOLDER_RGB
+    # Output recorded but the file is gone: a placeholder, and the sheet is still built.
+    assert corner(3, "coarse") == PLACEHOLDER_RGB
+    assert close(centre(4, "coarse"), YELLOW)
+    assert corner(4, "refined") == PLACEHOLDER_RGB
+    assert corner(5, "garment") == PLACEHOLDER_RGB
+    assert close(centre(5, "coarse"), GREEN)
+
+
+async def test_html_lists_every_row_escaped_with_its_status(
+    run: RunFixture, http: httpx.AsyncClient
+) -> None:
+    sheet = await build_contact_sheet(
+        run.records, read_image=lake_image_reader(run.lake, http=http)
+    )
+    page = parse(sheet)
+
+    # Every row, in manifest order, ids round-tripping through the escaping.
+    ids = [cells[1] for cells in page.rows]
+    assert ids == ["ok-1", SCRIPT_ID, "fail-1", "missing-out", "skip-refine", "prompt-row"]
+    assert page.scripts == 0
+    assert SCRIPT_ID not in sheet.html
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in sheet.html
+    assert "<img src=x" not in sheet.html
+    assert NASTY_MESSAGE in page.rows[2][-1]
+    assert "default-src 'none'" in sheet.html  # nothing may load or run
+
+    # Images: ok-1 4, invalid 0, fail-1 1 (corrupt garment), missing-out 2, skip-refine 3,
+    # prompt-row 2.
+    assert sheet.html.count("src='data:image/jpeg;base64,") == 12
+    cells = {cells[1]: cells for cells in page.rows}
+    assert cells["ok-1"][-1].count("succeeded") == 2
+    assert cells[SCRIPT_ID][2:6] == ["invalid row"] * 4
+    assert "INVALID_ROW" in cells[SCRIPT_ID][-1]
+    assert cells["fail-1"][3] == "unreadable: DECODE_FAILED"
+    assert cells["fail-1"][4] == "failed: IMAGE_REJECTED"
+    assert cells["fail-1"][5] == "not run"
+    assert cells["missing-out"][4] == "missing output: NOT_FOUND"
+    assert cells["skip-refine"][5] == "skipped: REFINE_NOT_APPLICABLE"
+    assert cells["prompt-row"][3] == "no garment image (prompt)"
+    assert "all 6 rows shown" in sheet.html
+
+
+async def test_rows_beyond_the_image_limit_are_listed_and_said_to_be(run: RunFixture) -> None:
+    calls: list[str] = []
+
+    def read_local(uri: str) -> bytes:  # a plain sync reader is accepted too
+        calls.append(uri)
+        return Path(uri).read_bytes()
+
+    sheet = await build_contact_sheet(
+        run.records, read_image=read_local, max_image_rows=2, max_listed_rows=5
+    )
+    png = Image.open(BytesIO(sheet.png))
+
+    assert png.height == sheet.layout.top + 2 * sheet.layout.row_height
+    assert (sheet.rows_with_images, sheet.rows_listed) == (2, 5)
+    assert [cells[1] for cells in parse(sheet).rows] == [
+        "ok-1",
+        SCRIPT_ID,
+        "fail-1",
+        "missing-out",
+        "skip-refine",
+    ]
+    assert "images for the first 2 of 6 rows (limit)" in sheet.html
+    assert "5 rows listed in the HTML" in sheet.html
+    # Only the first two rows were read (ok-1: four images; the invalid row has none), and the
+    # shared person image came from the thumbnail cache.
+    assert len(calls) == 4
+
+
+async def test_a_large_run_keeps_the_png_bounded(tmp_path: Path) -> None:
+    image = png_bytes(GREEN, (40, 40))
+    records = [
+        RowRecord(
+            run_id=RUN_ID,
+            row_id=f"r{i:04d}",
+            row_index=i,
+            provider="changeclothes",
+            status=Status.SUCCEEDED,
+            person_image="p.png",
+            garment_image="g.png",
+            output_uri=f"out-{i}.png",
+        )
+        for i in range(250)
+    ]
+
+    async def read(uri: str) -> bytes:
+        return image
+
+    sheet = await build_contact_sheet(records, read_image=read)
+    png = Image.open(BytesIO(sheet.png))
+
+    assert sheet.layout.columns == ("person", "garment", "coarse")  # nothing refined
+    assert png.size == (3 * 140 + sheet.layout.status_width, sheet.layout.top + 100 * 140)
+    assert sheet.html.count("<tr class='row-succeeded'>") == 250
+    assert sheet.html.count("src='data:image/jpeg;base64,") == 300
+    assert "every row is listed in contact_sheet.html" in sheet.html
+
+
+async def test_write_contact_sheet_reads_the_run_back_from_the_lake(run: RunFixture) -> None:
+    # Rows 0-2 are in this run's metadata; rows 3-5 were recorded by an earlier committed run,
+    # so this run keeps them for its report only.
+    first_three = [r for r in run.records if r.row_index <= 2]
+    run.lake.write_metadata(RUN_ID, "part-a", first_three)
+    write_report_records(run.lake, RUN_ID, "part-a", run.records[len(first_three) :])
+
+    uris = await write_contact_sheet(run.lake, RUN_ID, manifest_rows=7)
+
+    assert uris.html == run.lake.full_uri(run.lake.path("runs", RUN_ID, "contact_sheet.html"))
+    assert uris.png == run.lake.full_uri(run.lake.path("runs", RUN_ID, "contact_sheet.png"))
+    staged = Path(uris.html).read_text(encoding="utf-8")
+    assert staged.count("<tr class='row-") == 6
+    assert staged.count("src='data:image/jpeg;base64,") == 12
+    assert "1 of the manifest&#x27;s 7 rows have no record" in staged
+    with Image.open(uris.png) as png:
+        assert png.height == 44 + 22 + 6 * 140
+
+    # Once committed, the published metadata is read (the staged parts may be gone).
+    run.lake.commit_run(RUN_ID, {"run_id": RUN_ID})
+    for part in run.lake.fs.glob(run.lake.path("runs", RUN_ID, "parts") + "/*.parquet"):
+        run.lake.fs.rm_file(part)
+    assert [r.row_index for r in group_rows(read_run_records(run.lake, RUN_ID))] == list(range(6))
+
+
+async def test_write_contact_sheet_refuses_an_unsafe_run_id(run: RunFixture) -> None:
+    with pytest.raises(ValueError, match="unsafe"):
+        await write_contact_sheet(run.lake, "../escape", run.records)
+
+
+def test_make_thumbnail_fits_the_box_upright_and_flat() -> None:
+    # A landscape JPEG stored sideways (EXIF orientation 6) is a portrait thumbnail.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = BytesIO()
+    Image.new("RGB", (400, 200), RED).save(buffer, "JPEG", exif=exif)
+    thumb = make_thumbnail(buffer.getvalue(), 128)
+    assert thumb.size == (64, 128)
+    assert thumb.mode == "RGB"
+
+    # Transparency goes onto white.
+    buffer = BytesIO()
+    Image.new("RGBA", (50, 50), (0, 0, 0, 0)).save(buffer, "PNG")
+    assert make_thumbnail(buffer.getvalue(), 128).getpixel((10, 10)) == (255, 255, 255)
+
+
+def test_make_thumbnail_refuses_oversized_headers_before_decoding() -> None:
+    buffer = BytesIO()
+    Image.new("L", (4000, 4000)).save(buffer, "PNG")
+    with pytest.raises(Exception, match="DECOMPRESSION_BOMB"):
+        make_thumbnail(buffer.getvalue(), 128, max_pixels=1_000_000)
+
+
+def test_group_rows_keeps_the_latest_record_per_stage() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    first = RowRecord(
+        run_id=RUN_ID,
+        row_id="a",
+        row_index=0,
+        provider="changeclothes",
+        status=Status.FAILED,
+        finished_at=t0,
+    )
+    retried = first.model_copy(
+        update={"status": Status.SUCCEEDED, "finished_at": t0 + timedelta(1)}
+    )
+    rows = group_rows([retried, first])
+    assert len(rows) == 1
+    assert rows[0].tryon is retried
+    assert rows[0].refine is None
+
+
+def test_tallies_by_provider_stage_status_and_failures_by_code(run: RunFixture) -> None:
+    counts = {(c.provider, c.stage, c.status): c.records for c in count_statuses(run.records)}
+    assert counts == {
+        ("changeclothes", "tryon", "succeeded"): 4,
+        ("changeclothes", "tryon", "invalid"): 1,
+        ("changeclothes", "tryon", "failed"): 1,
+        ("ailab", "refine", "succeeded"): 1,
+        ("ailab", "refine", "skipped"): 1,
+    }
+    failures = {(g.stage, g.error_code): g for g in group_failures(run.records)}
+    assert set(failures) == {
+        ("tryon", "INVALID_ROW"),
+        ("tryon", "IMAGE_REJECTED"),
+        ("refine", "REFINE_NOT_APPLICABLE"),
+    }
+    rejected = failures[("tryon", "IMAGE_REJECTED")]
+    assert (rejected.records, rejected.example_row_ids) == (1, ("fail-1",))
+    assert rejected.example_message == NASTY_MESSAGE
