@@ -96,11 +96,15 @@ def make_inputs(root: Path, *, seed: int = 20261121) -> tuple[list[Path], list[P
 
 
 def write_manifest(path: Path, people: list[Path], garments: list[Path], rows: int) -> Path:
-    """``rows`` rows cycling through every person x garment pair, unique ids, upper_body."""
+    """``rows`` rows cycling through every person x garment pair, unique ids, upper_body.
+
+    Each row is a distinct piece of work (its own ``garment_description``): past 2,000 rows
+    the pairs repeat, and the flow would otherwise (rightly) do each pair once.
+    """
     pairs = [(p, g) for p in people for g in garments]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["id", "person_image", "garment_image", "category"])
+        writer.writerow(["id", "person_image", "garment_image", "category", "garment_description"])
         for i in range(rows):
             person, garment = pairs[i % len(pairs)]
             writer.writerow(
@@ -109,6 +113,7 @@ def write_manifest(path: Path, people: list[Path], garments: list[Path], rows: i
                     person.relative_to(path.parent).as_posix(),
                     garment.relative_to(path.parent).as_posix(),
                     "upper_body",
+                    f"look {i}",
                 ]
             )
     return path

@@ -25,7 +25,7 @@ PREFIX = "tryon-"
 # Leases are renewed in the background while the run holds them. A killed run's slots come
 # back once its lease expires and the server's repossessor runs (every 15 s by default): a
 # `prefect server start` does this; Prefect's temporary local server runs no repossessor, so
-# there a killed run's slots stay taken until reset (see README, "Limits").
+# there a killed run's slots stay taken until reset (README, "Limits").
 # The server refuses leases under 60 s.
 LEASE_DURATION_S = max(60.0, float(os.environ.get("TRYON_LEASE_DURATION_S", "120")))
 # After this long without slots, say why the run waits (it then goes on waiting).

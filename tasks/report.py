@@ -340,6 +340,9 @@ class _Cell:
     title: str = ""  # where the image came from (redacted), for the HTML
 
 
+_ROWS_PER_BATCH = 8
+
+
 class _Thumbnails:
     """Fetch + thumbnail cells; a small LRU keeps shared input images from being redone."""
 
@@ -506,11 +509,20 @@ async def build_contact_sheet(
 
     thumbnails = _Thumbnails(read_image, thumb_px)
     html_rows: list[str] = []
-    for drawn, row in enumerate(image_rows):
-        specs = _cell_specs(row, layout.columns)
-        cells = await asyncio.gather(*(thumbnails.cell(spec) for spec in specs))
-        _draw_row(canvas, draw, layout, font, drawn, row, cells)
-        html_rows.append(_html_row(row, layout, cells))
+    # A few rows' cells at a time: thumbnails decode in threads (both cores), memory stays small.
+    for start in range(0, len(image_rows), _ROWS_PER_BATCH):
+        batch = image_rows[start : start + _ROWS_PER_BATCH]
+        batch_cells = await asyncio.gather(
+            *(
+                asyncio.gather(
+                    *(thumbnails.cell(spec) for spec in _cell_specs(row, layout.columns))
+                )
+                for row in batch
+            )
+        )
+        for offset, (row, cells) in enumerate(zip(batch, batch_cells, strict=True)):
+            _draw_row(canvas, draw, layout, font, start + offset, row, cells)
+            html_rows.append(_html_row(row, layout, cells))
     html_rows.extend(_html_row(row, layout, None) for row in rows[len(image_rows) : listed])
 
     png = await asyncio.to_thread(_encode_png, canvas)
@@ -527,7 +539,7 @@ async def build_contact_sheet(
 
 def _encode_png(canvas: Image.Image) -> bytes:
     buffer = BytesIO()
-    canvas.save(buffer, "PNG", compress_level=6)
+    canvas.save(buffer, "PNG", compress_level=1)  # level 6 took 4x as long for ~15% less
     return buffer.getvalue()
 
 
