@@ -8,7 +8,7 @@ LAKE ?= ./lake
 # ("database is locked"); it sends nothing useful offline anyway.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test lint fmt emulator clean bench
+.PHONY: install demo test lint fmt emulator clean bench reliability
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ emulator: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+reliability: $(STAMP)
+	$(BIN)/python -m bench.reliability
 
 clean:
 	rm -rf $(LAKE) .pytest_cache .ruff_cache

@@ -8,22 +8,32 @@ import time
 import uuid
 from collections import Counter
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import httpx
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from flows.runners import dask_worker_threads, task_runner_from_env
 from providers.base import ProviderError, TryOnClient
 from providers.registry import PROVIDERS, REFINER, ProviderSpec, provider_spec
-from providers.settings import API_KEY_ENV
-from providers.transport import provider_http_client
 from schemas.manifest import InvalidRow, ManifestError, ManifestRow
 from schemas.results import Stage, Status
 from tasks.artifacts import ProgressTee, RunProgressArtifact, publish_run_outputs
+from tasks.context import (
+    ChunkSettings,
+    credential_env_names,
+    error_fields,
+    error_from_fields,
+    open_lane,
+    open_stager,
+    split_slots,
+)
 from tasks.credentials import load_secret_blocks
+from tasks.fetch_guard import inputs_client_for, parse_allow_entry
 from tasks.images import PreparedImageCache
 from tasks.lake import Lake
 from tasks.ledger import WorkLedger
@@ -34,9 +44,7 @@ from tasks.process import (
     RetryPolicy,
     RunContext,
     refine_not_applicable,
-    rows_in_progress,
 )
-from tasks.staging import InputStager
 from tasks.tryon import (
     ChunkOutcome,
     invalid_records,
@@ -93,6 +101,24 @@ class BatchParams(BaseModel):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for the lake, manifest and inputs."
     )
+    fetch_allow: list[str] = Field(
+        default_factory=list,
+        description="Non-public destinations input image URLs may reach: CIDR networks "
+        "(10.0.0.0/8, fd00::/8), single addresses or exact host names. Empty (default): "
+        "loopback, private, CGNAT, link-local (cloud metadata), multicast and reserved "
+        "addresses are refused, after DNS and on every redirect (FETCH_BLOCKED_ADDRESS).",
+    )
+    fetch_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="Read timeout of an input image fetch in seconds (connect: at most 10).",
+    )
+
+    @field_validator("fetch_allow")
+    @classmethod
+    def _valid_fetch_allow(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(parse_allow_entry(entry) for entry in value))
 
     @field_validator("provider")
     @classmethod
@@ -148,6 +174,7 @@ class RunSummary(BaseModel):
     provider_calls: int
     duration_s: float
     fatal_error: str | None = None
+    chunk_processes: list[str] = Field(default_factory=list)  # host:pid that ran chunks
 
     @property
     def exit_code(self) -> int:
@@ -189,6 +216,13 @@ def set_progress_sink(sink: ProgressSink | None) -> None:
     _progress_sink = sink
 
 
+@dataclass(frozen=True, slots=True)
+class _FinishedRow:
+    """What progress sinks read of a row a remote chunk finished."""
+
+    status: str
+
+
 def _chunks(rows: list[ManifestRow], size: int) -> list[list[ManifestRow]]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
@@ -221,7 +255,9 @@ def _run_id() -> str:
     return str(current) if current else str(uuid.uuid4())
 
 
-@flow(name="tryon-batch", log_prints=True)
+# The task runner is configuration (flows/runners.py): chunks on the flow's own event loop by
+# default, or on a Dask cluster with TRYON_TASK_RUNNER=dask.
+@flow(name="tryon-batch", log_prints=True, task_runner=task_runner_from_env())
 async def tryon_batch(params: BatchParams) -> RunSummary:
     """Manifest -> validated rows -> chunked try-on at the provider's limits -> lake."""
     logger = get_run_logger()
@@ -252,7 +288,8 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
             by_provider.setdefault(name, []).append(row)
     invalid.sort(key=lambda r: r.row_index)
     bad = invalid_records(run_id, default_spec.name, invalid, manifest=params.manifest)
-    await record_invalid_rows(lake, run_id, bad)
+    if bad:  # a task run costs a few API round trips: none when there is nothing to record
+        await record_invalid_rows(lake, run_id, bad)
     # The CLI's progress bar (when there is one) and a Prefect progress artifact.
     progress = RunProgressArtifact()
     sink = ProgressTee(_progress_sink, progress)
@@ -263,16 +300,12 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
     outcomes: list[ChunkOutcome] = []
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(progress)  # 0 % now, 100 % (or where it stopped) at exit
+        # Guarded: no loopback, private or link-local address unless fetch_allow names it.
         inputs_http = await stack.enter_async_context(
-            httpx.AsyncClient(
-                timeout=httpx.Timeout(30.0, connect=10.0),
-                follow_redirects=True,
-                max_redirects=5,
-            )
+            inputs_client_for(params.fetch_allow, timeout_s=params.fetch_timeout_s)
         )
         # Credentials the environment lacks may come from Prefect Secret blocks.
-        accounts = [*by_provider, *(["ailab"] if params.refine else [])]
-        await load_secret_blocks(env for name in accounts for env in API_KEY_ENV[name])
+        await load_secret_blocks(credential_env_names(list(by_provider), refine=params.refine))
 
         async def lane_for(spec: ProviderSpec, limits: ProviderLimits) -> Lane:
             wanted = limits.max_in_flight or spec.max_in_flight
@@ -293,33 +326,23 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
                     in_flight,
                     global_limit_name(spec.name),
                 )
-            http = await stack.enter_async_context(
-                # One connection per row in progress (see rows_in_progress), on the aiohttp
-                # transport: httpcore's pool bookkeeping was most of the fast path's CPU.
-                provider_http_client(
-                    max_connections=rows_in_progress(in_flight),
-                    timeout=httpx.Timeout(180.0, connect=10.0),
-                )
-            )
-            try:
-                client = spec.make_client(http=http)
-            except ProviderError as exc:
-                raise RunNotStarted(str(exc)) from None
             rps = limits.requests_per_second or spec.requests_per_second
-            return Lane(client=client, max_in_flight=in_flight, requests_per_second=rps)
+            try:
+                return await open_lane(stack, spec, in_flight=in_flight, requests_per_second=rps)
+            except (ProviderError, ValueError) as exc:  # missing or malformed configuration
+                raise RunNotStarted(str(exc)) from None
 
         refine_lane = await lane_for(REFINER, params.refine_limits) if params.refine else None
+        # On Dask, chunks run in other processes: each rebuilds its context from settings.
+        dask_threads = dask_worker_threads(FlowRunContext.get().task_runner)
         images = PreparedImageCache()
         contexts: list[RunContext] = []
         for name, rows in by_provider.items():
             lane = await lane_for(PROVIDERS[name], params.limits)
-            stager = None
-            if lane.client.capabilities.needs_urls:
-                try:
-                    stager = InputStager(lake, provider_base_url=lane.client.base_url)
-                except ValueError as exc:
-                    raise RunNotStarted(str(exc)) from None
-                stack.callback(stager.close)
+            try:
+                stager = open_stager(stack, lake, lane)
+            except ValueError as exc:
+                raise RunNotStarted(str(exc)) from None
             ctx = RunContext(
                 run_id=run_id,
                 lane=lane,
@@ -334,8 +357,9 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
                 progress=sink,
                 ledger=WorkLedger(lake, run_id),
             )
-            register_context(ctx)
-            stack.callback(unregister_context, ctx)
+            if dask_threads is None:  # chunks run here, on this loop, with these objects
+                register_context(ctx)
+                stack.callback(unregister_context, ctx)
             contexts.append(ctx)
             logger.info("%s: %d rows, %d in flight", name, len(rows), lane.max_in_flight)
 
@@ -349,7 +373,63 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
                 async with gate:
                     outcomes.append(await process_chunk(run_id, ctx.lane.name, index, chunk))
 
-            await asyncio.gather(*(one(i, c) for i, c in enumerate(chunks)))
+            if dask_threads is None:
+                await asyncio.gather(*(one(i, c) for i, c in enumerate(chunks)))
+            else:
+                await run_on_dask(ctx, chunks, dask_threads)
+
+        async def run_on_dask(
+            ctx: RunContext, chunks: list[list[ManifestRow]], threads: int
+        ) -> None:
+            """Chunks as Dask tasks, as many at once as the cluster has threads. Each running
+            chunk holds a share of the run's leased slots (and rate), so together they never
+            exceed what the run holds. Chunks started after one reports a run-fatal error are
+            told of it: they record their rows as not attempted, without calling."""
+            lane, refine = ctx.lane, ctx.refine
+            parallel = min(len(chunks), threads, lane.max_in_flight)
+            tryon_shares = split_slots(lane.max_in_flight, parallel)
+            refine_shares = split_slots(refine.max_in_flight, parallel) if refine else []
+            shares: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+            for i, share in enumerate(tryon_shares):
+                shares.put_nowait((share, refine_shares[i % len(refine_shares)] if refine else 1))
+
+            def rate(one: Lane | None, share: int) -> float | None:
+                rps = one.requests_per_second if one else None
+                return rps * share / one.max_in_flight if one and rps else None
+
+            async def one_remote(index: int, chunk: list[ManifestRow]) -> None:
+                share, refine_share = await shares.get()
+                try:
+                    settings = ChunkSettings(
+                        lake=params.lake,
+                        storage_options=params.storage_options,
+                        max_in_flight=share,
+                        requests_per_second=rate(lane, share),
+                        refine=refine is not None,
+                        refine_max_in_flight=refine_share,
+                        refine_requests_per_second=rate(refine, refine_share),
+                        refine_gender=params.refine_gender,
+                        max_attempts=params.max_attempts,
+                        fetch_allow=params.fetch_allow,
+                        fetch_timeout_s=params.fetch_timeout_s,
+                        fatal=error_fields(lane.state.fatal),
+                        refine_fatal=error_fields(refine.state.fatal) if refine else None,
+                    )
+                    future = process_chunk.submit(run_id, lane.name, index, chunk, settings)
+                    outcome: ChunkOutcome = await asyncio.to_thread(future.result)
+                finally:
+                    shares.put_nowait((share, refine_share))
+                outcomes.append(outcome)
+                # The first fatal error wins, as in-process.
+                if outcome.fatal and lane.state.fatal is None:
+                    lane.state.fatal = error_from_fields(outcome.fatal)
+                if refine and outcome.refine_fatal and refine.state.fatal is None:
+                    refine.state.fatal = error_from_fields(outcome.refine_fatal)
+                for status, n in outcome.counts.get(Stage.TRYON, {}).items():
+                    for _ in range(n):
+                        sink.row_done(_FinishedRow(status=status))
+
+            await asyncio.gather(*(one_remote(i, c) for i, c in enumerate(chunks)))
 
         await asyncio.gather(*(run_provider(ctx, by_provider[ctx.lane.name]) for ctx in contexts))
         lanes = [ctx.lane for ctx in contexts] + ([refine_lane] if refine_lane else [])
@@ -376,6 +456,7 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
         provider_calls=sum(o.provider_calls for o in outcomes),
         duration_s=round(time.perf_counter() - started, 3),
         fatal_error=str(fatal) if fatal else None,
+        chunk_processes=sorted({o.process for o in outcomes}),
     )
     lake.write_json(lake.path("runs", run_id, "summary.json"), summary.model_dump(mode="json"))
     # Last: readers and reruns trust this run's metadata from here on.
@@ -384,7 +465,9 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
     )
     logger.info("run %s: %s", run_id, summary.one_line())
     # For people: the contact sheet in the lake, a summary table and a report in Prefect.
-    await publish_run_outputs(lake, summary, storage_options=params.storage_options)
+    await publish_run_outputs(
+        lake, summary, storage_options=params.storage_options, fetch_allow=params.fetch_allow
+    )
     if fatal is not None:
         logger.error("stopped submitting after a run-fatal error: %s", fatal)
     if summary.unfinished:

@@ -27,6 +27,9 @@ from rich.table import Table
 # Before Prefect is imported: its telemetry heartbeat races the ephemeral server's first SQLite
 # migrations ("database is locked") and is useless offline.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Without PREFECT_API_URL a run starts Prefect's temporary server, which must migrate a fresh
+# SQLite database first: on a busy 2-core machine that took over Prefect's 20 s default.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
@@ -95,8 +98,23 @@ def run(
     lake: Annotated[str, typer.Option(help="Lake root: folder or fsspec URL.")] = "./lake",
     provider: Annotated[str, typer.Option(help="Provider for rows naming none.")] = "changeclothes",
     emulator: Annotated[
-        bool, typer.Option("--emulator", help="Start the emulator in-process and use it.")
+        bool,
+        typer.Option(
+            "--emulator",
+            help="Start the emulator in-process and use it (input fetches may reach loopback).",
+        ),
     ] = False,
+    fetch_allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fetch-allow",
+            help="Non-public network (CIDR), address or host name input image URLs may reach, "
+            "repeatable. Default: loopback, private, link-local... addresses are refused.",
+        ),
+    ] = None,
+    fetch_timeout: Annotated[
+        float, typer.Option(help="Read timeout of an input image fetch (s).")
+    ] = 30.0,
     chunk_size: Annotated[int, typer.Option(help="Rows per Prefect task.")] = 100,
     max_in_flight: Annotated[
         int | None, typer.Option(help="Provider calls in flight (default: provider's).")
@@ -118,6 +136,7 @@ def run(
 ) -> None:
     """Run a try-on batch and write results and metadata to the lake."""
     from flows.batch import BatchIncomplete, BatchParams, RunNotStarted, set_progress_sink
+    from tasks.fetch_guard import LOOPBACK
 
     try:
         params = BatchParams(
@@ -129,6 +148,9 @@ def run(
             max_attempts=max_attempts,
             refine=refine,
             refine_gender=refine_gender,
+            # The emulator and the images a local test serves live on loopback.
+            fetch_allow=[*(fetch_allow or []), *(LOOPBACK if emulator else ())],
+            fetch_timeout_s=fetch_timeout,
         )
     except ValueError as exc:
         err.print(f"[red]cannot start:[/] {exc}")

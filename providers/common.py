@@ -8,8 +8,10 @@ and name it. Each vendor's table itself stays beside its client.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Collection, Iterable
 from dataclasses import dataclass
+from urllib.parse import quote, quote_plus
 
 import httpx
 from pydantic import SecretStr
@@ -31,10 +33,23 @@ class ErrorSpec:
 
 
 def redact_secrets(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with each of ``secrets`` blanked out (vendor and httpx text may echo them)."""
+    """``text`` with each of ``secrets`` blanked out (vendor and httpx text may echo them).
+
+    Also the forms a message may quote a secret in: escaped as a Python str or bytes repr
+    (h11's "Illegal header value b'Bearer key\\n'"), as JSON, or URL-encoded."""
+    forms: set[str] = set()
     for secret in secrets:
         if secret:  # an empty secret would "match" between every character
-            text = text.replace(secret, "***")
+            forms |= {
+                secret,
+                repr(secret)[1:-1],
+                repr(secret.encode())[2:-1],
+                json.dumps(secret)[1:-1],
+                quote(secret, safe=""),
+                quote_plus(secret),
+            }
+    for form in sorted(forms, key=len, reverse=True):  # a longer form holds shorter ones
+        text = text.replace(form, "***")
     return text
 
 

@@ -67,11 +67,22 @@ def clear_supplied_credentials() -> None:
 
 
 def credential(env_name: str) -> SecretStr | None:
-    """The environment's value first (it is the most local), else a supplied Secret block's."""
-    value = os.environ.get(env_name)
-    if value:
-        return SecretStr(value)
-    return _supplied.get(env_name)
+    """The environment's value first (it is the most local), else a supplied Secret block's.
+
+    Surrounding whitespace is dropped: a key read from a file or pasted into a Secret block
+    often ends in a newline, which no HTTP header may carry. A control character left inside
+    raises ``ValueError`` naming the variable (never the value).
+    """
+    value = os.environ.get(env_name, "").strip()
+    secret = SecretStr(value) if value else _supplied.get(env_name)
+    if secret is None:
+        return None
+    text = secret.get_secret_value().strip()
+    if not text:
+        return None
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in text):
+        raise ValueError(f"{env_name} contains a control character (newline, tab, NUL...)")
+    return SecretStr(text)
 
 
 def emulator_credential(env_name: str) -> str:

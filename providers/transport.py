@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import aiohttp
+import aiohttp.abc
 import httpx
 
 _CHUNK = 64 * 1024
@@ -84,7 +85,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         *,
         limits: httpx.Limits | None = None,
         verify: ssl.SSLContext | bool = True,
+        resolver: aiohttp.abc.AbstractResolver | None = None,
     ) -> None:
+        """``resolver``: aiohttp's DNS resolver for this pool (default: aiohttp's own); the
+        connector connects to exactly the addresses it returns (see ``tasks.fetch_guard``)."""
         limits = limits or httpx.Limits()
         self._max_connections = limits.max_connections or 0  # 0: no limit, as in aiohttp
         self._keepalive_s = limits.keepalive_expiry if limits.keepalive_expiry is not None else 5.0
@@ -92,6 +96,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             self._ssl: ssl.SSLContext | bool = verify
         else:  # httpx's default context (certifi, SSL_CERT_FILE) so both transports agree
             self._ssl = httpx.create_ssl_context() if verify else False
+        self._resolver = resolver
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
@@ -101,6 +106,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 limit_per_host=0,
                 keepalive_timeout=self._keepalive_s,
                 ssl=self._ssl,
+                resolver=self._resolver,  # None: aiohttp's default
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,

@@ -60,6 +60,16 @@ _DATA_IMAGE = r"(?i)^data:image/[a-z0-9.+\-]+;base64,[\s\S]"
 _NEEDS_NORMALISING = r"(^|/)\.\.?(/|$)|//|/$"
 _BUILTIN_SCHEMES = frozenset({"", "file", "http", "https", "data"})
 
+_CONTROL_CHARACTER = r"[\x00-\x1f\x7f]"
+# Free-text columns; ids and image references have stricter checks of their own.
+_TEXT_COLUMNS: tuple[str, ...] = (
+    "category",
+    "garment_description",
+    "prompt",
+    "gender",
+    "provider",
+)
+
 # Values quoted in messages are cut short: a data URI can be megabytes long.
 _SHOW_MAX = 80
 _DUPLICATED_SUFFIX_RE = re.compile(r"^(.*)_duplicated_\d+$")  # how Polars renames repeats
@@ -379,6 +389,13 @@ def _reason_exprs(
     ]
     for column in IMAGE_COLUMNS:
         exprs.extend(_uri_exprs(column, schemes))
+    for column in _TEXT_COLUMNS:
+        # A NUL byte is never text a provider should see (and C code stops at it).
+        exprs.append(
+            pl.when(pl.col(column).str.contains("\x00", literal=True)).then(
+                pl.lit(f"NUL byte in column '{column}'")
+            )
+        )
     exprs.append(
         pl.when(garment.is_null() & pl.col("prompt").is_null()).then(
             pl.lit("garment_image or prompt is required")
@@ -428,6 +445,10 @@ def _uri_exprs(column: str, schemes: frozenset[str]) -> list[pl.Expr]:
     return [
         pl.when(scheme.is_not_null() & ~scheme.is_in(sorted(schemes))).then(
             pl.format(f"unknown URI scheme '{{}}' in column '{column}'", _show_expr(scheme))
+        ),
+        # A path or URL never holds one: most likely a mangled CSV (a quote out of place).
+        pl.when((scheme.fill_null("") != "data") & ref.str.contains(_CONTROL_CHARACTER)).then(
+            pl.lit(f"control character (newline, NUL, ...) in column '{column}'")
         ),
         pl.when((scheme == "data") & ~ref.str.contains(_DATA_IMAGE)).then(
             pl.lit(

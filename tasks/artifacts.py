@@ -381,8 +381,9 @@ async def publish_run_outputs(
     *,
     storage_options: dict[str, Any] | None = None,
     records: Sequence[RowRecord] | None = None,
+    fetch_allow: Sequence[str] = (),
 ) -> ContactSheetUris | None:
-    """At the end of a run: the contact sheet in the lake, then the table and report artifacts.
+    """At the end of a run: the contact sheet in the lake and the table and report artifacts.
 
     Reads the run's records back from the lake (``read_run_records``) unless given.
     Reporting never changes the run's outcome: a failure is logged and the rest still
@@ -391,19 +392,31 @@ async def publish_run_outputs(
     logger = _logger()
     if records is None:
         records = await asyncio.to_thread(read_run_records, lake, run.run_id)
-    sheet: ContactSheetUris | None = None
-    try:
-        sheet = await write_contact_sheet(
-            lake,
-            run.run_id,
-            records,
-            storage_options=storage_options,
-            manifest_rows=run.total_rows,
-        )
-    # Reporting must not fail a run whose results are already safe in the lake.
-    except Exception as exc:
-        logger.warning("contact sheet not written: %s: %s", type(exc).__name__, exc)
     counts = count_statuses(records)
+
+    async def contact_sheet() -> ContactSheetUris | None:
+        try:
+            return await write_contact_sheet(
+                lake,
+                run.run_id,
+                records,
+                storage_options=storage_options,
+                manifest_rows=run.total_rows,
+                fetch_allow=fetch_allow,
+            )
+        # Reporting must not fail a run whose results are already safe in the lake.
+        except Exception as exc:
+            logger.warning("contact sheet not written: %s: %s", type(exc).__name__, exc)
+            return None
+
+    async def table() -> None:
+        try:
+            await publish_summary_table(counts)
+        except Exception as exc:
+            logger.warning("summary table not published: %s: %s", type(exc).__name__, exc)
+
+    # The sheet is CPU in threads, the table an API call: together, not one after the other.
+    sheet, _ = await asyncio.gather(contact_sheet(), table())
     report = RunReport(
         run_id=run.run_id,
         total_rows=run.total_rows,
@@ -418,8 +431,7 @@ async def publish_run_outputs(
         fatal_error=run.fatal_error,
     )
     try:
-        await publish_summary_table(counts)
         await publish_report_markdown(report)
     except Exception as exc:
-        logger.warning("run artifacts not published: %s: %s", type(exc).__name__, exc)
+        logger.warning("run report not published: %s: %s", type(exc).__name__, exc)
     return sheet

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import posixpath
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,25 @@ from schemas.results import RowRecord, records_to_frame
 
 class LakePathError(ValueError):
     """A path would leave the lake root."""
+
+
+# Control characters (NUL above all: C APIs stop there, so "a\x00/../../x" may name another
+# file than the one checked) never belong in a lake path.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _is_safe_component(part: str) -> bool:
+    if not part or part.startswith("/") or "\\" in part or _CONTROL.search(part):
+        return False
+    return all(segment not in ("", ".", "..") for segment in part.split("/"))
+
+
+def _normalise_root(root: str) -> str:
+    """The root without "." or ".." segments, repeated or trailing "/" ("/" stays "/")."""
+    if not root:
+        return root
+    normal = posixpath.normpath(root)
+    return "/" if normal.startswith("/") and not normal.strip("/") else normal.rstrip("/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,23 +77,39 @@ class Lake:
         fs, root = fsspec.core.url_to_fs(uri, **options)
         if isinstance(fs, LocalFileSystem):
             fs = LocalFileSystem(auto_mkdir=True)
-            root = fs._strip_protocol(root)
+            # Normalised ("../lake" comes back as "/cwd/../lake"), as every joined path is.
+            root = _normalise_root(fs._strip_protocol(root))
             display = root
         else:
-            root = root.rstrip("/")
+            root = _normalise_root(root)
             display = fs.unstrip_protocol(root)
-        return cls(fs=fs, root=root.rstrip("/"), uri=display)
+        return cls(fs=fs, root=root, uri=display)
 
     # -- paths ---------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
-        """Join ``parts`` under the root; refuse anything that would resolve outside it."""
+        """Join ``parts`` under the root; refuse anything that would resolve outside it.
+
+        A component may hold "/" (nested folders) but no "..", ".", empty segment, leading
+        "/", backslash (a separator on Windows and to some object-store tools) or control
+        character such as NUL; the joined, normalised path must be under the root.
+        """
         for part in parts:
-            if not part or part.startswith("/") or "\\" in part:
+            if not isinstance(part, str) or not _is_safe_component(part):
                 raise LakePathError(f"unsafe lake path component {part!r}")
-        joined = posixpath.normpath(posixpath.join(self.root, *parts))
-        if joined != self.root and not joined.startswith(self.root.rstrip("/") + "/"):
-            raise LakePathError(f"path {'/'.join(parts)!r} leaves the lake root")
-        return joined
+        return self.check_inside(posixpath.join(self.root, *parts))
+
+    def check_inside(self, path: str) -> str:
+        """``path`` normalised, if it is strictly under the root; else ``LakePathError``.
+
+        Every write goes through this: nothing is written outside the lake root, whatever a
+        row id, run id or provider says."""
+        if not isinstance(path, str) or _CONTROL.search(path) or "\\" in path:
+            raise LakePathError(f"unsafe lake path {path!r}")
+        normal = posixpath.normpath(path)
+        inside = self.root.rstrip("/") + "/"
+        if normal != path.rstrip("/") or not normal.startswith(inside):
+            raise LakePathError(f"path {path!r} is not under the lake root {self.root!r}")
+        return normal
 
     def full_uri(self, path: str) -> str:
         """The URI a reader outside this process can open (local paths stay plain paths)."""
@@ -103,13 +139,14 @@ class Lake:
     def write_bytes(self, path: str, data: bytes) -> str:
         # No makedirs on object stores: s3fs's would create a mistyped bucket; the local
         # filesystem makes parents itself (auto_mkdir).
+        path = self.check_inside(path)
         self.fs.pipe_file(path, data)
         return self.full_uri(path)
 
     def write_metadata(self, run_id: str, part: str, records: list[RowRecord]) -> str:
         """Write one Parquet part, with the fixed metadata schema, to the run's staging folder
         (published by ``commit_run``); returns its URI."""
-        path = self.run_path(run_id, "parts", f"{part}.parquet")
+        path = self.check_inside(self.run_path(run_id, "parts", f"{part}.parquet"))
         frame = records_to_frame(records)
         with self.fs.open(path, "wb") as handle:
             frame.write_parquet(handle)
@@ -135,12 +172,13 @@ class Lake:
         parts = sorted(self.fs.glob(staged + "/*.parquet")) if self.fs.exists(staged) else []
         names = {posixpath.basename(p) for p in parts}
         for part in parts:
-            self.fs.copy(part, posixpath.join(published, posixpath.basename(part)))
+            target = self.check_inside(posixpath.join(published, posixpath.basename(part)))
+            self.fs.copy(part, target)
         if self.fs.exists(published):
             for old in self.fs.glob(published + "/*.parquet"):
                 if posixpath.basename(old) not in names:
-                    self.fs.rm_file(old)
-        marker = self.commit_marker(run_id)
+                    self.fs.rm_file(self.check_inside(old))
+        marker = self.check_inside(self.commit_marker(run_id))
         data = json.dumps({**payload, "parts": sorted(names)}, sort_keys=True, default=str)
         try:
             with self.fs.open(marker, "xb") as handle:  # exclusive: one commit per run...
@@ -151,12 +189,14 @@ class Lake:
 
     def read_uri(self, uri: str) -> bytes:
         """Bytes of an object this lake wrote (``full_uri`` form), guarded to the root."""
-        path = self.fs._strip_protocol(uri)
-        if path != self.root and not path.startswith(self.root.rstrip("/") + "/"):
-            raise LakePathError(f"{uri!r} is not in the lake")
+        try:
+            path = self.check_inside(self.fs._strip_protocol(uri))
+        except LakePathError:
+            raise LakePathError(f"{uri!r} is not in the lake") from None
         return bytes(self.fs.cat_file(path))
 
     def remove_if_exists(self, path: str) -> None:
+        path = self.check_inside(path)
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
 

@@ -6,6 +6,7 @@ never the storage options, a URL's user info or its query string (presigned sign
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 from collections.abc import Collection, Iterator, Mapping
@@ -136,7 +137,25 @@ def _parse_csv(data: bytes, separator: str, shown: str) -> pl.DataFrame:
     except pl.exceptions.NoDataError:
         raise ManifestError(f"manifest {shown} is empty (no header)") from None
     except pl.exceptions.PolarsError as exc:
-        raise ManifestError(f"manifest {shown} is not valid CSV: {_first_line(exc)}") from exc
+        where = _first_ragged_row(data, separator)
+        raise ManifestError(
+            f"manifest {shown} is not valid CSV: {where}{_first_line(exc)}"
+        ) from exc
+
+
+def _first_ragged_row(data: bytes, separator: str) -> str:
+    """Where a CSV Polars refused goes wrong: the first data row (0-based, as reports count)
+    with more fields than the header, quoted newlines counted right; "" if none does."""
+    text = data.decode("utf-8", "replace").lstrip("\ufeff")
+    try:
+        rows = csv.reader(io.StringIO(text, newline=""), delimiter=separator, strict=True)
+        width = len(next(rows))
+        for number, row in enumerate(rows):
+            if len(row) > width:
+                return f"row {number} has {len(row)} fields, the header {width}: "
+    except (csv.Error, StopIteration):
+        return ""
+    return ""
 
 
 def _parse_parquet(data: bytes, shown: str) -> pl.DataFrame:
@@ -155,14 +174,42 @@ def _parse_parquet(data: bytes, shown: str) -> pl.DataFrame:
             raise ManifestError(
                 f"manifest {shown} column {name!r} has type {dtype}, which is not text"
             )
+        if dtype.is_float():
+            casts.append(_float_as_text(name))
+            continue
         # Unknown columns are never read: a value that will not cast becomes null, not an error.
         casts.append(pl.col(name).cast(pl.String, strict=known))
     try:
         return frame.with_columns(casts)
     except pl.exceptions.PolarsError as exc:
+        bad = next((c.meta.output_name() for c in casts if _fails(frame, c)), None)
+        column = f" {bad!r} ({frame.schema[bad]})" if bad is not None else ""
         raise ManifestError(
-            f"manifest {shown} has a column that cannot be read as text: {_first_line(exc)}"
+            f"manifest {shown} column{column} cannot be read as text: {_first_line(exc)}"
         ) from exc
+
+
+def _float_as_text(name: str) -> pl.Expr:
+    """A float column as text the way its writer meant it: pandas stores an integer column
+    with gaps as float64, so 7.0 is the id "7" and NaN is a missing value, not the id "NaN"."""
+    value = pl.col(name)
+    integral = value.is_finite() & (value == value.round()) & (value.abs() < 2.0**53)
+    return (
+        pl.when(value.is_nan())
+        .then(None)
+        .when(integral)
+        .then(value.cast(pl.Int64, strict=False).cast(pl.String))
+        .otherwise(value.cast(pl.String))
+        .alias(name)
+    )
+
+
+def _fails(frame: pl.DataFrame, cast: pl.Expr) -> bool:
+    try:
+        frame.select(cast)
+    except pl.exceptions.PolarsError:
+        return True
+    return False
 
 
 def _extension(uri: str) -> str:

@@ -616,11 +616,10 @@ async def process_row(row: ManifestRow, ctx: RunContext) -> list[RowRecord]:
     problems: one record per stage (try-on, and refine when the run refines)."""
     record = _new_record(ctx, row, Stage.TRYON, ctx.lane.name)
     coarse = await _try_on(ctx, row, record)
-    if ctx.progress is not None:
-        ctx.progress.row_done(record)
-    if ctx.refine is None:
-        return [record]
-    return [record, await _refine(ctx, row, coarse, record)]
+    records = [record] if ctx.refine is None else [record, await _refine(ctx, row, coarse, record)]
+    if ctx.progress is not None:  # once every stage is over; shown as its first unsuccessful one
+        ctx.progress.row_done(next((r for r in records if r.status != Status.SUCCEEDED), record))
+    return records
 
 
 def _finish(record: RowRecord, t0: float, *, skipped_by: ProviderError | None = None) -> RowRecord:

@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from schemas.manifest import is_safe_id
 from schemas.results import RowRecord, Stage, Status, records_to_frame
+from tasks.fetch_guard import inputs_client_for
 from tasks.images import (
     DEFAULT_ALLOWED_FORMATS,
     DEFAULT_MAX_FETCH_BYTES,
@@ -848,11 +849,14 @@ async def write_contact_sheet(
     max_image_rows: int = DEFAULT_MAX_IMAGE_ROWS,
     max_listed_rows: int = DEFAULT_MAX_LISTED_ROWS,
     manifest_rows: int | None = None,
+    fetch_allow: Sequence[str] = (),
 ) -> ContactSheetUris:
     """Build the run's contact sheet and write ``runs/<run_id>/contact_sheet.{html,png}``.
 
     ``records``: the run's records; by default ``read_run_records`` reads them back.
-    ``read_image``: by default ``lake_image_reader`` over a client of its own.
+    ``read_image``: by default ``lake_image_reader`` over a client of its own, guarded like
+    the run's input fetches (``fetch_allow`` as the run's): the sheet re-reads manifest URLs,
+    and must not fetch what the run refused to.
     """
     if not is_safe_id(run_id):
         raise LakePathError(f"run id {run_id!r} is unsafe for a path")
@@ -860,9 +864,7 @@ async def write_contact_sheet(
         records = await asyncio.to_thread(read_run_records, lake, run_id)
     async with AsyncExitStack() as stack:
         if read_image is None:
-            http = await stack.enter_async_context(
-                httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0), follow_redirects=True)
-            )
+            http = await stack.enter_async_context(inputs_client_for(fetch_allow))
             read_image = lake_image_reader(lake, http=http, storage_options=storage_options)
         sheet = await build_contact_sheet(
             records,

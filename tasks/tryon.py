@@ -3,12 +3,15 @@
 A task per chunk, not per row: a Prefect task run costs ~15 ms of CPU here, too dear per row
 for fast providers; rows run concurrently inside a chunk on the flow's event loop. Objects a
 task cannot take as parameters (the HTTP clients, the shared limiter) live in a per-process
-registry keyed by run id, set up by the flow.
+registry keyed by run id, set up by the flow. A chunk run in another process (a Dask worker)
+finds no registry entry there and builds its own context from ``ChunkSettings``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from collections import Counter
 from typing import Any
 
@@ -18,6 +21,7 @@ from pydantic import BaseModel
 
 from schemas.manifest import InvalidRow, ManifestRow, ValidationReport
 from schemas.results import ErrorKind, RowRecord, Stage, Status, is_unfinished
+from tasks.context import ChunkSettings, error_fields, standalone_context
 from tasks.lake import Lake
 from tasks.ledger import WorkLedger, work_key
 from tasks.manifest import load_manifest
@@ -43,6 +47,10 @@ class ChunkOutcome(BaseModel):
     metadata_uri: str | None  # None when every record is already in a committed run's metadata
     provider_calls: int
     already_done: int = 0  # try-on records done and recorded by earlier, committed runs
+    # Run-fatal provider errors this chunk hit or was told of (see ``error_fields``).
+    fatal: dict[str, Any] | None = None
+    refine_fatal: dict[str, Any] | None = None
+    process: str = ""  # host:pid that ran the chunk
 
 
 @task(name="load-manifest", cache_policy=NONE, retries=2, retry_delay_seconds=2)
@@ -56,9 +64,30 @@ def load_manifest_task(
 
 @task(name="process-chunk", cache_policy=NONE, task_run_name="{provider}-chunk-{chunk_index}")
 async def process_chunk(
-    run_id: str, provider: str, chunk_index: int, rows: list[ManifestRow]
+    run_id: str,
+    provider: str,
+    chunk_index: int,
+    rows: list[ManifestRow],
+    settings: ChunkSettings | None = None,
 ) -> ChunkOutcome:
-    ctx = _CONTEXTS[(run_id, provider)]
+    """Process one chunk: with the flow's context when in its process, else with its own
+    (``settings`` required then)."""
+    ctx = _CONTEXTS.get((run_id, provider))
+    if ctx is not None:
+        return await _process_chunk(ctx, chunk_index, rows)
+    if settings is None:
+        raise RuntimeError(
+            f"chunk {provider}/{chunk_index} of run {run_id} runs outside the flow's process "
+            "without ChunkSettings to rebuild its context"
+        )
+    async with standalone_context(run_id, provider, settings) as own:
+        return await _process_chunk(own, chunk_index, rows)
+
+
+async def _process_chunk(
+    ctx: RunContext, chunk_index: int, rows: list[ManifestRow]
+) -> ChunkOutcome:
+    run_id, provider = ctx.run_id, ctx.lane.name
     records = await process_rows(rows, ctx)
     part = f"part-{provider}-{chunk_index:05d}"
     fresh = [r for r in records if not r.already_recorded]
@@ -80,6 +109,9 @@ async def process_chunk(
         # lane's shared counter would also count other chunks' calls.
         provider_calls=sum(r.attempts for r in records),
         already_done=sum(r.already_recorded and r.stage == Stage.TRYON for r in records),
+        fatal=error_fields(ctx.lane.state.fatal),
+        refine_fatal=error_fields(ctx.refine.state.fatal) if ctx.refine else None,
+        process=f"{socket.gethostname()}:{os.getpid()}",
     )
 
 

@@ -277,7 +277,8 @@ class _AILabApi:
             raise VendorError("ERROR_USER_NOT_EXISTS")
         if token in config.trial_keys:
             return token
-        raise VendorError("ERROR_APPLICATIONS_NOT_EXISTS")
+        echo = common.echoed(config.echo_credentials, KEY_HEADER, token)
+        raise VendorError("ERROR_APPLICATIONS_NOT_EXISTS", echo)
 
     # -- the endpoints ------------------------------------------------------------------------
 

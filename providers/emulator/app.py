@@ -7,6 +7,7 @@ Control endpoints live under ``/_emulator/`` (no vendor uses that prefix) and ar
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,8 @@ PROVIDER_ROUTES: dict[str, Callable[[EmulatorState], list[Route]]] = {
     tencent_routes.PROVIDER: tencent_routes.routes,
 }
 FILES_PATH = "/files/{token}.webp"
+# A token holding "/" once decoded (``EmulatorConfig.result_name_prefix``) is served here.
+NESTED_FILES_PATH = "/files/{token:path}.webp"
 REQUEST_ID_HEADER = b"x-request-id"
 
 
@@ -63,8 +66,16 @@ def _tracked(route: Route, state: EmulatorState, provider: str | None) -> Route:
     path = route.path
 
     async def tracked(request: Request) -> Response:
-        with state.track(f"{request.method} {path}", provider):
-            return await endpoint(request)  # type: ignore[no-any-return]
+        route_key = f"{request.method} {path}"
+        arrived, status = time.monotonic(), 500
+        try:
+            with state.track(route_key, provider):
+                response: Response = await endpoint(request)
+                status = response.status_code
+                return response
+        finally:
+            fault = getattr(request.state, "emulator_fault", None)
+            state.log_call(route_key, provider, arrived=arrived, status=status, fault=fault)
 
     return Route(path, tracked, methods=list(route.methods or ()), name=route.name)
 
@@ -83,10 +94,24 @@ def build_app(config: EmulatorConfig | None = None) -> Starlette:
         if found is None:
             return JSONResponse({"error": "not found or expired"}, status_code=404)
         data, media_type = found
-        return Response(data, media_type=media_type, headers={"Cache-Control": "no-store"})
+        headers = {"Cache-Control": "no-store"}
+        if state.config.result_name_prefix:  # the hostile name, where a client may read it
+            name = request.path_params["token"] + ".webp"
+            headers["Content-Disposition"] = f'attachment; filename="{name}"'
+        return Response(data, media_type=media_type, headers=headers)
 
     async def stats(request: Request) -> Response:
         return JSONResponse(state.snapshot())
+
+    async def calls(request: Request) -> Response:
+        """The call log, oldest first; ``?since=SEQ`` for the calls after that one. ``now_s``:
+        the log's clock now (to place an outside event, e.g. a client killed, among calls)."""
+        try:
+            since = int(request.query_params.get("since", "-1"))
+        except ValueError:
+            return JSONResponse({"error": "since must be an integer"}, status_code=422)
+        calls = [c for c in state.calls if c["seq"] > since]
+        return JSONResponse({"calls": calls, "now_s": state.clock_s()})
 
     async def reset(request: Request) -> Response:
         """Zero the stats; with ``{"faults": true}`` also restore the configured fault plans."""
@@ -122,8 +147,10 @@ def build_app(config: EmulatorConfig | None = None) -> Starlette:
     for provider, make_routes in PROVIDER_ROUTES.items():
         routes.extend(_tracked(route, state, provider) for route in make_routes(state))
     routes.append(_tracked(Route(FILES_PATH, result_file, methods=["GET"]), state, None))
+    routes.append(_tracked(Route(NESTED_FILES_PATH, result_file, methods=["GET"]), state, None))
     routes += [
         Route("/_emulator/stats", stats, methods=["GET"]),
+        Route("/_emulator/calls", calls, methods=["GET"]),
         Route("/_emulator/reset", reset, methods=["POST"]),
         Route("/_emulator/faults", faults, methods=["GET", "POST"]),
     ]

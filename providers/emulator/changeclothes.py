@@ -117,7 +117,8 @@ class _ChangeClothesApi:
                 try:
                     ticket = ps.take_quota(token, self.state.config.trial_keys.get(token))
                 except QuotaError as exc:
-                    raise VendorError(10006 if exc.reason == "trial" else 10003) from None
+                    echo = common.echoed(self.state.config.echo_credentials, "API key", token)
+                    raise VendorError(10006 if exc.reason == "trial" else 10003, echo) from None
                 if not is_multipart(request):
                     raise VendorError(10004, "content-type must be multipart/form-data")
                 try:
@@ -160,7 +161,7 @@ class _ChangeClothesApi:
             raise VendorError(10002)
         if token in config.trial_keys:
             return token
-        raise VendorError(30001)
+        raise VendorError(30001, common.echoed(config.echo_credentials, "API key", token))
 
     # -- the two endpoints ------------------------------------------------------------------
 

@@ -64,6 +64,12 @@ async def sleep_unless_disconnected(request: Request, seconds: float) -> bool:
         watcher.cancel()
 
 
+def echoed(echo: bool, what: str, value: str) -> str | None:
+    """An error detail quoting the credential received (``EmulatorConfig.echo_credentials``),
+    as a careless vendor's error text does; None when echoing is off."""
+    return f"{what} '{value}' was not accepted" if echo else None
+
+
 def unavailable_response() -> Response:
     """An injected 5xx as a load balancer sends it: HTML, not the vendor's JSON."""
     body = (
@@ -124,6 +130,11 @@ async def pass_gateway(
     except ClientDisconnect:
         return Response(status_code=400)
     decision = provider.draw_faults()
+    # For the call log (``EmulatorState.log_call``): which injected fault answered, if any.
+    if decision.timeout or decision.rate_limited or decision.unavailable:
+        request.state.emulator_fault = (
+            "timeout" if decision.timeout else "429" if decision.rate_limited else "5xx"
+        )
     if decision.timeout:
         provider.record("timeout")
         await sleep_unless_disconnected(request, provider.plan.timeout_s)

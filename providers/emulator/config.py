@@ -62,6 +62,20 @@ class EmulatorConfig(BaseModel):
         default=50_000, ge=1, description="Result files kept; the oldest go first past this."
     )
     fetch_timeout_s: float = Field(default=15.0, gt=0.0, description="For image URLs in requests.")
+    echo_credentials: bool = Field(
+        default=False,
+        description=(
+            "Authentication errors quote the credential received, as some vendors' do: "
+            "for testing that clients redact error text."
+        ),
+    )
+    result_name_prefix: str = Field(
+        default="",
+        description=(
+            "Put before each result file's token in result URLs, e.g. '..%2F..%2Fescape-' to "
+            "hand out hostile file names (the files are still served)."
+        ),
+    )
     max_image_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
 
     def fault_plan(self, provider: str) -> FaultPlan:

@@ -222,7 +222,9 @@ class _HiDreamApi:
         if match is None:
             raise VendorError(40102, "authorization must be 'Bearer <token>'")
         if not hmac.compare_digest(match[1].encode(), self.api_key.encode()):
-            raise VendorError(40102)
+            raise VendorError(
+                40102, common.echoed(self.state.config.echo_credentials, "token", match[1])
+            )
 
     # -- submit ---------------------------------------------------------------------------------
 
@@ -284,6 +286,8 @@ class _HiDreamApi:
             will_fail=forced != STATUS_DONE,
             render=_JobRender(self.state, key, compute, base_url),
             meta={"sub_task_id": str(uuid.uuid4()), "final_status": forced, "description": ""},
+            # What was asked, ids excluded: the same images again is a resubmission.
+            content=cache_key(*(f"{f}={body.get(f) or ''}" for f in IMAGE_FIELDS)),
         )
         if notify_url:
             task = asyncio.create_task(self._notify(job, notify_url))

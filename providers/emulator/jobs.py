@@ -38,6 +38,7 @@ class EmulatedJob:
     meta: dict[str, Any] = field(default_factory=dict)
     result: Any = None
     polls: int = 0
+    content: str | None = None  # a digest of what was asked (see ``JobStore.submit``)
 
     def phase(self, now: float | None = None) -> JobPhase:
         elapsed = (time.monotonic() if now is None else now) - self.submitted
@@ -58,6 +59,15 @@ class JobStore:
     def __init__(self) -> None:
         self._jobs: OrderedDict[str, EmulatedJob] = OrderedDict()
         self.submitted = 0
+        # Submissions by request content (a provider's digest of the inputs that shape the
+        # job, ids excluded): a second submission of the same content is a resubmission.
+        # ``resubmitted_accepted`` counts those made while an earlier job for that content
+        # had not failed (queued, running or done: work already accepted, paid twice);
+        # ``resubmitted_after_failure`` those whose earlier jobs had all ended failed (or were
+        # forgotten, as vendors expire old tasks). Job ids only: the jobs stay bounded.
+        self._by_content: dict[str, list[str]] = {}
+        self.resubmitted_accepted = 0
+        self.resubmitted_after_failure = 0
 
     def submit(
         self,
@@ -68,7 +78,9 @@ class JobStore:
         will_fail: bool,
         render: Callable[[], Awaitable[Any]],
         meta: dict[str, Any] | None = None,
+        content: str | None = None,
     ) -> EmulatedJob:
+        """``content``: a digest of the request's inputs, for the resubmission counts."""
         job = EmulatedJob(
             job_id=str(uuid.uuid4()),
             provider=provider,
@@ -78,12 +90,38 @@ class JobStore:
             will_fail=will_fail,
             render=render,
             meta=meta or {},
+            content=content,
         )
+        if content is not None:
+            key = f"{provider}|{content}"
+            earlier = self._by_content.setdefault(key, [])
+            if earlier:
+                known = (self._jobs.get(job_id) for job_id in earlier)
+                if any(
+                    j is not None and j.phase(job.submitted) is not JobPhase.FAILED for j in known
+                ):
+                    self.resubmitted_accepted += 1
+                else:
+                    self.resubmitted_after_failure += 1
+            earlier.append(job.job_id)
         self._jobs[job.job_id] = job
         self.submitted += 1
         while len(self._jobs) > JOB_LIMIT:
             self._jobs.popitem(last=False)
         return job
+
+    def content_stats(self) -> dict[str, Any]:
+        """Submissions by content (only jobs submitted with a ``content`` digest)."""
+        ids = [job_id for job_ids in self._by_content.values() for job_id in job_ids]
+        jobs = [job for job_id in ids if (job := self._jobs.get(job_id)) is not None]
+        return {
+            "submissions": len(ids),
+            "distinct_contents": len(self._by_content),
+            "max_submissions_per_content": max(map(len, self._by_content.values()), default=0),
+            "resubmitted_accepted": self.resubmitted_accepted,
+            "resubmitted_after_failure": self.resubmitted_after_failure,
+            "failing": sum(job.will_fail for job in jobs),  # failed or will fail, as planned
+        }
 
     def get(self, provider: str, job_id: str) -> EmulatedJob | None:
         job = self._jobs.get(job_id)

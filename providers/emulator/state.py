@@ -15,11 +15,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 
 from providers.emulator.config import EmulatorConfig, FaultPlan
 from providers.emulator.jobs import JobStore
+
+CALL_LOG_LIMIT = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,19 +152,22 @@ class ProviderState:
 class ResultStore:
     """Result files by token, each expiring ``ttl_s`` after it was stored."""
 
-    def __init__(self, ttl_s: float, max_items: int) -> None:
+    def __init__(self, ttl_s: float, max_items: int, name_prefix: str = "") -> None:
         self.ttl_s = ttl_s
         self.max_items = max_items
+        # Goes into the URL as given (percent-encoded); the server sees it decoded.
+        self.name_prefix = name_prefix
         # Insertion order == expiry order (one TTL for all), so purging pops from the front.
         self._items: OrderedDict[str, tuple[float, bytes, str]] = OrderedDict()
 
     def put(self, data: bytes, media_type: str) -> str:
         self._purge()
         token = f"{time.time_ns()}{secrets.randbelow(10**6):06d}"
-        self._items[token] = (time.monotonic() + self.ttl_s, data, media_type)
+        key = unquote(self.name_prefix) + token
+        self._items[key] = (time.monotonic() + self.ttl_s, data, media_type)
         while len(self._items) > self.max_items:
             self._items.popitem(last=False)
-        return token
+        return self.name_prefix + token
 
     def get(self, token: str) -> tuple[bytes, str] | None:
         item = self._items.get(token)
@@ -231,11 +237,14 @@ class EmulatorState:
             name: ProviderState(name, config.fault_plan(name), config.seed)
             for name in provider_names
         }
-        self.results = ResultStore(config.result_ttl_s, config.max_stored_results)
+        self.results = ResultStore(
+            config.result_ttl_s, config.max_stored_results, config.result_name_prefix
+        )
         self.composites = CompositeCache(config.composite_cache_size)
         self.jobs = JobStore()  # submit-then-poll providers' jobs
         self._http: httpx.AsyncClient | None = None
         self.in_flight = 0
+        self._clock0 = time.monotonic()
         self.reset_stats()
 
     def provider(self, name: str) -> ProviderState:
@@ -274,8 +283,40 @@ class EmulatorState:
             self.in_flight -= 1
             ps.in_flight -= 1
 
+    def clock_s(self) -> float:
+        """The call log's clock: monotonic seconds since the emulator started."""
+        return round(time.monotonic() - self._clock0, 6)
+
+    def log_call(
+        self,
+        route_key: str,
+        provider: str | None,
+        *,
+        arrived: float,
+        status: int,
+        fault: str | None,
+    ) -> None:
+        """One answered call in the call log (``GET /_emulator/calls``): when it arrived and
+        was answered (monotonic seconds since the emulator started), its HTTP status, and the
+        injected fault that answered it (``timeout``, ``429``, ``5xx``), if any."""
+        self.calls.append(
+            {
+                "seq": self._call_seq,
+                "route": route_key,
+                "provider": provider,
+                "arrived_s": round(arrived - self._clock0, 6),
+                "answered_s": self.clock_s(),
+                "status": status,
+                "fault": fault,
+            }
+        )
+        self._call_seq += 1
+
     def reset_stats(self) -> None:
         self.requests: Counter[str] = Counter()
+        # The newest CALL_LOG_LIMIT calls (each a small dict): enough for a bench run.
+        self.calls: deque[dict[str, Any]] = deque(maxlen=CALL_LOG_LIMIT)
+        self._call_seq = 0
         self.max_in_flight = self.in_flight
         self.composites.hits = self.composites.misses = 0
         for ps in self.providers.values():
@@ -297,6 +338,8 @@ class EmulatorState:
             "max_in_flight": self.max_in_flight,
             "results_stored": len(self.results),
             "jobs_submitted": self.jobs.submitted,
+            "job_contents": self.jobs.content_stats(),
+            "calls_logged": len(self.calls),
             "composite_cache": {
                 "hits": self.composites.hits,
                 "misses": self.composites.misses,

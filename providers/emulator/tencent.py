@@ -286,9 +286,10 @@ class TencentApi:
         if abs(time.time() - timestamp) > MAX_SKEW_S:
             raise VendorError("AuthFailure.SignatureExpire")
         if not hmac.compare_digest(secret_id.encode(), self.secret_id.encode()):
+            echo = common.echoed(self.state.config.echo_credentials, "SecretId", secret_id)
             if not secret_id.startswith("AKID"):
-                raise VendorError("AuthFailure.InvalidSecretId")
-            raise VendorError("AuthFailure.SecretIdNotFound")
+                raise VendorError("AuthFailure.InvalidSecretId", echo)
+            raise VendorError("AuthFailure.SecretIdNotFound", echo)
         if date != datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d"):
             raise VendorError(
                 "AuthFailure.SignatureFailure", "Credential date differs from the Timestamp's."

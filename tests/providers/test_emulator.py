@@ -9,6 +9,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from providers import settings
 from providers.base import TryOnRequest
 from providers.changeclothes import GARMENT_PATH, PROMPT_PATH, ChangeClothesClient
 from providers.emulator import EmulatorConfig, EmulatorServer, FaultPlan, build_app
@@ -377,3 +378,132 @@ async def test_fast_mode_returns_prerendered_results(
         assert one == expected.result
         with pytest.raises(Exception, match="INVALID_PARAM"):
             await client.try_on(garment_request(b"plain text, not an image", garment))
+
+
+# -- call log and job resubmissions (for the reliability suite) -----------------------------
+
+
+async def test_call_log_records_status_fault_and_timing(
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    control: Control,
+    client: ChangeClothesClient,
+    raw_post: RawPost,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    await client.try_on(garment_request(person, garment))
+    await control.faults(error_rate_429=1.0, retry_after_s=0)
+    assert (await raw_post(GARMENT_PATH, garment_fields(person, garment))).status_code == 429
+    await control.faults(error_rate_429=0.0, credits=0)
+    assert (await raw_post(GARMENT_PATH, garment_fields(person, garment))).status_code == 402
+
+    log = (await http.get(f"{emulator.base_url}/_emulator/calls")).json()
+    calls = log["calls"]
+    assert log["now_s"] >= calls[-1]["answered_s"]
+    assert [(c["seq"], c["route"], c["status"], c["fault"]) for c in calls] == [
+        (0, GARMENT_STATS_KEY, 200, None),
+        (1, GARMENT_STATS_KEY, 429, "429"),
+        (2, GARMENT_STATS_KEY, 402, None),
+    ]
+    assert {c["provider"] for c in calls} == {"changeclothes"}
+    assert all(c["arrived_s"] <= c["answered_s"] for c in calls)
+    assert calls[0]["answered_s"] <= calls[1]["arrived_s"] <= calls[2]["arrived_s"]
+    since = (await http.get(f"{emulator.base_url}/_emulator/calls?since=1")).json()["calls"]
+    assert [c["seq"] for c in since] == [2]
+    assert (await control.stats())["calls_logged"] == 3
+    await control.reset()
+    assert (await http.get(f"{emulator.base_url}/_emulator/calls")).json()["calls"] == []
+
+
+async def test_job_contents_count_resubmissions_of_accepted_and_failed_jobs(
+    http: httpx.AsyncClient, person: bytes, garment: bytes
+) -> None:
+    import base64
+
+    from providers.emulator.hidream import SUBMIT_PATH
+
+    plan = FaultPlan(job_queued_s=0.0, job_running_s=0.0)
+    with EmulatorServer.start(EmulatorConfig(faults={"hidream": plan})) as server:
+        key = settings.emulator_credential("HIDREAM_API_KEY")
+
+        async def submit(garment_bytes: bytes, request_id: str) -> None:
+            body = {
+                "person": base64.b64encode(person).decode(),
+                "upper_clothes": base64.b64encode(garment_bytes).decode(),
+                "request_id": request_id,  # ids differ: not part of the content
+            }
+            response = await http.post(
+                server.base_url + SUBMIT_PATH,
+                json=body,
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            assert response.json()["code"] == 0, response.text
+
+        async def contents() -> dict[str, int]:
+            return dict(
+                (await http.get(f"{server.base_url}/_emulator/stats")).json()["job_contents"]
+            )
+
+        await submit(garment, "a")
+        await submit(garment, "b")  # the first job is done: accepted work asked for again
+        await submit(garment_jpeg((0, 0, 200)), "c")  # other content: not a resubmission
+        stats = await contents()
+        assert stats["submissions"] == 3
+        assert stats["distinct_contents"] == 2
+        assert stats["max_submissions_per_content"] == 2
+        assert (stats["resubmitted_accepted"], stats["resubmitted_after_failure"]) == (1, 0)
+
+        await http.post(
+            f"{server.base_url}/_emulator/faults", json={"hidream": {"async_failure_rate": 1.0}}
+        )
+        other = garment_jpeg((0, 150, 0))
+        await submit(other, "d")  # fails at once (no queued/running time)
+        await submit(other, "e")  # a new try after a failed job: not paid twice
+        stats = await contents()
+        assert (stats["resubmitted_accepted"], stats["resubmitted_after_failure"]) == (1, 1)
+        assert stats["failing"] == 2
+
+
+# -- knobs for hostile-provider tests --------------------------------------------------------
+
+
+async def test_echo_credentials_quotes_a_rejected_key_and_the_client_redacts_it(
+    http: httpx.AsyncClient, person: bytes, garment: bytes
+) -> None:
+    wrong = "wrong-key-0123456789"
+    fields = garment_fields(person, garment)
+    files = {k: v for k, v in fields.items() if isinstance(v, tuple)}
+    data = {k: v for k, v in fields.items() if not isinstance(v, tuple)}
+    for echo in (False, True):
+        with EmulatorServer.start(EmulatorConfig(echo_credentials=echo)) as server:
+            raw = await http.post(
+                server.base_url + GARMENT_PATH,
+                headers={"Authorization": f"Bearer {wrong}"},
+                files=files,
+                data=data,
+            )
+            assert raw.json()["code"] == 30001
+            assert (wrong in raw.text) is echo  # the vendor's error text quotes the key
+            client = ChangeClothesClient(
+                http=http, api_key=SecretStr(wrong), base_url=server.base_url
+            )
+            with pytest.raises(Exception, match="INVALID_API_KEY") as caught:
+                await client.try_on(garment_request(person, garment))
+            assert wrong not in str(caught.value) and wrong not in repr(caught.value)
+
+
+async def test_result_name_prefix_hands_out_hostile_file_names(
+    http: httpx.AsyncClient, api_key: SecretStr, person: bytes, garment: bytes
+) -> None:
+    config = EmulatorConfig(result_name_prefix="..%2F..%2Fescape-")
+    with EmulatorServer.start(config) as server:
+        client = ChangeClothesClient(http=http, api_key=api_key, base_url=server.base_url)
+        result = await client.try_on(garment_request(person, garment))
+        assert result.result_url is not None
+        assert "/files/..%2F..%2Fescape-" in result.result_url
+        response = await http.get(result.result_url)
+        assert response.status_code == 200
+        assert 'filename="../../escape-' in response.headers["content-disposition"]
+        assert await client.download(result.result_url) == response.content
+        assert decode(response.content).shape[0] > 0

@@ -24,10 +24,11 @@ import httpx
 import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image, ImageChops, ImageCms, ImageOps
 
 from providers.base import PreparedImage
-from schemas.limits import ImageProfile
+from schemas.limits import PROFILES, ImageProfile
+from tasks import images
 from tasks.images import (
     ImageInputError,
     PreparedImageCache,
@@ -783,3 +784,160 @@ async def test_cache_is_bounded_by_bytes_lru(http: httpx.AsyncClient) -> None:
     assert (cache.misses, cache.hits) == (3, 1)
     await cache.get(uris[0], http=http, profile=JPEG_PROFILE)  # oldest: evicted, prepared again
     assert (cache.misses, cache.hits) == (4, 1)
+
+
+# ------------------------------------------------------------------- resize speed-ups (prep)
+
+
+def _gradient(width: int, height: int, *, noise: float = 0.0, seed: int = 0) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    arr = np.stack([40 + 150 * x / width, 60 + 120 * y / height, 200 - 100 * x / width], -1)
+    if noise:
+        arr += np.random.default_rng(seed).normal(0, noise, (height, width, 1))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _stripes(width: int, height: int, period: float = 3.0) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    wave = 60 * np.sin(2 * np.pi * (x + 0.3 * y) / period)
+    return Image.fromarray(
+        np.clip(np.asarray(_gradient(width, height)) + wave[..., None], 0, 255).astype(np.uint8)
+    )
+
+
+@pytest.fixture
+def two_bands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Band-parallel resizing on, with two workers, whatever this machine's core count."""
+    monkeypatch.setattr(images, "_BAND_WORKERS", 2)
+
+
+@pytest.mark.parametrize(
+    ("src", "out"),
+    [
+        ((3000, 2000), (2048, 1365)),  # JPEG draft of a 6000x4000 photo -> 2048 (columns)
+        ((3000, 2000), (2000, 1333)),  # -> Tencent's 2000 (columns: the rows do not split)
+        ((2400, 1600), (1638, 1092)),  # rows
+    ],
+)
+@pytest.mark.parametrize(
+    "resample",
+    [Image.Resampling.HAMMING, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS],
+)
+def test_band_parallel_resize_equals_a_single_resize(
+    two_bands: None,
+    src: tuple[int, int],
+    out: tuple[int, int],
+    resample: Image.Resampling,
+) -> None:
+    img = noise_image(*src, seed=src[0])
+    assert out[0] * out[1] >= images._BAND_MIN_PIXELS
+    assert images._band_boxes(src, out) is not None  # the parallel path is really taken
+    banded = images._resize(img, out, resample)
+    single = img.resize(out, resample)
+    assert banded.size == out and banded.mode == "RGB"
+    assert ImageChops.difference(banded, single).getbbox() is None
+
+
+def test_band_parallel_resize_is_exact_on_many_sizes(
+    two_bands: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(images, "_BAND_MIN_PIXELS", 0)
+    rng = np.random.default_rng(7)
+    filters = sorted(images._BAND_FILTERS)
+    split = 0
+    for index in range(160):
+        sw, sh = (int(v) for v in rng.integers(40, 500, 2))
+        w, h = int(rng.integers(20, sw + 1)), int(rng.integers(20, sh + 1))
+        resample = filters[index % len(filters)]
+        img = noise_image(sw, sh, seed=index)
+        split += images._band_boxes((sw, sh), (w, h)) is not None
+        banded = np.asarray(images._resize(img, (w, h), resample))
+        assert np.array_equal(banded, np.asarray(img.resize((w, h), resample))), (
+            (sw, sh),
+            (w, h),
+            resample,
+        )
+    assert split > 50
+    # Other filters (BOX's hard edges) are never split.
+    assert images._resize(noise_image(300, 300), (200, 200), Image.Resampling.BOX) == (
+        noise_image(300, 300).resize((200, 200), Image.Resampling.BOX)
+    )
+
+
+def test_small_resizes_and_reducing_gap_stay_single_calls(
+    two_bands: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_pool() -> Any:
+        raise AssertionError("the band pool must not be used")
+
+    monkeypatch.setattr(images, "_band_executor", no_pool)
+    small = noise_image(600, 400)
+    assert images._resize(small, (300, 200), Image.Resampling.LANCZOS).size == (300, 200)
+    big = noise_image(6000, 600)  # 4.6x with reducing_gap 2: Pillow reduces first
+    out = images._resize(big, (1300, 130), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    expected = big.resize((1300, 130), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    assert ImageChops.difference(out, expected).getbbox() is None
+
+
+def _filter_used(monkeypatch: pytest.MonkeyPatch, data: bytes) -> list[Image.Resampling]:
+    used: list[Image.Resampling] = []
+    real = images._resize
+
+    def spy(im: Image.Image, size: tuple[int, int], resample: Any, **kw: Any) -> Image.Image:
+        used.append(resample)
+        return real(im, size, resample, **kw)
+
+    monkeypatch.setattr(images, "_resize", spy)
+    out = prep(data)
+    assert max(out.width, out.height) == JPEG_PROFILE.max_side
+    return used
+
+
+_PROBE_CASES: dict[str, Any] = {
+    "smooth": (lambda: _gradient(3000, 2000), Image.Resampling.HAMMING),
+    "faint-noise": (lambda: _gradient(3000, 2000, noise=2), Image.Resampling.HAMMING),
+    "noisy": (lambda: _gradient(3000, 2000, noise=6), Image.Resampling.LANCZOS),
+    "dense-stripes": (lambda: _stripes(3000, 2000, period=3.0), Image.Resampling.LANCZOS),
+    "stripes": (lambda: _stripes(3000, 2000, period=6.0), Image.Resampling.LANCZOS),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_PROBE_CASES))
+def test_non_draft_residual_downscale_uses_a_cheaper_filter_only_when_the_probe_agrees(
+    monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    make, expected = _PROBE_CASES[case]
+    # BMP: no JPEG draft, so the 3000 -> 2048 (1.46x) resize is the whole downscale.
+    assert _filter_used(monkeypatch, encode(make(), "BMP")) == [expected]
+
+
+def test_bicubic_is_a_candidate_only_after_a_jpeg_draft(monkeypatch: pytest.MonkeyPatch) -> None:
+    noisy = _gradient(3000, 2000, noise=6)
+    assert images._residual_filter(noisy, 1.46) == Image.Resampling.LANCZOS
+    assert (
+        images._residual_filter(noisy, 1.46, images._DRAFT_PROBE_CANDIDATES)
+        == Image.Resampling.BICUBIC
+    )
+    # 6000 wide: drafted to 3000 by the decoder, then 3000 -> 2048 after a passing probe.
+    jpeg = encode(_gradient(6000, 1600, noise=12), "JPEG", quality=90)
+    assert _filter_used(monkeypatch, jpeg) == [Image.Resampling.BICUBIC]
+
+
+def test_probe_keeps_lanczos_exactly_on_dense_texture() -> None:
+    img = _stripes(3000, 2000, period=2.5)
+    assert images._residual_filter(img, 3000 / 2048) == Image.Resampling.LANCZOS
+    out = prep(encode(img, "BMP"), PNG_PROFILE)  # lossless output: compare pixels exactly
+    expected = img.resize((2048, 1365), Image.Resampling.LANCZOS)
+    assert ImageChops.difference(decoded(out).convert("RGB"), expected).getbbox() is None
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_large_photo_fits_every_provider_profile(rotated_jpeg: bytes, name: str) -> None:
+    profile = PROFILES[name]
+    out = prep(rotated_jpeg, profile)
+    assert image_profile_fits(out.data, profile)
+    img = decoded(out)
+    assert img.size == (out.width, out.height)
+    assert max(img.size) <= profile.max_side and min(img.size) >= profile.min_side
+    assert img.width < img.height  # EXIF orientation 6 applied
+    assert profile.encoded_size(len(out.data)) <= profile.max_bytes

@@ -114,3 +114,39 @@ def test_backoff_is_exponential_jittered_bounded_and_yields_to_retry_after() -> 
         assert max(delays) > cap * 0.7  # full jitter spreads over the whole window
     assert policy.delay(1, retry_after=3.0) == 3.0  # the server's word wins when longer
     assert policy.delay(1, retry_after=60.0) == 16.0  # but a run never sleeps unbounded
+
+
+async def test_progress_counts_a_row_once_its_refine_is_over(
+    emulator: EmulatorServer, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """A row is done for progress bars only when its last stage is: with a refiner that
+    rejects the key, every row is reported once, as its unsuccessful refine, not its coarse
+    success."""
+    from providers.ailab import AILabRefinerClient
+    from schemas.results import Stage
+
+    faults(emulator)
+    ctx = context(emulator, http, tmp_path, retry=RetryPolicy(max_attempts=1))
+    refiner = AILabRefinerClient(
+        http=http, api_key=SecretStr("not-a-key"), base_url=emulator.base_url
+    )
+    ctx.refine = Lane(client=refiner, max_in_flight=2)
+    ctx.default_gender = "woman"
+    reported: list[tuple[str, str, str]] = []
+
+    class Sink:
+        def started(self, total: int) -> None: ...
+
+        def row_done(self, record: object) -> None:
+            reported.append((record.row_id, str(record.stage), str(record.status)))  # type: ignore[attr-defined]
+
+    ctx.progress = Sink()
+    records = await process_rows(rows(3), ctx)
+    coarse = [r for r in records if r.stage == Stage.TRYON]
+    assert [r.status for r in coarse] == [Status.SUCCEEDED] * 3
+    # Once per row, as its refine; the bad key is fatal for the refiner, so rows whose refine
+    # had not started by then skip it.
+    assert sorted(row_id for row_id, _, _ in reported) == ["r0", "r1", "r2"]
+    assert {stage for _, stage, _ in reported} == {"refine"}
+    assert "failed" in {status for _, _, status in reported}
+    assert {status for _, _, status in reported} <= {"failed", "skipped"}

@@ -425,3 +425,43 @@ def test_tallies_by_provider_stage_status_and_failures_by_code(run: RunFixture) 
     rejected = failures[("tryon", "IMAGE_REJECTED")]
     assert (rejected.records, rejected.example_row_ids) == (1, ("fail-1",))
     assert rejected.example_message == NASTY_MESSAGE
+
+
+async def test_the_sheet_fetches_input_urls_through_the_run_guard(tmp_path: Path) -> None:
+    """The sheet re-reads manifest URLs: a loopback URL the run refused is not fetched for the
+    sheet either (no thumbnail of an internal service lands in the lake), unless allowed."""
+    import http.server
+    import threading
+
+    requests: list[str] = []
+    body = png_bytes(RED)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None: ...
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        fx = RunFixture(tmp_path)
+        url = f"http://127.0.0.1:{server.server_address[1]}/internal.png"
+        fx.add(0, "r0", Status.FAILED, person_image=url, error_code="PROVIDER_ERROR")
+
+        uris = await write_contact_sheet(fx.lake, RUN_ID, fx.records)
+        html = Path(uris.html).read_text(encoding="utf-8")
+        assert requests == []
+        assert "FETCH_BLOCKED_ADDRESS" in html
+        assert html.count("src='data:image/jpeg;base64,") == 1  # the local garment only
+
+        uris = await write_contact_sheet(fx.lake, RUN_ID, fx.records, fetch_allow=["127.0.0.1"])
+        assert requests == ["/internal.png"]
+        assert Path(uris.html).read_text(encoding="utf-8").count("data:image/jpeg;base64,") == 2
+    finally:
+        server.shutdown()
