@@ -45,6 +45,7 @@ from tasks.process import (
     RunContext,
     refine_not_applicable,
 )
+from tasks.report import ThumbnailBank
 from tasks.tryon import (
     ChunkOutcome,
     invalid_records,
@@ -336,6 +337,8 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
         # On Dask, chunks run in other processes: each rebuilds its context from settings.
         dask_threads = dask_worker_threads(FlowRunContext.get().task_runner)
         images = PreparedImageCache()
+        # Contact-sheet thumbnails made as rows go, while the CPU waits on providers.
+        thumbnails = ThumbnailBank()
         contexts: list[RunContext] = []
         for name, rows in by_provider.items():
             lane = await lane_for(PROVIDERS[name], params.limits)
@@ -356,6 +359,7 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
                 storage_options=params.storage_options,
                 progress=sink,
                 ledger=WorkLedger(lake, run_id),
+                thumbnails=thumbnails,
             )
             if dask_threads is None:  # chunks run here, on this loop, with these objects
                 register_context(ctx)
@@ -466,7 +470,11 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
     logger.info("run %s: %s", run_id, summary.one_line())
     # For people: the contact sheet in the lake, a summary table and a report in Prefect.
     await publish_run_outputs(
-        lake, summary, storage_options=params.storage_options, fetch_allow=params.fetch_allow
+        lake,
+        summary,
+        storage_options=params.storage_options,
+        fetch_allow=params.fetch_allow,
+        bank=thumbnails,
     )
     if fatal is not None:
         logger.error("stopped submitting after a run-fatal error: %s", fatal)

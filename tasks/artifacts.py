@@ -40,6 +40,7 @@ from tasks.report import (
     ContactSheetUris,
     FailureGroup,
     StatusCount,
+    ThumbnailBank,
     count_statuses,
     group_failures,
     read_run_records,
@@ -382,6 +383,7 @@ async def publish_run_outputs(
     storage_options: dict[str, Any] | None = None,
     records: Sequence[RowRecord] | None = None,
     fetch_allow: Sequence[str] = (),
+    bank: ThumbnailBank | None = None,
 ) -> ContactSheetUris | None:
     """At the end of a run: the contact sheet in the lake and the table and report artifacts.
 
@@ -403,6 +405,7 @@ async def publish_run_outputs(
                 storage_options=storage_options,
                 manifest_rows=run.total_rows,
                 fetch_allow=fetch_allow,
+                bank=bank,
             )
         # Reporting must not fail a run whose results are already safe in the lake.
         except Exception as exc:

@@ -89,6 +89,12 @@ class ProgressSink(Protocol):
     def row_done(self, record: RowRecord) -> None: ...
 
 
+class ThumbnailSink(Protocol):
+    """Takes image bytes a row already holds, for the contact sheet (``report.ThumbnailBank``)."""
+
+    def offer(self, row_index: int, uri: str | None, data: bytes) -> None: ...
+
+
 @dataclass(slots=True)
 class RunState:
     """Mutable facts shared by all rows of a run, per lane."""
@@ -145,6 +151,7 @@ class RunContext:
     storage_options: dict[str, object] = field(default_factory=dict)
     progress: ProgressSink | None = None
     ledger: WorkLedger | None = None  # None: no reuse of earlier work (benchmarks, tests)
+    thumbnails: ThumbnailSink | None = None  # contact-sheet thumbnails made during the run
     work_locks: dict[str, tuple[asyncio.Lock, int]] = field(default_factory=dict)
     row_slots: asyncio.Semaphore = field(init=False)  # rows in progress: bounds prefetch, memory
 
@@ -458,6 +465,10 @@ async def _try_on(ctx: RunContext, row: ManifestRow, record: RowRecord) -> bytes
         assert person is not None
         record.person_sha256 = person.sha256
         record.garment_sha256 = garment.sha256 if garment else None
+        if ctx.thumbnails is not None:
+            ctx.thumbnails.offer(row.row_index, row.person_image, person.data)
+            if garment is not None:
+                ctx.thumbnails.offer(row.row_index, row.garment_image, garment.data)
         gender = row.gender or ctx.default_gender
         record.work_key = work_key(
             stage=str(Stage.TRYON),
@@ -510,6 +521,8 @@ async def _try_on(ctx: RunContext, row: ManifestRow, record: RowRecord) -> bytes
             t_dl = time.perf_counter()
             output.append(await _store_result(ctx, lane, result, record))
             record.download_ms = _ms(t_dl)
+            if ctx.thumbnails is not None:
+                ctx.thumbnails.offer(row.row_index, record.output_uri, output[-1])
             await _remember(ctx, record)
 
     await _run_stage(ctx, lane, record, work)
@@ -604,8 +617,10 @@ async def _refine(
                 record.provider_ms = _ms(t_call)
             record.request_id = result.request_id or record.request_id
             t_dl = time.perf_counter()
-            await _store_result(ctx, lane, result, record)
+            refined = await _store_result(ctx, lane, result, record)
             record.download_ms = _ms(t_dl)
+            if ctx.thumbnails is not None:
+                ctx.thumbnails.offer(row.row_index, record.output_uri, refined)
             await _remember(ctx, record)
 
     return await _run_stage(ctx, lane, record, work)

@@ -65,6 +65,7 @@ __all__ = [
     "SheetLayout",
     "SheetRow",
     "StatusCount",
+    "ThumbnailBank",
     "build_contact_sheet",
     "count_statuses",
     "group_failures",
@@ -347,14 +348,19 @@ _ROWS_PER_BATCH = 8
 class _Thumbnails:
     """Fetch + thumbnail cells; a small LRU keeps shared input images from being redone."""
 
-    def __init__(self, read_image: ImageReader, thumb_px: int) -> None:
+    def __init__(
+        self, read_image: ImageReader, thumb_px: int, bank: ThumbnailBank | None = None
+    ) -> None:
         self._read_image = read_image
         self._thumb_px = thumb_px
         self._cache: OrderedDict[str, _Cell] = OrderedDict()
+        self._bank = bank if bank is not None and bank.thumb_px == thumb_px else None
 
     async def cell(self, spec: _CellSpec) -> _Cell:
         if spec.uri is None:
             return _Cell(note=spec.note)
+        if self._bank is not None and (made := self._bank.get(spec.uri)) is not None:
+            return made
         if spec.cacheable and (hit := self._cache.get(spec.uri)) is not None:
             self._cache.move_to_end(spec.uri)
             return hit
@@ -376,6 +382,54 @@ class _Thumbnails:
         except Exception as exc:
             return _Cell(note=f"{unreadable}: {_error_code(exc)}", title=title)
         return _Cell(thumb=thumb, data_uri=data_uri, title=title)
+
+
+class ThumbnailBank:
+    """Thumbnails made while the run goes, from bytes the rows already hold (prepared inputs,
+    downloaded results), so the contact sheet at the end mostly lays them out. Rows wait on
+    providers most of the time: the CPU is free then, and at the end the run waits on nothing
+    else. Only rows the sheet shows with images are taken; the sheet reads whatever is missing.
+    """
+
+    def __init__(
+        self, *, thumb_px: int = DEFAULT_THUMB_PX, max_rows: int = DEFAULT_MAX_IMAGE_ROWS
+    ) -> None:
+        self.thumb_px = thumb_px
+        self.max_rows = max_rows
+        self._cells: dict[str, _Cell] = {}
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def wants(self, row_index: int, uri: str | None) -> bool:
+        return uri is not None and row_index < self.max_rows and uri not in self._cells
+
+    def offer(self, row_index: int, uri: str | None, data: bytes) -> None:
+        """Thumbnail ``data`` as ``uri``'s cell in the background (never delays the row)."""
+        if uri is None or not self.wants(row_index, uri):
+            return
+        self._cells[uri] = _Cell()  # reserved: one thumbnail per URI however many rows share it
+        task = asyncio.get_running_loop().create_task(self._make(uri, data))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _make(self, uri: str, data: bytes) -> None:
+        try:
+            thumb, data_uri = await asyncio.to_thread(_thumbnail_and_uri, data, self.thumb_px)
+        except Exception:  # the sheet reads it again and shows why it cannot
+            self._cells.pop(uri, None)
+            return
+        self._cells[uri] = _Cell(thumb=thumb, data_uri=data_uri, title=display_uri(uri))
+
+    def get(self, uri: str) -> _Cell | None:
+        cell = self._cells.get(uri)
+        return cell if cell is not None and cell.thumb is not None else None
+
+    async def settle(self) -> None:
+        """Wait for the thumbnails still being made."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    def __len__(self) -> int:
+        return sum(cell.thumb is not None for cell in self._cells.values())
 
 
 def _stage_note(record: RowRecord | None, *, absent: str) -> str:
@@ -483,6 +537,7 @@ async def build_contact_sheet(
     max_listed_rows: int = DEFAULT_MAX_LISTED_ROWS,
     refined: bool | None = None,
     manifest_rows: int | None = None,
+    bank: ThumbnailBank | None = None,
 ) -> ContactSheet:
     """The contact sheet of a run's records (both stages), rows in manifest order.
 
@@ -490,6 +545,7 @@ async def build_contact_sheet(
     the PNG canvas, at most ``max_image_rows`` high, and a few thumbnails.
     ``refined``: show the refined column; by default, when any record is a refine record.
     ``manifest_rows``: the manifest's row count, so rows missing from ``records`` are noted.
+    ``bank``: thumbnails made during the run, used where they exist.
     """
     rows = group_rows(records)
     if refined is None:
@@ -508,7 +564,9 @@ async def build_contact_sheet(
     _draw_title(draw, layout, font, f"Run {run_id}: {headline}", extent)
     _draw_header(draw, layout, font)
 
-    thumbnails = _Thumbnails(read_image, thumb_px)
+    if bank is not None:
+        await bank.settle()
+    thumbnails = _Thumbnails(read_image, thumb_px, bank)
     html_rows: list[str] = []
     # A few rows' cells at a time: thumbnails decode in threads (both cores), memory stays small.
     for start in range(0, len(image_rows), _ROWS_PER_BATCH):
@@ -850,6 +908,7 @@ async def write_contact_sheet(
     max_listed_rows: int = DEFAULT_MAX_LISTED_ROWS,
     manifest_rows: int | None = None,
     fetch_allow: Sequence[str] = (),
+    bank: ThumbnailBank | None = None,
 ) -> ContactSheetUris:
     """Build the run's contact sheet and write ``runs/<run_id>/contact_sheet.{html,png}``.
 
@@ -874,6 +933,7 @@ async def write_contact_sheet(
             max_image_rows=max_image_rows,
             max_listed_rows=max_listed_rows,
             manifest_rows=manifest_rows,
+            bank=bank,
         )
     png_uri = await lake.awrite_bytes(lake.path("runs", run_id, CONTACT_SHEET_PNG), sheet.png)
     html_uri = await lake.awrite_bytes(

@@ -465,3 +465,35 @@ async def test_the_sheet_fetches_input_urls_through_the_run_guard(tmp_path: Path
         assert Path(uris.html).read_text(encoding="utf-8").count("data:image/jpeg;base64,") == 2
     finally:
         server.shutdown()
+
+
+async def test_a_thumbnail_bank_spares_the_sheet_its_reads(run: RunFixture) -> None:
+    """Thumbnails offered during the run are laid out as they are: the sheet reads only what
+    the bank lacks; rows past the sheet's image rows and repeated URIs are not thumbnailed."""
+    from tasks.report import ThumbnailBank
+
+    bank = ThumbnailBank(max_rows=3)
+    person, garment = str(run.person), str(run.garment)
+    for row_index in range(5):  # every row shares the person: one thumbnail
+        bank.offer(row_index, person, png_bytes(YELLOW))
+    bank.offer(1, garment, png_bytes(BLUE))
+    bank.offer(3, "late-row.png", png_bytes(RED))  # row 3: not drawn with images (max 3)
+    bank.offer(0, "broken.png", b"not an image")
+    await bank.settle()
+    assert len(bank) == 2
+    assert bank.get(person) is not None and bank.get("late-row.png") is None
+    assert bank.get("broken.png") is None  # the sheet will read it and say why
+
+    reads: list[str] = []
+
+    async def read(uri: str) -> bytes:
+        reads.append(uri)
+        return Path(uri).read_bytes()
+
+    sheet = await build_contact_sheet(run.records, read_image=read, bank=bank, max_image_rows=3)
+    assert person not in reads and garment not in reads  # both came from the bank
+    assert reads  # outputs were not offered: read as before
+    png = Image.open(BytesIO(sheet.png)).convert("RGB")
+    box = sheet.layout.thumb_box(0, "person")
+    centre = ((box[0] + box[2]) // 2, (box[1] + box[3]) // 2)
+    assert close(png.getpixel(centre), YELLOW)  # the bank's picture, not the file's red
