@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "vm_hwm_mb": round((status_kb(pid, "VmHWM") or 0) / 1024, 1),
         "thread_cpu_s": threads,
         "run_id": summary.run_id,
+        "fatal_at_unix": summary.fatal_at.timestamp() if summary.fatal_at else None,
         "error": error,
     }
     print("BENCH_RESULT " + json.dumps(report), flush=True)

@@ -175,6 +175,7 @@ class RunSummary(BaseModel):
     provider_calls: int
     duration_s: float
     fatal_error: str | None = None
+    fatal_at: datetime | None = None  # when the run learned of it: no call started after
     chunk_processes: list[str] = Field(default_factory=list)  # host:pid that ran chunks
 
     @property
@@ -215,6 +216,10 @@ def set_progress_sink(sink: ProgressSink | None) -> None:
     """Let an interactive caller (the CLI) watch rows finish in this process."""
     global _progress_sink
     _progress_sink = sink
+
+
+# Chunks in progress beyond those the provider slots need (see run_provider).
+CHUNK_SPARES = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,10 +372,12 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
             contexts.append(ctx)
             logger.info("%s: %d rows, %d in flight", name, len(rows), lane.max_in_flight)
 
-        # Enough chunks in progress to keep every provider slot busy, no more: bounded memory.
+        # Chunks in progress: enough to keep every provider slot busy, plus spares so that a
+        # chunk waiting on one slow row (a hung call runs to the client's timeout) does not
+        # idle the others. Rows in progress stay bounded by the run's row slots either way.
         async def run_provider(ctx: RunContext, rows: list[ManifestRow]) -> None:
             chunks = _chunks(rows, params.chunk_size)
-            parallel = max(2, math.ceil(2 * ctx.lane.max_in_flight / params.chunk_size) + 1)
+            parallel = math.ceil(2 * ctx.lane.max_in_flight / params.chunk_size) + CHUNK_SPARES
             gate = asyncio.Semaphore(parallel)
 
             async def one(index: int, chunk: list[ManifestRow]) -> None:
@@ -427,6 +434,7 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
                 # The first fatal error wins, as in-process.
                 if outcome.fatal and lane.state.fatal is None:
                     lane.state.fatal = error_from_fields(outcome.fatal)
+                    lane.state.fatal_at = time.time()
                 if refine and outcome.refine_fatal and refine.state.fatal is None:
                     refine.state.fatal = error_from_fields(outcome.refine_fatal)
                 for status, n in outcome.counts.get(Stage.TRYON, {}).items():
@@ -437,7 +445,8 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
 
         await asyncio.gather(*(run_provider(ctx, by_provider[ctx.lane.name]) for ctx in contexts))
         lanes = [ctx.lane for ctx in contexts] + ([refine_lane] if refine_lane else [])
-        fatal = next((lane.state.fatal for lane in lanes if lane.state.fatal), None)
+        stopped = next((lane.state for lane in lanes if lane.state.fatal), None)
+        fatal = stopped.fatal if stopped else None
 
     counts: Counter[str] = Counter({str(Status.INVALID): len(invalid)} if invalid else {})
     refine_counts: Counter[str] = Counter()
@@ -460,6 +469,9 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
         provider_calls=sum(o.provider_calls for o in outcomes),
         duration_s=round(time.perf_counter() - started, 3),
         fatal_error=str(fatal) if fatal else None,
+        fatal_at=(
+            datetime.fromtimestamp(stopped.fatal_at, UTC) if stopped and stopped.fatal_at else None
+        ),
         chunk_processes=sorted({o.process for o in outcomes}),
     )
     lake.write_json(lake.path("runs", run_id, "summary.json"), summary.model_dump(mode="json"))

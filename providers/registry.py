@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 
+from providers.settings import call_timeout_s
 from schemas.limits import PROFILES, ImageProfile
 
 
@@ -24,8 +25,10 @@ class ProviderSpec:
         return getattr(importlib.import_module(module_name), class_name)
 
     def make_client(self, *, http: httpx.AsyncClient) -> Any:
-        """A client configured from the environment (base URL and credentials)."""
-        return self.client_class().from_env(http=http, profile=self.profile)
+        """A client configured from the environment (base URL, credentials, call timeout)."""
+        timeout = call_timeout_s(self.name)
+        options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        return self.client_class().from_env(http=http, profile=self.profile, **options)
 
 
 def _spec(name: str, client_path: str, *, max_in_flight: int) -> ProviderSpec:

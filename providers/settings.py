@@ -40,6 +40,26 @@ def base_url_env(provider: str) -> str:
     return f"TRYON_{provider.upper()}_BASE_URL"
 
 
+def timeout_env(provider: str) -> str:
+    return f"TRYON_{provider.upper()}_TIMEOUT_S"
+
+
+def call_timeout_s(provider: str) -> float | None:
+    """Seconds a call to ``provider`` may take (``TRYON_<PROVIDER>_TIMEOUT_S``), or None for the
+    client's default. A hung call holds a provider slot until then."""
+    name = timeout_env(provider)
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected seconds, e.g. 60") from None
+    if not 0 < value <= 3600:
+        raise ValueError(f"{name}={raw!r}: expected seconds between 0 and 3600")
+    return value
+
+
 def base_url(provider: str) -> str:
     """The provider's base URL, from the environment or the vendor's public default."""
     url = os.environ.get(base_url_env(provider)) or DEFAULT_BASE_URLS[provider]

@@ -100,6 +100,7 @@ class RunState:
     """Mutable facts shared by all rows of a run, per lane."""
 
     fatal: ProviderError | None = None
+    fatal_at: float | None = None  # Unix time the run learned of it: no call starts after
 
 
 @dataclass(slots=True, kw_only=True)
@@ -441,6 +442,7 @@ async def _run_stage(
     except ProviderError as exc:
         if exc.kind is ErrorKind.FATAL and lane.state.fatal is None:
             lane.state.fatal = exc
+            lane.state.fatal_at = time.time()
         if exc is lane.state.fatal and attempts[0] == 0:
             return _finish(record, t0, skipped_by=exc)
         record.error_kind, record.error_code = exc.kind, exc.code

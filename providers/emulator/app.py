@@ -111,7 +111,10 @@ def build_app(config: EmulatorConfig | None = None) -> Starlette:
         except ValueError:
             return JSONResponse({"error": "since must be an integer"}, status_code=422)
         calls = [c for c in state.calls if c["seq"] > since]
-        return JSONResponse({"calls": calls, "now_s": state.clock_s()})
+        now_s = state.clock_s()
+        # The log's zero as Unix time: places calls against another process's wall clock.
+        clock0_unix = round(time.time() - now_s, 6)
+        return JSONResponse({"calls": calls, "now_s": now_s, "clock0_unix": clock0_unix})
 
     async def reset(request: Request) -> Response:
         """Zero the stats; with ``{"faults": true}`` also restore the configured fault plans."""
