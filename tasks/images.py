@@ -540,7 +540,9 @@ def _resize(
     im.load()
     pool = _band_executor()
     jobs = [pool.submit(im.resize, part, resample, box) for _, part, box in bands[1:]]
-    out = Image.new(im.mode, size)
+    # Not initialised (color None): the bands cover every pixel, and filling a canvas this
+    # size first would cost a tenth of the whole preparation.
+    out = Image.new(im.mode, size, None)
     out.paste(im.resize(bands[0][1], resample, bands[0][2]), bands[0][0])
     for (offset, _, _), job in zip(bands[1:], jobs, strict=True):
         out.paste(job.result(), offset)
