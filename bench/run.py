@@ -237,14 +237,24 @@ def fast_scenario(
             result, peaks = run_child(argv, env=flow_env, log_path=tmp / f"{name}.log", what=name)
         sides[name] = {**result, **m, **peaks}
 
+    # The baseline runs before and after our flow and counts at its best (its faster run, its
+    # lower CPU per row): one slow baseline run (a busy disk, a server still settling after
+    # start-up) must not flatter the ratio.
     plain("plain", [])
     ours("flow", ctx["flow_env"], True)
+    plain("plain_again", [])
     plain("plain_result_only", ["--no-mask"])
     ours("flow_ephemeral", ctx["ephemeral_env"], False)
 
     figures = {name: per_row(side, rows) for name, side in sides.items()}
     problems = {name: check(side, rows, concurrency) for name, side in sides.items()}
-    flow, base = figures["flow"], figures["plain"]
+    baselines = [figures["plain"], figures["plain_again"]]
+    flow = figures["flow"]
+    base = {
+        **max(baselines, key=lambda b: b["rows_per_s"]),
+        "cpu_ms_per_row": min(b["cpu_ms_per_row"] for b in baselines),
+        "runs": baselines,
+    }
     eph = figures["flow_ephemeral"]
     return {
         "rows": rows,
