@@ -342,6 +342,18 @@ def slow_scenario(
             argv, env=plain_env, log_path=ctx["tmp"] / "slow-plain.log", what="slow-plain"
         )
     plain = {**result, **m, **peaks}
+    # The floor: a trivial flow run, each in a fresh process as a worker starts them (best of 3).
+    log("slow: an empty flow run against the same server, 3 times")
+    empty_walls = []
+    for i in range(3):
+        result, _ = run_child(
+            [PY, "-m", "bench.empty_flow"],
+            env=ctx["flow_env"],
+            log_path=ctx["tmp"] / f"empty-flow-{i}.log",
+            what="empty-flow",
+        )
+        empty_walls.append(result["wall_s"])
+    empty_s = min(empty_walls)
     ceiling = 1 / latency
     rate = rows / side["wall_s"]
     plain_rate = rows / plain["wall_s"]
@@ -359,6 +371,11 @@ def slow_scenario(
         # The flow body only (from the flow's own duration): without flow-run creation.
         "ratio_vs_ceiling_flow_body_only": round(rows / side["flow_duration_s"] / ceiling, 3),
         "ratio_vs_ceiling_rows_phase": round(rows / span_s / ceiling, 3),
+        # What no flow can beat end to end: this run's rows phase plus an empty flow run, as if
+        # everything else the run does (manifest, leases, records, commit, report) took 0 s.
+        "empty_flow_run_s": empty_s,
+        "empty_flow_run_s_all": empty_walls,
+        "ratio_vs_ceiling_bound_with_prefect": round(rows / (span_s + empty_s) / ceiling, 3),
         "fixed_overhead_s": round(side["wall_s"] - rows / plain_rate, 2),
         "plain_rows_per_s": round(plain_rate, 3),
         "plain_ratio_vs_ceiling": round(plain_rate / ceiling, 3),
