@@ -201,16 +201,22 @@ def per_row(side: dict[str, Any], rows: int) -> dict[str, Any]:
     return out
 
 
-def check(side: dict[str, Any], rows: int, concurrency: int) -> list[str]:
-    """Everything that must hold for a side's figures to count."""
+def check(
+    side: dict[str, Any], rows: int, concurrency: int, *, exact_in_flight: bool = True
+) -> list[str]:
+    """Everything that must hold for a side's figures to count. ``exact_in_flight``: the
+    emulator must have seen exactly ``concurrency`` calls at once (the limit reached and held);
+    else only never more (the memory scenario's 10 ms calls end faster than a 2-core machine
+    can start 32)."""
     problems = []
     if side["succeeded"] != rows or side["result_files"] != rows:
         problems.append(f"{side['succeeded']} succeeded, {side['result_files']} files of {rows}")
     if side["emulator"]["changeclothes_requests"] != rows:
         problems.append(f"emulator saw {side['emulator']['changeclothes_requests']} calls")
     peak = side["emulator"]["max_in_flight"]
-    if peak != concurrency:
-        problems.append(f"emulator max in flight {peak}, expected exactly {concurrency}")
+    if peak > concurrency or (exact_in_flight and peak != concurrency):
+        expected = "exactly" if exact_in_flight else "at most"
+        problems.append(f"emulator max in flight {peak}, expected {expected} {concurrency}")
     return problems
 
 
@@ -489,7 +495,9 @@ def memory_scenario(
         out[f"vm_hwm_mb_{rows}"] = max(side["vm_hwm_mb"], side["watch_vm_hwm_mb"])
         out[f"rows_per_s_{rows}"] = round(rows / side["wall_s"], 2)
         out[f"cpu_ms_per_row_{rows}"] = round(1000 * side["cpu_s"] / rows, 2)
-        out[f"checks_{rows}"] = check(side, rows, ctx["concurrency"]) or "ok"
+        out[f"max_in_flight_{rows}"] = side["emulator"]["max_in_flight"]
+        problems = check(side, rows, ctx["concurrency"], exact_in_flight=False)
+        out[f"checks_{rows}"] = problems or "ok"
         shutil.rmtree(lake, ignore_errors=True)
     small, large = sizes
     out["growth_ratio"] = round(out[f"peak_rss_mb_{large}"] / out[f"peak_rss_mb_{small}"], 3)
