@@ -609,7 +609,7 @@ def sigkill(ctx: dict[str, Any]) -> dict[str, Any]:
             "committed_metadata_files": len(list((lake / "metadata").rglob("*.parquet"))),
             "emulator_accepted_jobs": emulator.stats()["job_contents"]["submissions"],
         }
-        log(f"{name}: killed: {at_kill}; rerun (waits for the dead run's lease to expire)")
+        log(f"{name}: killed: {at_kill}; rerun (which releases the dead run's lease as it starts)")
         second = run_flow(ctx, emulator, "hidream", lake, f"{name}-rerun")
         frame = metadata(lake)
         rows = row_figures(frame, rows_total)

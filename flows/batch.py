@@ -481,13 +481,7 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
     )
     logger.info("run %s: %s", run_id, summary.one_line())
     # For people: the contact sheet in the lake, a summary table and a report in Prefect.
-    await publish_run_outputs(
-        lake,
-        summary,
-        storage_options=params.storage_options,
-        fetch_allow=params.fetch_allow,
-        bank=thumbnails,
-    )
+    await publish_run_outputs(lake, summary, bank=thumbnails)
     if fatal is not None:
         logger.error("stopped submitting after a run-fatal error: %s", fatal)
     if summary.unfinished:

@@ -36,6 +36,8 @@ err = Console(stderr=True)
 out = Console()
 
 EXIT_OK, EXIT_ROWS, EXIT_NOT_STARTED = 0, 1, 2
+# 128 + SIGINT, as shells report a command stopped by Ctrl-C.
+EXIT_INTERRUPTED = 130
 
 
 class RichProgress:
@@ -156,8 +158,15 @@ def run(
         err.print(f"[red]cannot start:[/] {exc}")
         raise typer.Exit(EXIT_NOT_STARTED) from None
 
+    from flows.local_server import TemporaryServerError, prefect_api
+
     show_progress = sys.stderr.isatty() if progress is None else progress
     with ExitStack() as stack:
+        try:
+            stack.enter_context(prefect_api(say=lambda line: err.print(line, highlight=False)))
+        except TemporaryServerError as exc:
+            err.print(f"[red]cannot start:[/] {exc}")
+            raise typer.Exit(EXIT_NOT_STARTED) from None
         if emulator:
             err.print(f"emulator: serving every provider at {_start_emulator(stack)}")
         if show_progress:
@@ -183,6 +192,14 @@ def run(
             raise typer.Exit(EXIT_NOT_STARTED) from None
         except BatchIncomplete as exc:
             summary = exc.summary
+        except KeyboardInterrupt:
+            err.print(
+                "[yellow]interrupted:[/] rows finished so far are kept in the lake; run the same "
+                "command again to resume (finished rows are not sent to the provider again)",
+                highlight=False,
+                soft_wrap=True,  # one line, whatever the width: it is meant to be copied
+            )
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     out.print(f"Results:  {summary.results_uri}")
     out.print(f"Metadata: {summary.metadata_uri}  (read with polars.scan_parquet)")

@@ -14,9 +14,10 @@ import re
 from collections.abc import Collection, Iterable
 from typing import Literal, get_args
 
-import fsspec
 import polars as pl
 from pydantic import BaseModel, ConfigDict, field_validator
+
+from schemas.uris import PLAINLY_ALLOWED_PREFIX, SCHEME_PATTERN, image_ref_refusal, uri_scheme
 
 Category = Literal["upper_body", "lower_body", "dresses"]
 Gender = Literal["woman", "man"]
@@ -51,14 +52,10 @@ _SAFE_ID = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"
 _SAFE_ID_RE = re.compile(_SAFE_ID)
 SAFE_ID_RULE = "allowed: ASCII letters, digits, '.', '_', '-'; 1-128 chars; not starting with '.'"
 
-# RFC 3986 scheme syntax. A local file name containing ':' (rare) reads as a scheme and is
-# then rejected as unknown, which is a clear error rather than a silently wrong path.
-_SCHEME = r"^([A-Za-z][A-Za-z0-9+.\-]*):"
-_SCHEME_RE = re.compile(_SCHEME)
+_SCHEME = SCHEME_PATTERN
 _DATA_IMAGE = r"(?i)^data:image/[a-z0-9.+\-]+;base64,[\s\S]"
 # A relative path with any of these needs posixpath/os.path normalisation when joined.
 _NEEDS_NORMALISING = r"(^|/)\.\.?(/|$)|//|/$"
-_BUILTIN_SCHEMES = frozenset({"", "file", "http", "https", "data"})
 
 _CONTROL_CHARACTER = r"[\x00-\x1f\x7f]"
 # Free-text columns; ids and image references have stricter checks of their own.
@@ -163,23 +160,6 @@ def is_safe_id(row_id: str) -> bool:
     return _SAFE_ID_RE.fullmatch(row_id) is not None
 
 
-def uri_scheme(uri: str) -> str:
-    """The lowercased scheme of ``uri``: "" for a local path, "data" for a data URI."""
-    match = _SCHEME_RE.match(uri)
-    return match.group(1).lower() if match else ""
-
-
-def known_schemes() -> frozenset[str]:
-    """Every scheme an image reference may use: fsspec's protocols plus local and data."""
-    protocols = {p.lower() for p in fsspec.available_protocols()}
-    return frozenset(protocols | _BUILTIN_SCHEMES)
-
-
-def is_known_scheme(scheme: str) -> bool:
-    """Whether a scheme (as returned by ``uri_scheme``) can be fetched."""
-    return scheme.lower() in known_schemes()
-
-
 def resolve_uri(ref: str, base_uri: str | None) -> str:
     """Join a relative local ``ref`` onto the manifest directory ``base_uri``.
 
@@ -272,9 +252,8 @@ def validate_manifest(
     )
     frame = frame.join(dups, on="id", how="left").sort(_ROW)
 
-    reasons = pl.concat_list(
-        _reason_exprs(present, known_schemes(), known_providers)
-    ).list.drop_nulls()
+    checks = [*_reason_exprs(present, known_providers), *_relative_ref_exprs(base_uri)]
+    reasons = pl.concat_list(checks).list.drop_nulls()
     frame = frame.with_columns(reasons.alias(_REASONS))
 
     good = frame.filter(pl.col(_REASONS).list.len() == 0)
@@ -326,6 +305,16 @@ def _show_expr(expr: pl.Expr) -> pl.Expr:
     )
 
 
+def _is_relative(ref: pl.Expr) -> pl.Expr:
+    """A path read from beside the manifest: no scheme, not absolute, not ``~``."""
+    return (
+        ref.is_not_null()
+        & ref.str.extract(_SCHEME, 1).is_null()
+        & ~ref.str.starts_with("/")
+        & ~ref.str.starts_with("~")
+    )
+
+
 def _resolve_expr(column: str, base_uri: str) -> pl.Expr:
     """``resolve_uri`` over a column, vectorised for the common case.
 
@@ -333,12 +322,7 @@ def _resolve_expr(column: str, base_uri: str) -> pl.Expr:
     directory prefix; only the rest goes through Python, where normalisation is needed.
     """
     ref = pl.col(column)
-    relative = (
-        ref.is_not_null()
-        & ref.str.extract(_SCHEME, 1).is_null()
-        & ~ref.str.starts_with("/")
-        & ~ref.str.starts_with("~")
-    )
+    relative = _is_relative(ref)
     plain = ~ref.str.contains(_NEEDS_NORMALISING)
     prefix = resolve_uri("x", base_uri)[:-1]  # the directory as resolve_uri renders it
     # Branches are all evaluated, so the Python path only sees the rows it is for (nulls skip).
@@ -357,11 +341,7 @@ def _resolve_expr(column: str, base_uri: str) -> pl.Expr:
     )
 
 
-def _reason_exprs(
-    present: set[str],
-    schemes: frozenset[str],
-    known_providers: Collection[str] | None,
-) -> list[pl.Expr]:
+def _reason_exprs(present: set[str], known_providers: Collection[str] | None) -> list[pl.Expr]:
     """One expression per check, each a reason string where the check fails, else null."""
     rid = pl.col("id")
     garment = pl.col("garment_image")
@@ -388,7 +368,7 @@ def _reason_exprs(
         ),
     ]
     for column in IMAGE_COLUMNS:
-        exprs.extend(_uri_exprs(column, schemes))
+        exprs.extend(_uri_exprs(column))
     for column in _TEXT_COLUMNS:
         # A NUL byte is never text a provider should see (and C code stops at it).
         exprs.append(
@@ -438,14 +418,41 @@ def _reason_exprs(
     return exprs
 
 
-def _uri_exprs(column: str, schemes: frozenset[str]) -> list[pl.Expr]:
-    """Checks on one image-reference column: a fetchable scheme, a well-formed data URI."""
+def _relative_ref_exprs(base_uri: str | None) -> list[pl.Expr]:
+    """Relative paths are read from the manifest's own location: refused where that is."""
+    refusal = image_ref_refusal(resolve_uri("image", base_uri)) if base_uri else None
+    if refusal is None:
+        return []
+    exprs: list[pl.Expr] = []
+    for column in IMAGE_COLUMNS:
+        ref = pl.col(column)
+        exprs.append(
+            pl.when(_is_relative(ref)).then(
+                pl.lit(
+                    f"relative path in column '{column}' would be read from the manifest's "
+                    f"location: {refusal}"
+                )
+            )
+        )
+    return exprs
+
+
+def _uri_exprs(column: str) -> list[pl.Expr]:
+    """Checks on one image-reference column: an allowed scheme, a well-formed data URI."""
     ref = pl.col(column)
     scheme = ref.str.extract(_SCHEME, 1).str.to_lowercase()
+    # The bulk of rows (plain paths, http(s)://, s3://... without '::') are allowed as they
+    # stand; only the others go through ``image_ref_refusal``, the check the fetch makes too.
+    plain = ~ref.str.contains("::", literal=True) & (
+        ~ref.str.contains(":", literal=True) | ref.str.contains(PLAINLY_ALLOWED_PREFIX)
+    )
+    refusal = (
+        pl.when(ref.is_not_null() & ~plain)
+        .then(ref)
+        .map_elements(lambda r: image_ref_refusal(r, column), return_dtype=pl.String)
+    )
     return [
-        pl.when(scheme.is_not_null() & ~scheme.is_in(sorted(schemes))).then(
-            pl.format(f"unknown URI scheme '{{}}' in column '{column}'", _show_expr(scheme))
-        ),
+        refusal,
         # A path or URL never holds one: most likely a mangled CSV (a quote out of place).
         pl.when((scheme.fill_null("") != "data") & ref.str.contains(_CONTROL_CHARACTER)).then(
             pl.lit(f"control character (newline, NUL, ...) in column '{column}'")

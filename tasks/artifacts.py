@@ -1,7 +1,7 @@
 """Prefect artifacts for a run: a status table, a markdown report and a live progress bar.
 
 Thin: the tallies and the contact sheet are built in ``tasks.report`` (Prefect-free). Every
-call here uses the explicit async forms of Prefect 3.8.8 (``acreate_*``,
+call here uses the explicit async forms of Prefect 3.9 (``acreate_*``,
 ``aupdate_progress_artifact``), so the async flow awaits them on its own event loop instead of
 going through ``async_dispatch``'s guessing.
 
@@ -380,14 +380,13 @@ async def publish_run_outputs(
     lake: Lake,
     run: RunFacts,
     *,
-    storage_options: dict[str, Any] | None = None,
     records: Sequence[RowRecord] | None = None,
-    fetch_allow: Sequence[str] = (),
     bank: ThumbnailBank | None = None,
 ) -> ContactSheetUris | None:
     """At the end of a run: the contact sheet in the lake and the table and report artifacts.
 
-    Reads the run's records back from the lake (``read_run_records``) unless given.
+    Reads the run's records back from the lake (``read_run_records``) unless given. The sheet
+    shows inputs only from ``bank`` (what the run held) and fetches nothing.
     Reporting never changes the run's outcome: a failure is logged and the rest still
     published. Returns the contact sheet's URIs, or None if it could not be written.
     """
@@ -402,10 +401,8 @@ async def publish_run_outputs(
                 lake,
                 run.run_id,
                 records,
-                storage_options=storage_options,
-                manifest_rows=run.total_rows,
-                fetch_allow=fetch_allow,
                 bank=bank,
+                manifest_rows=run.total_rows,
             )
         # Reporting must not fail a run whose results are already safe in the lake.
         except Exception as exc:

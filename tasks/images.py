@@ -1,7 +1,8 @@
 """Fetch input images from anywhere and fit them to a provider's ``ImageProfile``. Prefect-free.
 
-``fetch_bytes`` reads ``data:`` URIs, http(s) through an injected ``httpx.AsyncClient`` and every
-fsspec protocol (local paths, ``file://``, ``s3://``, ``memory://``...), always with a byte cap.
+``fetch_bytes`` reads ``data:`` URIs, http(s) through an injected ``httpx.AsyncClient``, local
+paths, ``file://``, ``s3://`` and ``memory://`` (the closed list of ``schemas.uris``; anything
+else, chained fsspec URLs included, is refused), always with a byte cap.
 ``prepare_image`` decodes (refusing decompression bombs from the header alone), makes the image
 upright, flattens it to 8-bit sRGB, fits it to the profile and re-encodes it under the byte limit.
 ``PreparedImageCache`` prepares each distinct (uri, profile) once per run, however many rows and
@@ -29,12 +30,13 @@ from typing import Any, Final
 
 import fsspec
 import httpx
-from fsspec.registry import known_implementations
+from fsspec.spec import AbstractFileSystem
 from PIL import ExifTags, Image, ImageChops, ImageCms, ImageStat, UnidentifiedImageError
 
 from providers.base import PreparedImage
 from schemas.limits import ImageProfile
 from schemas.results import ErrorKind
+from schemas.uris import ImageRoute, Refusal, classify_image_ref
 from tasks.fetch_guard import BLOCKED_CODE, FetchBlockedError
 
 __all__ = [
@@ -169,19 +171,28 @@ async def fetch_bytes(
     max_bytes: int = DEFAULT_MAX_FETCH_BYTES,
     storage_options: dict[str, Any] | None = None,
 ) -> bytes:
-    """Read the raw bytes behind ``uri``, never more than ``max_bytes``."""
+    """Read the raw bytes behind ``uri``, never more than ``max_bytes``.
+
+    ``uri`` goes to the one reader ``classify_image_ref`` routes it to: http(s) only through
+    ``http`` (the guarded client), files through one explicitly chosen filesystem, never through
+    fsspec's URL parsing (which would follow ``proto::url`` chains). A refused reference fails
+    with UNSUPPORTED_SCHEME before any IO. ``storage_options`` configure ``s3://`` only.
+    """
     if not uri or not uri.strip():
         raise ImageInputError("BAD_URI", "empty image URI")
-    if uri[:5].lower() == "data:":
+    verdict = classify_image_ref(uri)
+    if isinstance(verdict, Refusal):
+        # The reason names the scheme only: the URL itself may carry credentials.
+        raise ImageInputError("UNSUPPORTED_SCHEME", verdict.reason)
+    if verdict.route == "data":
         if len(uri) > _INLINE_DECODE_LIMIT:  # decoding megabytes of base64 would stall the loop
             return await asyncio.to_thread(_decode_data_uri, uri, max_bytes)
         return _decode_data_uri(uri, max_bytes)
-    match = _SCHEME_RE.match(uri)
-    scheme = match.group(1).lower() if match else ""
-    if scheme in ("http", "https"):
+    if verdict.route == "http":
         return await _fetch_http(uri, http=http, max_bytes=max_bytes)
-    _check_fsspec_protocols(uri)
-    return await asyncio.to_thread(_read_fsspec, uri, max_bytes, dict(storage_options or {}))
+    return await asyncio.to_thread(
+        _read_filesystem, verdict, display_uri(uri), max_bytes, dict(storage_options or {})
+    )
 
 
 def _decode_data_uri(uri: str, max_bytes: int) -> bytes:
@@ -265,31 +276,23 @@ async def _fetch_http(uri: str, *, http: httpx.AsyncClient, max_bytes: int) -> b
         raise ImageInputError("BAD_URI", f"{shown}: invalid URL") from None
 
 
-def _check_fsspec_protocols(uri: str) -> None:
-    """Refuse protocols fsspec does not know before touching a thread (``a::b://`` chains too)."""
-    known = set(known_implementations) | set(fsspec.registry)
-    parts = uri.split("::")
-    for index, part in enumerate(parts):
-        match = _SCHEME_RE.match(part)
-        if match:
-            protocol = match.group(1).lower()
-        elif index < len(parts) - 1:  # "simplecache::s3://..." names a bare protocol
-            protocol = part.lower()
-        else:
-            protocol = "file"
-        if protocol not in known:
-            raise ImageInputError(
-                "UNSUPPORTED_SCHEME",
-                f"{display_uri(uri)}: unknown protocol {protocol!r} (use http(s), data:, a "
-                f"local path or an fsspec protocol such as s3://)",
-            )
+def _filesystem(route: ImageRoute, storage_options: dict[str, Any]) -> AbstractFileSystem:
+    """The one filesystem for an allowed non-HTTP route, chosen here, never from the URL."""
+    if route.route == "s3":
+        # The endpoint and credentials come from the run's configuration, not the manifest.
+        return fsspec.filesystem("s3", **storage_options)
+    if route.route == "memory":
+        return fsspec.filesystem("memory")
+    return fsspec.filesystem("file")
 
 
-def _read_fsspec(uri: str, max_bytes: int, storage_options: dict[str, Any]) -> bytes:
-    """Blocking fsspec read, run in a worker thread."""
-    shown = display_uri(uri)
+def _read_filesystem(
+    route: ImageRoute, shown: str, max_bytes: int, storage_options: dict[str, Any]
+) -> bytes:
+    """Blocking filesystem read, run in a worker thread."""
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        fs = _filesystem(route, storage_options)
+        path = route.target
         try:
             info = fs.info(path)
         except (FileNotFoundError, PermissionError):
@@ -314,7 +317,7 @@ def _read_fsspec(uri: str, max_bytes: int, storage_options: dict[str, Any]) -> b
     except PermissionError:
         raise ImageInputError("FETCH_FORBIDDEN", f"{shown}: permission denied") from None
     except ImportError as exc:
-        # e.g. gs:// without gcsfs installed; fsspec's message names the missing package.
+        # s3:// without s3fs installed; fsspec's message names the missing package.
         raise ImageInputError("UNSUPPORTED_SCHEME", f"{shown}: {exc}") from None
     except (TimeoutError, ConnectionError) as exc:
         raise ImageInputError(
@@ -375,7 +378,7 @@ def prepare_image(
         raise _bomb_error(shown, exc) from None
     except Exception as exc:  # Pillow raises many types on corrupt data
         raise ImageInputError(
-            "DECODE_FAILED", f"{shown}: {im.format} data does not decode ({exc})"
+            "DECODE_FAILED", f"{shown}: {im.format} data does not decode ({type(exc).__name__})"
         ) from None
 
     if rgb.size != target:
@@ -568,7 +571,10 @@ def _open(
         # Pillow's own guard (a warning too when warnings are errors): same verdict as ours.
         raise _bomb_error(shown, exc) from None
     except Exception as exc:
-        raise ImageInputError("DECODE_FAILED", f"{shown}: unreadable header ({exc})") from None
+        # Exception texts can quote the file (PNG chunk names, TIFF tags): the type only.
+        raise ImageInputError(
+            "DECODE_FAILED", f"{shown}: unreadable header ({type(exc).__name__})"
+        ) from None
     # Tell "not an image" from "an image in a format we refuse" by asking every plugin.
     found: str | None = None
     try:
@@ -583,9 +589,9 @@ def _open(
             "FORMAT_NOT_ALLOWED",
             f"{shown}: format {found} is not allowed (allowed: {', '.join(allowed_formats)})",
         )
-    raise ImageInputError(
-        "DECODE_FAILED", f"{shown}: not a recognisable image ({len(data)} bytes, head {data[:8]!r})"
-    )
+    # The size only: the first bytes of a local file are its content (a manifest may point at
+    # any file the worker can read).
+    raise ImageInputError("DECODE_FAILED", f"{shown}: not a recognisable image ({len(data)} bytes)")
 
 
 def _bomb_error(shown: str, exc: Exception) -> ImageInputError:

@@ -207,6 +207,17 @@ async def _with_retries(ctx: RunContext, call: Callable[[], Awaitable[T]]) -> T:
             await asyncio.sleep(ctx.retry.delay(attempt, retry_after))
 
 
+async def _prepare_shown(
+    ctx: RunContext, row: ManifestRow, uri: str | None, profile: ImageProfile
+) -> PreparedImage | None:
+    """``_prepare``, then hand the image to the contact sheet at once: the sheet fetches
+    nothing, so an input is shown even when the row's other input fails."""
+    image = await _prepare(ctx, uri, profile)
+    if image is not None and uri is not None and ctx.thumbnails is not None:
+        ctx.thumbnails.offer(row.row_index, uri, image.data)
+    return image
+
+
 async def _prepare(ctx: RunContext, uri: str | None, profile: ImageProfile) -> PreparedImage | None:
     if uri is None:
         return None
@@ -460,17 +471,13 @@ async def _try_on(ctx: RunContext, row: ManifestRow, record: RowRecord) -> bytes
     async def work(attempts: list[int]) -> None:
         t_prep = time.perf_counter()
         person, garment, lower = await asyncio.gather(
-            _prepare(ctx, row.person_image, lane.profile),
-            _prepare(ctx, row.garment_image, lane.profile),
+            _prepare_shown(ctx, row, row.person_image, lane.profile),
+            _prepare_shown(ctx, row, row.garment_image, lane.profile),
             _prepare(ctx, row.lower_garment_image, lane.profile),
         )
         assert person is not None
         record.person_sha256 = person.sha256
         record.garment_sha256 = garment.sha256 if garment else None
-        if ctx.thumbnails is not None:
-            ctx.thumbnails.offer(row.row_index, row.person_image, person.data)
-            if garment is not None:
-                ctx.thumbnails.offer(row.row_index, row.garment_image, garment.data)
         gender = row.gender or ctx.default_gender
         record.work_key = work_key(
             stage=str(Stage.TRYON),

@@ -11,6 +11,12 @@ sync. Its size stays bounded because only the first ``max_image_rows`` rows carr
 (about 20 KB a row at 128 px); later rows are listed as text, up to ``max_listed_rows``. The
 PNG shows the same rows with images, so its memory is bounded by the same cap.
 
+The sheet never fetches an input: person and garment images are shown only from the bytes
+the run itself held (thumbnailed as it went, ``ThumbnailBank``). An input the run never
+obtained (a timeout, an HTTP error, an endless body) would cost the same again at the end
+and may not be this run's to fetch at all, so its cell is a placeholder naming why. Outputs
+are the run's own storage: those not thumbnailed during the run are read back from the lake.
+
 Everything shown comes from the manifest or a provider and is untrusted: the HTML escapes
 every string and forbids scripts with a Content-Security-Policy; input URIs go through
 ``display_uri`` (no credentials, no query strings: presigned signatures stay out).
@@ -25,29 +31,25 @@ import base64
 import html
 import inspect
 import posixpath
-from collections import Counter, OrderedDict
+import urllib.parse
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 from io import BytesIO
-from typing import Any, Final
+from typing import Final
 
-import httpx
 import polars as pl
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from schemas.manifest import is_safe_id
 from schemas.results import RowRecord, Stage, Status, records_to_frame
-from tasks.fetch_guard import inputs_client_for
 from tasks.images import (
     DEFAULT_ALLOWED_FORMATS,
-    DEFAULT_MAX_FETCH_BYTES,
     DEFAULT_MAX_PIXELS,
     ImageInputError,
     display_uri,
-    fetch_bytes,
 )
 from tasks.lake import Lake, LakePathError
 from tasks.png import encode_rgb_png
@@ -62,7 +64,7 @@ __all__ = [
     "ContactSheet",
     "ContactSheetUris",
     "FailureGroup",
-    "ImageReader",
+    "OutputReader",
     "SheetLayout",
     "SheetRow",
     "StatusCount",
@@ -71,15 +73,15 @@ __all__ = [
     "count_statuses",
     "group_failures",
     "group_rows",
-    "lake_image_reader",
+    "lake_output_reader",
     "make_thumbnail",
     "read_run_records",
     "write_contact_sheet",
     "write_report_records",
 ]
 
-# Returns the bytes behind a URI (an input image or a lake output), or raises.
-ImageReader = Callable[[str], Awaitable[bytes] | bytes]
+# Returns the bytes of an output the lake holds, or raises. Never given an input URI.
+OutputReader = Callable[[str], Awaitable[bytes] | bytes]
 
 CONTACT_SHEET_HTML: Final = "contact_sheet.html"
 CONTACT_SHEET_PNG: Final = "contact_sheet.png"
@@ -101,8 +103,8 @@ _HEADER_RGB: Final = (228, 228, 228)
 _STRIPE_RGB: Final = (246, 246, 246)
 _FONT_PX: Final = 12
 _MESSAGE_CHARS: Final = 300  # error messages are cut here: the metadata has them whole
-_THUMB_CACHE_SIZE: Final = 256  # rows share person/garment images: thumbnail each once
 _JPEG_QUALITY: Final = 80
+_INPUT_UNAVAILABLE: Final = "input unavailable"
 
 _Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
 
@@ -324,15 +326,16 @@ def _error_code(exc: BaseException) -> str:
         return exc.code
     if isinstance(exc, FileNotFoundError):
         return "NOT_FOUND"
+    if isinstance(exc, LakePathError):
+        return "NOT_IN_LAKE"
     return type(exc).__name__
 
 
 @dataclass(frozen=True, slots=True)
 class _CellSpec:
     uri: str | None
-    note: str  # why there is no image to show, when uri is None
-    unreadable: str  # prefix for the placeholder when the uri cannot be read
-    cacheable: bool  # inputs repeat across rows; outputs never do
+    note: str  # the placeholder when there is no image: no uri, or nothing held for it
+    output: bool  # a result in the run's lake, which may be read back; inputs never are
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,44 +347,54 @@ class _Cell:
 
 
 _ROWS_PER_BATCH = 8
+_PENDING: Final = _Cell()  # a bank entry still being made
 
 
-class _Thumbnails:
-    """Fetch + thumbnail cells; a small LRU keeps shared input images from being redone."""
+class _Cells:
+    """Each cell's picture without fetching anything: inputs from the bank only (what the run
+    held), outputs from the bank or read back from the lake."""
 
     def __init__(
-        self, read_image: ImageReader, thumb_px: int, bank: ThumbnailBank | None = None
+        self, bank: ThumbnailBank | None, read_output: OutputReader | None, thumb_px: int
     ) -> None:
-        self._read_image = read_image
+        self._bank = bank
+        self._read_output = read_output
         self._thumb_px = thumb_px
-        self._cache: OrderedDict[str, _Cell] = OrderedDict()
-        self._bank = bank if bank is not None and bank.thumb_px == thumb_px else None
+        self._fitted: dict[str, _Cell] = {}  # bank cells shrunk for this sheet, once per URI
 
     async def cell(self, spec: _CellSpec) -> _Cell:
         if spec.uri is None:
             return _Cell(note=spec.note)
-        if self._bank is not None and (made := self._bank.get(spec.uri)) is not None:
-            return made
-        if spec.cacheable and (hit := self._cache.get(spec.uri)) is not None:
-            self._cache.move_to_end(spec.uri)
-            return hit
-        cell = await self._load(spec.uri, spec.unreadable)
-        if spec.cacheable:
-            self._cache[spec.uri] = cell
-            if len(self._cache) > _THUMB_CACHE_SIZE:
-                self._cache.popitem(last=False)
-        return cell
+        held = self._bank.get(spec.uri) if self._bank is not None else None
+        if held is not None:
+            return self._fit(spec.uri, held)
+        if not spec.output or self._read_output is None:
+            return _Cell(note=spec.note, title=display_uri(spec.uri))
+        return await self._read(spec.uri)
 
-    async def _load(self, uri: str, unreadable: str) -> _Cell:
+    def _fit(self, uri: str, cell: _Cell) -> _Cell:
+        """A bank cell made at another size than this sheet's: shrunk (smaller ones are centred),
+        since the bytes it came from are gone."""
+        if cell.thumb is None or max(cell.thumb.size) <= self._thumb_px:
+            return cell
+        if (fitted := self._fitted.get(uri)) is None:
+            thumb = cell.thumb.copy()
+            thumb.thumbnail((self._thumb_px, self._thumb_px), reducing_gap=2.0)
+            fitted = _Cell(thumb=thumb, data_uri=_jpeg_data_uri(thumb), title=cell.title)
+            self._fitted[uri] = fitted
+        return fitted
+
+    async def _read(self, uri: str) -> _Cell:
+        assert self._read_output is not None
         title = display_uri(uri)
         try:
-            data = self._read_image(uri)
+            data = self._read_output(uri)
             if inspect.isawaitable(data):
                 data = await data
             thumb, data_uri = await asyncio.to_thread(_thumbnail_and_uri, data, self._thumb_px)
         # The reader is injected and may raise anything: a cell shows why, the sheet goes on.
         except Exception as exc:
-            return _Cell(note=f"{unreadable}: {_error_code(exc)}", title=title)
+            return _Cell(note=f"missing output: {_error_code(exc)}", title=title)
         return _Cell(thumb=thumb, data_uri=data_uri, title=title)
 
 
@@ -389,7 +402,8 @@ class ThumbnailBank:
     """Thumbnails made while the run goes, from bytes the rows already hold (prepared inputs,
     downloaded results), so the contact sheet at the end mostly lays them out. Rows wait on
     providers most of the time: the CPU is free then, and at the end the run waits on nothing
-    else. Only rows the sheet shows with images are taken; the sheet reads whatever is missing.
+    else. Only rows the sheet shows with images are taken. The bank is the sheet's only source
+    of input images: an input never offered here is a placeholder on the sheet, never fetched.
     """
 
     def __init__(
@@ -407,22 +421,25 @@ class ThumbnailBank:
         """Thumbnail ``data`` as ``uri``'s cell in the background (never delays the row)."""
         if uri is None or not self.wants(row_index, uri):
             return
-        self._cells[uri] = _Cell()  # reserved: one thumbnail per URI however many rows share it
+        self._cells[uri] = _PENDING  # one thumbnail per URI however many rows share it
         task = asyncio.get_running_loop().create_task(self._make(uri, data))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     async def _make(self, uri: str, data: bytes) -> None:
+        title = display_uri(uri)
         try:
             thumb, data_uri = await asyncio.to_thread(_thumbnail_and_uri, data, self.thumb_px)
-        except Exception:  # the sheet reads it again and shows why it cannot
-            self._cells.pop(uri, None)
+        except Exception as exc:  # kept as the cell's note: the sheet has no other source
+            self._cells[uri] = _Cell(note=f"unreadable: {_error_code(exc)}", title=title)
             return
-        self._cells[uri] = _Cell(thumb=thumb, data_uri=data_uri, title=display_uri(uri))
+        self._cells[uri] = _Cell(thumb=thumb, data_uri=data_uri, title=title)
 
     def get(self, uri: str) -> _Cell | None:
+        """``uri``'s cell: its thumbnail, or why the bytes did not make one; None when nothing
+        was offered for it (or it is still being made)."""
         cell = self._cells.get(uri)
-        return cell if cell is not None and cell.thumb is not None else None
+        return None if cell is None or cell is _PENDING else cell
 
     async def settle(self) -> None:
         """Wait for the thumbnails still being made."""
@@ -443,30 +460,61 @@ def _stage_note(record: RowRecord | None, *, absent: str) -> str:
     return f"{record.status}: {record.error_code or 'no code'}"
 
 
+# Codes of an input the run could not get at all (tasks.images.fetch_bytes), as opposed to
+# one it got but could not use (DECODE_FAILED, DECOMPRESSION_BOMB...).
+_NOT_FETCHED_CODES: Final = frozenset({"BAD_URI", "BAD_DATA_URI", "UNSUPPORTED_SCHEME"})
+
+
+def _names_input(message: str, uri: str) -> bool:
+    """Whether an input error's message is about ``uri``: it starts with the redacted URI, or
+    with its host when the fetch guard refused that host."""
+    if message.startswith(display_uri(uri) + ":"):
+        return True
+    try:
+        host = urllib.parse.urlsplit(uri).hostname
+    except ValueError:
+        return False
+    return bool(host) and message.lower().startswith(f"host {host} ")
+
+
+def _input_note(record: RowRecord | None, uri: str) -> str:
+    """Why an input the bank does not hold has no picture. The sheet never fetches it: the run
+    either never obtained it (the record's error names it) or did not keep it for the sheet."""
+    if record is None or record.status == Status.SUCCEEDED or not record.error_code:
+        return _INPUT_UNAVAILABLE
+    if not _names_input(record.error_message or "", uri):
+        return _INPUT_UNAVAILABLE
+    code = record.error_code
+    fetched = not (code.startswith("FETCH_") or code in _NOT_FETCHED_CODES)
+    return f"input {'unusable' if fetched else 'not fetched'}: {code}"
+
+
 def _cell_specs(row: SheetRow, columns: Sequence[str]) -> list[_CellSpec]:
     tryon = row.tryon
     invalid = tryon is not None and tryon.status == Status.INVALID
+
+    def input_spec(uri: str | None, absent: str) -> _CellSpec:
+        if invalid:  # nothing was attempted for the row
+            return _CellSpec(uri=None, note="invalid row", output=False)
+        if uri is None:
+            return _CellSpec(uri=None, note=absent, output=False)
+        return _CellSpec(uri=uri, note=_input_note(tryon, uri), output=False)
+
     specs = {
-        "person": _CellSpec(
-            uri=tryon.person_image if tryon else None,
-            note="invalid row" if invalid else "no image",
-            unreadable="unreadable",
-            cacheable=True,
-        ),
-        "garment": _CellSpec(
-            uri=tryon.garment_image if tryon else None,
-            note="invalid row" if invalid else "no garment image (prompt)",
-            unreadable="unreadable",
-            cacheable=True,
-        ),
+        "person": input_spec(tryon.person_image if tryon else None, "no image"),
+        "garment": input_spec(tryon.garment_image if tryon else None, "no garment image (prompt)"),
     }
     for column, record in (("coarse", tryon), ("refined", row.refine)):
         succeeded = record is not None and record.status == Status.SUCCEEDED
+        uri = record.output_uri if succeeded and record else None
         specs[column] = _CellSpec(
-            uri=record.output_uri if succeeded and record else None,
-            note=_stage_note(record, absent="invalid row" if invalid else "not run"),
-            unreadable="missing output",
-            cacheable=False,
+            uri=uri,
+            note=(
+                _stage_note(record, absent="invalid row" if invalid else "not run")
+                if uri is None
+                else "output not held"
+            ),
+            output=True,
         )
     return [specs[c] for c in columns]
 
@@ -531,22 +579,25 @@ class ContactSheet:
 async def build_contact_sheet(
     records: Iterable[RowRecord],
     *,
-    read_image: ImageReader,
+    bank: ThumbnailBank | None = None,
+    read_output: OutputReader | None = None,
     run_id: str | None = None,
     thumb_px: int = DEFAULT_THUMB_PX,
     max_image_rows: int = DEFAULT_MAX_IMAGE_ROWS,
     max_listed_rows: int = DEFAULT_MAX_LISTED_ROWS,
     refined: bool | None = None,
     manifest_rows: int | None = None,
-    bank: ThumbnailBank | None = None,
 ) -> ContactSheet:
     """The contact sheet of a run's records (both stages), rows in manifest order.
 
-    Rows are fetched and drawn one at a time (a row's cells concurrently), so memory holds
-    the PNG canvas, at most ``max_image_rows`` high, and a few thumbnails.
+    Nothing is fetched. ``bank``: thumbnails made during the run from bytes it held, the only
+    source of input images; an input it lacks is a placeholder saying why. ``read_output``:
+    reads back an output the bank lacks from the run's lake (``lake_output_reader``); without
+    one such outputs are placeholders too.
+    Rows are drawn a few at a time (a row's cells concurrently), so memory holds the PNG
+    canvas, at most ``max_image_rows`` high, and a few thumbnails.
     ``refined``: show the refined column; by default, when any record is a refine record.
     ``manifest_rows``: the manifest's row count, so rows missing from ``records`` are noted.
-    ``bank``: thumbnails made during the run, used where they exist.
     """
     rows = group_rows(records)
     if refined is None:
@@ -567,16 +618,14 @@ async def build_contact_sheet(
 
     if bank is not None:
         await bank.settle()
-    thumbnails = _Thumbnails(read_image, thumb_px, bank)
+    cells_of = _Cells(bank, read_output, thumb_px)
     html_rows: list[str] = []
     # A few rows' cells at a time: thumbnails decode in threads (both cores), memory stays small.
     for start in range(0, len(image_rows), _ROWS_PER_BATCH):
         batch = image_rows[start : start + _ROWS_PER_BATCH]
         batch_cells = await asyncio.gather(
             *(
-                asyncio.gather(
-                    *(thumbnails.cell(spec) for spec in _cell_specs(row, layout.columns))
-                )
+                asyncio.gather(*(cells_of.cell(spec) for spec in _cell_specs(row, layout.columns)))
                 for row in batch
             )
         )
@@ -876,23 +925,15 @@ class ContactSheetUris:
     png: str
 
 
-def lake_image_reader(
-    lake: Lake,
-    *,
-    http: httpx.AsyncClient,
-    storage_options: dict[str, Any] | None = None,
-    max_bytes: int = DEFAULT_MAX_FETCH_BYTES,
-) -> ImageReader:
-    """Outputs through the lake's own filesystem; inputs as the run fetched them
-    (``tasks.images.fetch_bytes``: paths, fsspec URLs, http(s), ``data:``; with a byte cap)."""
+def lake_output_reader(lake: Lake) -> OutputReader:
+    """Outputs this lake holds, through its own filesystem; any other URI is refused
+    (``LakePathError``) before anything is opened: the sheet reads no inputs."""
     inside = lake.uri.rstrip("/") + "/"
 
     async def read(uri: str) -> bytes:
-        if uri.startswith(inside):
-            return await asyncio.to_thread(lake.read_uri, uri)
-        return await fetch_bytes(
-            uri, http=http, max_bytes=max_bytes, storage_options=storage_options
-        )
+        if not uri.startswith(inside):
+            raise LakePathError(f"{display_uri(uri)} is not in the lake")
+        return await asyncio.to_thread(lake.read_uri, uri)
 
     return read
 
@@ -902,40 +943,33 @@ async def write_contact_sheet(
     run_id: str,
     records: Iterable[RowRecord] | None = None,
     *,
-    read_image: ImageReader | None = None,
-    storage_options: dict[str, Any] | None = None,
+    bank: ThumbnailBank | None = None,
     thumb_px: int = DEFAULT_THUMB_PX,
     max_image_rows: int = DEFAULT_MAX_IMAGE_ROWS,
     max_listed_rows: int = DEFAULT_MAX_LISTED_ROWS,
     manifest_rows: int | None = None,
-    fetch_allow: Sequence[str] = (),
-    bank: ThumbnailBank | None = None,
 ) -> ContactSheetUris:
     """Build the run's contact sheet and write ``runs/<run_id>/contact_sheet.{html,png}``.
 
     ``records``: the run's records; by default ``read_run_records`` reads them back.
-    ``read_image``: by default ``lake_image_reader`` over a client of its own, guarded like
-    the run's input fetches (``fetch_allow`` as the run's): the sheet re-reads manifest URLs,
-    and must not fetch what the run refused to.
+    ``bank``: the thumbnails the run made of what it held. Inputs come from it alone; outputs
+    it lacks (rows an earlier run did, or past its rows) are read back from this lake.
+    Nothing is fetched: no input is read again, so no fetch limit or guard applies here.
     """
     if not is_safe_id(run_id):
         raise LakePathError(f"run id {run_id!r} is unsafe for a path")
     if records is None:
         records = await asyncio.to_thread(read_run_records, lake, run_id)
-    async with AsyncExitStack() as stack:
-        if read_image is None:
-            http = await stack.enter_async_context(inputs_client_for(fetch_allow))
-            read_image = lake_image_reader(lake, http=http, storage_options=storage_options)
-        sheet = await build_contact_sheet(
-            records,
-            read_image=read_image,
-            run_id=run_id,
-            thumb_px=thumb_px,
-            max_image_rows=max_image_rows,
-            max_listed_rows=max_listed_rows,
-            manifest_rows=manifest_rows,
-            bank=bank,
-        )
+    sheet = await build_contact_sheet(
+        records,
+        bank=bank,
+        read_output=lake_output_reader(lake),
+        run_id=run_id,
+        thumb_px=thumb_px,
+        max_image_rows=max_image_rows,
+        max_listed_rows=max_listed_rows,
+        manifest_rows=manifest_rows,
+    )
     png_uri = await lake.awrite_bytes(lake.path("runs", run_id, CONTACT_SHEET_PNG), sheet.png)
     html_uri = await lake.awrite_bytes(
         lake.path("runs", run_id, CONTACT_SHEET_HTML), sheet.html.encode("utf-8")

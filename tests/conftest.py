@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from tests.input_server import InputServer
     from tests.prefect_server import PrefectServer
     from tests.s3server import S3Server
 
@@ -39,4 +40,13 @@ def real_prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pr
     from tests.prefect_server import run_prefect_server
 
     with run_prefect_server(tmp_path_factory.mktemp("prefect-server")) as server:
+        yield server
+
+
+@pytest.fixture
+def input_server() -> Iterator[InputServer]:
+    """Input images on 127.0.0.1 counting requests (tests/input_server.py)."""
+    from tests.input_server import serving_inputs
+
+    with serving_inputs() as server:
         yield server

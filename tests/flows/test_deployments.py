@@ -40,9 +40,9 @@ class Deployed:
 
     def start_worker(self, name: str) -> Path:
         log = self.root / f"worker-{name}.log"
-        # No --limit: prefect 3.8.8's worker can crash with it ("this borrower is already
-        # holding one of this CapacityLimiter's tokens") when a run is fetched twice.
-        argv = [PREFECT, "worker", "start", "--pool", POOL, "--name", name]
+        # --limit as operators set it: prefect 3.8.8's worker could crash with it ("this
+        # borrower is already holding one of this CapacityLimiter's tokens").
+        argv = [PREFECT, "worker", "start", "--pool", POOL, "--name", name, "--limit", "4"]
         self.workers.append(procs.spawn(argv, env=self.env, cwd=self.root, log=log))
         return log
 

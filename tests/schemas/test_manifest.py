@@ -16,12 +16,14 @@ from schemas.manifest import (
     ManifestError,
     ManifestRow,
     ValidationReport,
-    is_known_scheme,
     is_safe_id,
     resolve_uri,
     uri_scheme,
     validate_manifest,
 )
+from schemas.uris import ImageRoute, Refusal, classify_image_ref, image_ref_refusal
+
+ALLOWED = "(allowed: local path, file://, http(s)://, data:, s3://)"
 
 
 def frame(*rows: dict[str, Any], columns: list[str] | None = None) -> pl.DataFrame:
@@ -258,15 +260,24 @@ def test_nested_known_column_is_a_manifest_error() -> None:
         ),
         (
             {"garment_image": "ftpx://host/g.jpg"},
-            "unknown URI scheme 'ftpx' in column 'garment_image'",
+            f"URI scheme 'ftpx' is not allowed in column 'garment_image' {ALLOWED}",
         ),
         (
             {"person_image": "FTPX://host/p.jpg"},
-            "unknown URI scheme 'ftpx' in column 'person_image'",
+            f"URI scheme 'ftpx' is not allowed in column 'person_image' {ALLOWED}",
         ),
         (
             {"lower_garment_image": "nope://l.jpg"},
-            "unknown URI scheme 'nope' in column 'lower_garment_image'",
+            f"URI scheme 'nope' is not allowed in column 'lower_garment_image' {ALLOWED}",
+        ),
+        (
+            {"person_image": "simplecache::s3://b/p.jpg"},
+            "chained fsspec URLs ('simplecache::...') are not allowed in column 'person_image' "
+            "(allowed: local path, file://, http(s)://, data:, s3://; one filesystem per image)",
+        ),
+        (
+            {"person_image": "http:127.0.0.1/p.jpg"},
+            "malformed http URL in column 'person_image' (expected http://host/...)",
         ),
         (
             {"person_image": "data:text/plain;base64,aGk="},
@@ -355,8 +366,8 @@ def test_every_reason_on_one_row_is_reported() -> None:
         "id '.hidden' is unsafe for a path (allowed: ASCII letters, digits, '.', '_', '-';"
         " 1-128 chars; not starting with '.')",
         "duplicate id '.hidden' (also on rows 1)",
-        "unknown URI scheme 'ftpx' in column 'person_image'",
-        "unknown URI scheme 'bogus' in column 'garment_image'",
+        f"URI scheme 'ftpx' is not allowed in column 'person_image' {ALLOWED}",
+        f"URI scheme 'bogus' is not allowed in column 'garment_image' {ALLOWED}",
         "data URI in column 'lower_garment_image' is not a base64 image"
         " (expected data:image/<type>;base64,...)",
         "unknown category 'shoes' (expected one of: upper_body, lower_body, dresses)",
@@ -471,14 +482,142 @@ def test_uri_scheme(uri: str, scheme: str) -> None:
     assert uri_scheme(uri) == scheme
 
 
-@pytest.mark.parametrize("scheme", ["", "file", "http", "https", "data", "s3", "gcs", "memory"])
-def test_known_schemes(scheme: str) -> None:
-    assert is_known_scheme(scheme)
+@pytest.mark.parametrize(
+    ("ref", "route", "target"),
+    [
+        ("/abs/p.jpg", "local", "/abs/p.jpg"),
+        ("rel/p one.jpg", "local", "rel/p one.jpg"),
+        ("~/p.jpg", "local", "~/p.jpg"),
+        ("/data/a:b.jpg", "local", "/data/a:b.jpg"),  # a ':' after the first '/' is no scheme
+        ("file:///tmp/p.jpg", "local", "/tmp/p.jpg"),
+        ("FILE:///tmp/p.jpg", "local", "/tmp/p.jpg"),
+        ("https://host/p.jpg?sig=1", "http", "https://host/p.jpg?sig=1"),
+        ("HTTP://host/p.jpg", "http", "HTTP://host/p.jpg"),
+        ("http://[2001:db8::1]/p.jpg", "http", "http://[2001:db8::1]/p.jpg"),  # '::' in a host
+        ("data:image/png;base64,AAAA", "data", "data:image/png;base64,AAAA"),
+        ("s3://bucket/k/p.jpg", "s3", "bucket/k/p.jpg"),
+        ("S3A://bucket/p.jpg", "s3", "bucket/p.jpg"),
+        ("memory://b/p.jpg", "memory", "b/p.jpg"),
+    ],
+)
+def test_allowed_image_refs_get_one_route(ref: str, route: str, target: str) -> None:
+    verdict = classify_image_ref(ref)
+    assert isinstance(verdict, ImageRoute)
+    assert (verdict.route, verdict.target) == (route, target)
+    assert image_ref_refusal(ref) is None
+    assert validate_manifest(frame(good(person_image=ref))).valid[0].person_image == ref
 
 
-@pytest.mark.parametrize("scheme", ["ftpx", "bogus", "c"])
-def test_unknown_schemes(scheme: str) -> None:
-    assert not is_known_scheme(scheme)
+# Every one of these reaches a network (or a parser that does) fsspec-side, past the guard.
+REFUSED_REFS: list[tuple[str, str]] = [
+    ("ftp://127.0.0.1:2121/p.jpg", "URI scheme 'ftp' is not allowed"),
+    ("FTP://h/p.jpg", "URI scheme 'ftp' is not allowed"),
+    ("sftp://h/p.jpg", "URI scheme 'sftp' is not allowed"),
+    ("ssh://h/p.jpg", "URI scheme 'ssh' is not allowed"),
+    ("gs://b/p.jpg", "URI scheme 'gs' is not allowed"),
+    ("gcs://b/p.jpg", "URI scheme 'gcs' is not allowed"),
+    ("az://c/p.jpg", "URI scheme 'az' is not allowed"),
+    ("abfs://c/p.jpg", "URI scheme 'abfs' is not allowed"),
+    ("hdfs://h/p.jpg", "URI scheme 'hdfs' is not allowed"),
+    ("webhdfs://127.0.0.1:9870/p.jpg", "URI scheme 'webhdfs' is not allowed"),
+    ("github://org:repo@main/p.jpg", "URI scheme 'github' is not allowed"),
+    ("git://repo/p.jpg", "URI scheme 'git' is not allowed"),
+    ("zip://p.jpg", "URI scheme 'zip' is not allowed"),
+    ("tar://p.jpg", "URI scheme 'tar' is not allowed"),
+    ("libarchive://p.jpg", "URI scheme 'libarchive' is not allowed"),
+    ("reference://p.jpg", "URI scheme 'reference' is not allowed"),
+    ("dbfs://p.jpg", "URI scheme 'dbfs' is not allowed"),
+    ("smb://h/share/p.jpg", "URI scheme 'smb' is not allowed"),
+    ("local://p.jpg", "URI scheme 'local' is not allowed"),
+    ("simplecache://p.jpg", "URI scheme 'simplecache' is not allowed"),
+    ("c:\\img\\p.jpg", "URI scheme 'c' is not allowed"),
+    ("simplecache::http://127.0.0.1:8000/p.jpg", "chained fsspec URLs ('simplecache::...')"),
+    ("blockcache::http://127.0.0.1:8000/p.jpg", "chained fsspec URLs ('blockcache::...')"),
+    ("filecache::http://127.0.0.1:8000/p.jpg", "chained fsspec URLs ('filecache::...')"),
+    ("SIMPLECACHE::HTTP://127.0.0.1/p.jpg", "chained fsspec URLs ('simplecache::...')"),
+    ("Simplecache::s3://b/p.jpg", "chained fsspec URLs ('simplecache::...')"),
+    ("simplecache::http://169.254.169.254/latest/", "chained fsspec URLs ('simplecache::...')"),
+    ("zip://p.jpg::http://127.0.0.1:8000/a.zip", "chained fsspec URLs ('zip::...')"),
+    ("s3://b/p.jpg::http://127.0.0.1/x", "chained fsspec URLs ('s3::...')"),
+    ("memory://a::http://127.0.0.1/x", "chained fsspec URLs ('memory::...')"),
+    ("file:///a::http://127.0.0.1/x", "chained fsspec URLs ('file::...')"),
+    ("simple cache::http://127.0.0.1/x", "chained fsspec URLs ('...::...')"),
+    ("/data/a::http://127.0.0.1/x", "chained fsspec URLs ('...::...')"),
+    ("user:pw@host::http://127.0.0.1/x", "chained fsspec URLs ('...::...')"),
+    ("http:127.0.0.1:8000/p.jpg", "malformed http URL"),
+    ("http:/p.jpg", "malformed http URL"),
+    ("HTTPS:p.jpg", "malformed https URL"),
+    ("http::simplecache::x", "malformed http URL"),
+    ("file:/etc/p.jpg", "malformed file URL"),
+    ("s3:bucket/p.jpg", "malformed s3 URL"),
+    ("memory:p.jpg", "malformed memory URL"),
+]
+
+
+@pytest.mark.parametrize(("ref", "named"), REFUSED_REFS)
+def test_refused_image_refs_name_their_scheme(ref: str, named: str) -> None:
+    verdict = classify_image_ref(ref, "person_image")
+    assert isinstance(verdict, Refusal)
+    assert named in verdict.reason
+    assert "in column 'person_image'" in verdict.reason
+    assert "pw" not in verdict.reason and "127.0.0.1" not in verdict.reason
+
+
+@pytest.mark.parametrize("column", ["person_image", "garment_image", "lower_garment_image"])
+def test_validation_refuses_each_ref_with_the_fetch_reason(column: str) -> None:
+    """Validation and the fetch make one decision: the reason is ``classify_image_ref``'s."""
+    refs = [ref for ref, _ in REFUSED_REFS]
+    rows = [good(id=f"r{i}", **{column: ref}) for i, ref in enumerate(refs)]
+    df = frame(*rows, columns=[*good(), "lower_garment_image"])
+    report = validate_manifest(df)
+    assert report.valid == []
+    got = {bad.row_index: bad.reasons for bad in report.invalid}
+    for i, (ref, named) in enumerate(REFUSED_REFS):
+        assert got[i] == [image_ref_refusal(ref, column)], ref
+        assert named in got[i][0] and f"column '{column}'" in got[i][0]
+
+
+def test_validation_passes_allowed_refs_in_bulk_and_agrees_with_the_classifier() -> None:
+    """The vectorised shortcut never passes a reference ``classify_image_ref`` refuses."""
+    refs = [
+        "p.jpg",
+        "a/b c.jpg",
+        "/abs/p.jpg",
+        "http://h/p.jpg",
+        "https://h:8443/p.jpg?x=a:b",
+        "HTTPS://[::1]:8443/p.jpg",
+        "s3://b/p.jpg",
+        "s3a://b/p.jpg",
+        "file:///p.jpg",
+        "memory://b/p.jpg",
+        "data:image/png;base64,AAAA",
+        *(ref for ref, _ in REFUSED_REFS),
+    ]
+    df = frame(*(good(id=f"r{i}", person_image=ref) for i, ref in enumerate(refs)))
+    report = validate_manifest(df)
+    refused = {bad.row_index for bad in report.invalid}
+    for i, ref in enumerate(refs):
+        assert (i in refused) == (image_ref_refusal(ref) is not None), ref
+
+
+@pytest.mark.parametrize(
+    ("base", "named"),
+    [("gs://b/dir", "'gs'"), ("simplecache::s3://b/dir", "chained"), ("ftp://h/d", "'ftp'")],
+)
+def test_relative_refs_under_a_manifest_on_a_refused_scheme_are_invalid(
+    base: str, named: str
+) -> None:
+    """The manifest's own URL may be any fsspec URL; images read from beside it may not."""
+    df = frame(
+        good(id="rel", person_image="p.jpg"),
+        good(id="abs", person_image="/data/p.jpg"),
+        good(id="url", person_image="s3://b/p.jpg"),
+    )
+    report = validate_manifest(df, base_uri=base)
+    assert [r.id for r in report.valid] == ["abs", "url"]
+    (bad,) = report.invalid
+    assert bad.row_id == "rel"
+    assert "relative path in column 'person_image'" in bad.message and named in bad.message
 
 
 @pytest.mark.parametrize(

@@ -119,7 +119,7 @@ def sample_records(lake: Lake) -> list[RowRecord]:
 async def artifacts_of(flow_run_id: UUID) -> dict[str, Artifact]:
     """The flow run's artifacts by key (the latest version of each)."""
     # The request ``PrefectClient.read_artifacts`` makes, minus the nulls it sends for omitted
-    # filters: prefect 3.8.8's server under fastapi 0.154 rejects them (422), and an empty
+    # filters: Prefect's server under fastapi >= 0.151 rejects them (422), and an empty
     # task-run filter instead would match only artifacts made inside tasks.
     body = {
         "artifacts": ArtifactFilter(

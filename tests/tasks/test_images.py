@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import fsspec
 import httpx
@@ -377,6 +377,35 @@ def test_truncated_jpeg_fails_to_decode() -> None:
     refused("DECODE_FAILED", data[: len(data) // 2])
 
 
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"hello, I am a private note: s3cr3t-token-XYZ\n" * 4,
+        # A PNG whose first chunk is not IHDR: Pillow's own message quotes the chunk name.
+        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"sEcR", b"s3cr3t-token-XYZ"),
+        # A valid header over a body that is someone's text.
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 300, 300, 8, 2, 0, 0, 0))
+        + _png_chunk(b"IDAT", b"s3cr3t-token-XYZ" * 8),
+        b"\xff\xd8\xff\xe0" + b"s3cr3t-token-XYZ" * 8,
+    ],
+)
+def test_decode_errors_carry_no_file_content(data: bytes) -> None:
+    """A manifest may point at any file the worker can read: no byte of it in the message."""
+    with pytest.raises(ImageInputError) as caught:
+        prepare_image(data, profile=JPEG_PROFILE, source_uri="/srv/notes.txt")
+    message = str(caught.value)
+    assert caught.value.code == "DECODE_FAILED"
+    for fragment in (b"hello", b"s3cr3t", b"sEcR", b"XYZ"):
+        assert fragment.decode() not in message
+    assert "\\x" not in message and "b'" not in message and 'b"' not in message
+
+
 @pytest.mark.parametrize("fmt", ["ICO", "PPM", "PCX", "TGA"])
 def test_readable_but_disallowed_formats_are_named(fmt: str) -> None:
     data = encode(Image.new("RGB", (256, 256), RED), fmt)
@@ -485,11 +514,29 @@ async def test_fetch_memory_fsspec(http: httpx.AsyncClient) -> None:
         fs.rm("/test_images", recursive=True)
 
 
-@pytest.mark.parametrize("uri", ["foo://x", "simplecache::foo://x/y.png", "nope::memory://a"])
-async def test_unknown_scheme(http: httpx.AsyncClient, uri: str) -> None:
+@pytest.mark.parametrize(
+    ("uri", "named"),
+    [
+        ("foo://x", "URI scheme 'foo' is not allowed"),
+        ("gs://bucket/p.png", "URI scheme 'gs' is not allowed"),
+        ("GCS://bucket/p.png", "URI scheme 'gcs' is not allowed"),
+        ("ftp://user:hunter22@host/p.png", "URI scheme 'ftp' is not allowed"),
+        ("simplecache::foo://x/y.png", "chained fsspec URLs ('simplecache::...')"),
+        ("simplecache::s3://bucket/p.png", "chained fsspec URLs ('simplecache::...')"),
+        ("nope::memory://a", "chained fsspec URLs ('nope::...')"),
+        ("memory://a::http://h/p.png", "chained fsspec URLs ('memory::...')"),
+        ("file:/tmp/p.png", "malformed file URL"),
+        ("s3:bucket/p.png", "malformed s3 URL"),
+    ],
+)
+async def test_unsupported_schemes_are_refused_before_any_io(
+    http: httpx.AsyncClient, uri: str, named: str
+) -> None:
     with pytest.raises(ImageInputError) as info:
         await fetch_bytes(uri, http=http)
-    assert info.value.code == "UNSUPPORTED_SCHEME"
+    assert info.value.code == "UNSUPPORTED_SCHEME" and not info.value.transient
+    assert named in info.value.message
+    assert "hunter22" not in str(info.value)
 
 
 async def test_empty_uri(http: httpx.AsyncClient) -> None:
@@ -497,23 +544,17 @@ async def test_empty_uri(http: httpx.AsyncClient) -> None:
         await fetch_bytes("  ", http=http)
 
 
-class SlowMemoryFileSystem(MemoryFileSystem):
+async def test_fsspec_reads_do_not_block_the_event_loop(
+    http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """memory:// whose reads block for a while, like a slow network filesystem."""
+    plain_open = MemoryFileSystem._open
 
-    protocol = "slowmem"
-    delay: ClassVar[float] = 0.3
+    def slow_open(self: MemoryFileSystem, path: str, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        return plain_open(self, path, *args, **kwargs)
 
-    @classmethod
-    def _strip_protocol(cls, path: str) -> str:
-        return super()._strip_protocol(str(path).removeprefix("slowmem://"))
-
-    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
-        time.sleep(self.delay)
-        return super()._open(path, mode, **kwargs)
-
-
-async def test_fsspec_reads_do_not_block_the_event_loop(http: httpx.AsyncClient) -> None:
-    fsspec.register_implementation("slowmem", SlowMemoryFileSystem, clobber=True)
+    monkeypatch.setattr(MemoryFileSystem, "_open", slow_open)
     fsspec.filesystem("memory").pipe("/slow/pic.png", small_png())
     ticks = 0
 
@@ -525,7 +566,7 @@ async def test_fsspec_reads_do_not_block_the_event_loop(http: httpx.AsyncClient)
 
     task = asyncio.create_task(ticker())
     try:
-        data = await fetch_bytes("slowmem://slow/pic.png", http=http)
+        data = await fetch_bytes("memory://slow/pic.png", http=http)
     finally:
         task.cancel()
         fsspec.filesystem("memory").rm("/slow", recursive=True)

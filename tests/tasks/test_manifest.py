@@ -15,6 +15,7 @@ import pytest
 from fsspec.spec import AbstractFileSystem
 
 from schemas.manifest import ManifestError
+from schemas.uris import image_ref_refusal
 from tasks.manifest import load_manifest, manifest_base_uri, read_manifest, redact_uri
 
 HEADER = "id,person_image,garment_image,category"
@@ -180,6 +181,40 @@ def test_relative_paths_resolve_against_a_memory_url(memdir: str) -> None:
     (row,) = load_manifest(uri).valid
     assert row.person_image == f"{memdir}/dir/people/p.jpg"
     assert row.garment_image == f"{memdir}/g.jpg"
+
+
+def test_relative_paths_under_a_manifest_url_of_another_scheme_are_invalid_rows(
+    memdir: str,
+) -> None:
+    """The manifest's URL is the operator's (any fsspec URL); images read from beside it are
+    checked like any other image reference, so a chained manifest URL makes them invalid."""
+    uri = f"simplecache::{memdir}/dir/manifest.csv"
+    with fsspec.open(f"{memdir}/dir/manifest.csv", "wb") as handle:
+        handle.write(f"{HEADER}\nr1,people/p.jpg,https://cdn.example/g.jpg,dresses\n".encode())
+    report = load_manifest(uri)
+    assert report.valid == []
+    (bad,) = report.invalid
+    assert "chained fsspec URLs" in bad.message and "person_image" in bad.message
+    assert "garment_image" not in bad.message
+
+
+def test_image_refs_with_refused_schemes_are_invalid_rows(tmp_path: Path) -> None:
+    text = (
+        f"{HEADER}\n"
+        "r1,p.jpg,g.jpg,dresses\n"
+        "r2,gs://b/p.jpg,g.jpg,dresses\n"
+        "r3,p.jpg,blockcache::http://127.0.0.1:8000/g.jpg,dresses\n"
+        "r4,HTTP:/p.jpg,g.jpg,dresses\n"
+        "r5,s3://b/p.jpg,https://cdn.example/g.jpg,dresses\n"
+    )
+    report = load_manifest(str(write(tmp_path / "m.csv", text)))
+    assert [r.id for r in report.valid] == ["r1", "r5"]
+    assert {bad.row_id: bad.reasons for bad in report.invalid} == {
+        "r2": [image_ref_refusal("gs://b/p.jpg", "person_image")],
+        "r3": [image_ref_refusal("blockcache::http://127.0.0.1:8000/g.jpg", "garment_image")],
+        "r4": [image_ref_refusal("HTTP:/p.jpg", "person_image")],
+    }
+    assert "URI scheme 'gs' is not allowed" in report.invalid[0].reasons[0]
 
 
 def test_load_manifest_checks_providers(tmp_path: Path) -> None:

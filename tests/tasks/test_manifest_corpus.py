@@ -68,7 +68,33 @@ ROW_CASES: list[tuple[str, str, list[str]]] = [
     ),
     ("numeric category", "r1,p.jpg,g.jpg,1,,,", ["unknown category '1'"]),
     ("numeric gender", "r1,p.jpg,g.jpg,dresses,,7,", ["invalid gender '7'"]),
-    ("unknown scheme", "r1,ftpx://h/p.jpg,g.jpg,dresses,,,", ["unknown URI scheme 'ftpx'"]),
+    (
+        "unknown scheme",
+        "r1,ftpx://h/p.jpg,g.jpg,dresses,,,",
+        ["URI scheme 'ftpx' is not allowed in column 'person_image'"],
+    ),
+    ("ftp image", "r1,ftp://127.0.0.1/p.jpg,g.jpg,dresses,,,", ["URI scheme 'ftp' is not allowed"]),
+    ("gs image", "r1,p.jpg,gs://b/g.jpg,dresses,,,", ["URI scheme 'gs' is not allowed"]),
+    (
+        "chained fsspec URL",
+        "r1,simplecache::http://127.0.0.1:8000/p.jpg,g.jpg,dresses,,,",
+        ["chained fsspec URLs ('simplecache::...') are not allowed in column 'person_image'"],
+    ),
+    (
+        "chain hidden behind upper case and spaces",
+        "r1, SIMPLECACHE::HTTP://169.254.169.254/x ,g.jpg,dresses,,,",
+        ["chained fsspec URLs ('simplecache::...')"],
+    ),
+    (
+        "archive over http",
+        "r1,p.jpg,zip://g.jpg::http://127.0.0.1:8000/a.zip,dresses,,,",
+        ["chained fsspec URLs ('zip::...') are not allowed in column 'garment_image'"],
+    ),
+    (
+        "http without slashes",
+        "r1,http:127.0.0.1:8000/p.jpg,g.jpg,dresses,,,",
+        ["malformed http URL in column 'person_image'"],
+    ),
     (
         "data URI that is not an image",
         'r1,"data:text/plain;base64,aGk=",g.jpg,dresses,,,',

@@ -1,32 +1,51 @@
-"""Contact sheets from synthetic records over real image files in a temporary lake (no Prefect)."""
+"""Contact sheets from synthetic records over real image files in a temporary lake (no Prefect).
+
+The sheet never fetches an input: it shows what the run held (a ``ThumbnailBank``) and reads
+only outputs back from the lake. The last tests run real rows against a loopback input server
+and the emulator, then count what the sheet asks of that server: nothing.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import re
+import socket
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from io import BytesIO
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import pytest
 from PIL import Image
+from pydantic import SecretStr
 
+from providers.changeclothes import ChangeClothesClient
+from providers.emulator.server import EmulatorConfig, EmulatorServer
+from providers.settings import EMULATOR_DEFAULT_KEYS
+from schemas.manifest import ManifestRow
 from schemas.results import ErrorKind, RowRecord, Stage, Status
+from tasks.fetch_guard import inputs_client_for
+from tasks.images import PreparedImageCache
 from tasks.lake import Lake
+from tasks.process import Lane, RetryPolicy, RunContext, process_rows
 from tasks.report import (
     PLACEHOLDER_RGB,
     ContactSheet,
+    SheetLayout,
+    ThumbnailBank,
     build_contact_sheet,
     count_statuses,
     group_failures,
     group_rows,
-    lake_image_reader,
+    lake_output_reader,
     make_thumbnail,
     read_run_records,
     write_contact_sheet,
     write_report_records,
 )
+from tests.input_server import InputServer
 
 RUN_ID = "run-7"
 RED, BLUE, GREEN, MAGENTA, YELLOW = (
@@ -41,6 +60,8 @@ RED, BLUE, GREEN, MAGENTA, YELLOW = (
     ),
 )
 SCRIPT_ID = "<script>alert('x')</script>"
+SAMPLE = Path(__file__).resolve().parents[2] / "sample" / "images"
+RUN_FETCH_TIMEOUT_S = 0.3  # the run's --fetch-timeout in the loopback tests
 NASTY_MESSAGE = "rejected <img src=x onerror=alert(1)> & 'quoted' | piped"
 
 
@@ -68,6 +89,18 @@ class RunFixture:
         self.corrupt = inputs / "corrupt.jpg"
         self.corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
         self.records: list[RowRecord] = []
+
+    async def held(self, *, max_rows: int = 100) -> ThumbnailBank:
+        """The bank the run would have filled: the input bytes of every row it prepared (all
+        but the invalid one), offered as rows went."""
+        bank = ThumbnailBank(max_rows=max_rows)
+        for record in self.records:
+            if record.status != Status.INVALID and record.stage == Stage.TRYON:
+                for uri in (record.person_image, record.garment_image):
+                    if uri is not None:
+                        bank.offer(record.row_index, uri, Path(uri).read_bytes())
+        await bank.settle()
+        return bank
 
     def output(self, row_id: str, stage: Stage, colour: tuple[int, int, int]) -> str:
         return self.lake.write_bytes(self.output_path(row_id, stage), png_bytes(colour))
@@ -158,12 +191,6 @@ def run(tmp_path: Path) -> RunFixture:
     return fx
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
-
-
 class RowsParser(HTMLParser):
     """Collects, per table body row, the text of each cell (entities decoded)."""
 
@@ -195,16 +222,18 @@ class RowsParser(HTMLParser):
 
 
 def parse(sheet: ContactSheet) -> RowsParser:
+    return parse_html(sheet.html)
+
+
+def parse_html(page: str) -> RowsParser:
     parser = RowsParser()
-    parser.feed(sheet.html)
+    parser.feed(page)
     return parser
 
 
-async def test_png_grid_has_a_band_per_row_and_images_in_their_cells(
-    run: RunFixture, http: httpx.AsyncClient
-) -> None:
+async def test_png_grid_has_a_band_per_row_and_images_in_their_cells(run: RunFixture) -> None:
     sheet = await build_contact_sheet(
-        run.records, read_image=lake_image_reader(run.lake, http=http)
+        run.records, bank=await run.held(), read_output=lake_output_reader(run.lake)
     )
     layout = sheet.layout
     png = Image.open(BytesIO(sheet.png))
@@ -232,7 +261,8 @@ async def test_png_grid_has_a_band_per_row_and_images_in_their_cells(
     # Invalid row: placeholders everywhere.
     for column in layout.columns:
         assert corner(1, column) == PLACEHOLDER_RGB
-    # Failed row: the person still shows, the corrupt garment and the coarse cell do not.
+    # Failed row: the person still shows, the corrupt garment (held, but its bytes do not
+    # decode) and the coarse cell do not.
     assert close(centre(2, "person"), RED)
     assert corner(2, "garment") == PLACEHOLDER_RGB
     assert corner(2, "coarse") == PLACEHOLDER_RGB
@@ -244,11 +274,9 @@ async def test_png_grid_has_a_band_per_row_and_images_in_their_cells(
     assert close(centre(5, "coarse"), GREEN)
 
 
-async def test_html_lists_every_row_escaped_with_its_status(
-    run: RunFixture, http: httpx.AsyncClient
-) -> None:
+async def test_html_lists_every_row_escaped_with_its_status(run: RunFixture) -> None:
     sheet = await build_contact_sheet(
-        run.records, read_image=lake_image_reader(run.lake, http=http)
+        run.records, bank=await run.held(), read_output=lake_output_reader(run.lake)
     )
     page = parse(sheet)
 
@@ -286,7 +314,11 @@ async def test_rows_beyond_the_image_limit_are_listed_and_said_to_be(run: RunFix
         return Path(uri).read_bytes()
 
     sheet = await build_contact_sheet(
-        run.records, read_image=read_local, max_image_rows=2, max_listed_rows=5
+        run.records,
+        bank=await run.held(max_rows=2),
+        read_output=read_local,
+        max_image_rows=2,
+        max_listed_rows=5,
     )
     png = Image.open(BytesIO(sheet.png))
 
@@ -301,9 +333,9 @@ async def test_rows_beyond_the_image_limit_are_listed_and_said_to_be(run: RunFix
     ]
     assert "images for the first 2 of 6 rows (limit)" in sheet.html
     assert "5 rows listed in the HTML" in sheet.html
-    # Only the first two rows were read (ok-1: four images; the invalid row has none), and the
-    # shared person image came from the thumbnail cache.
-    assert len(calls) == 4
+    # Only the first two rows' outputs were read (ok-1's two; the invalid row has none); the
+    # inputs came from the bank.
+    assert calls == [run.output_path("ok-1", Stage.TRYON), run.output_path("ok-1", Stage.REFINE)]
 
 
 async def test_a_large_run_keeps_the_png_bounded(tmp_path: Path) -> None:
@@ -325,7 +357,10 @@ async def test_a_large_run_keeps_the_png_bounded(tmp_path: Path) -> None:
     async def read(uri: str) -> bytes:
         return image
 
-    sheet = await build_contact_sheet(records, read_image=read)
+    bank = ThumbnailBank()
+    bank.offer(0, "p.png", image)
+    bank.offer(0, "g.png", image)
+    sheet = await build_contact_sheet(records, bank=bank, read_output=read)
     png = Image.open(BytesIO(sheet.png))
 
     assert sheet.layout.columns == ("person", "garment", "coarse")  # nothing refined
@@ -337,12 +372,13 @@ async def test_a_large_run_keeps_the_png_bounded(tmp_path: Path) -> None:
 
 async def test_write_contact_sheet_reads_the_run_back_from_the_lake(run: RunFixture) -> None:
     # Rows 0-2 are in this run's metadata; rows 3-5 were recorded by an earlier committed run,
-    # so this run keeps them for its report only.
+    # so this run keeps them for its report only. Their outputs were never in this run's hands
+    # (not in the bank): the sheet reads them back from the lake.
     first_three = [r for r in run.records if r.row_index <= 2]
     run.lake.write_metadata(RUN_ID, "part-a", first_three)
     write_report_records(run.lake, RUN_ID, "part-a", run.records[len(first_three) :])
 
-    uris = await write_contact_sheet(run.lake, RUN_ID, manifest_rows=7)
+    uris = await write_contact_sheet(run.lake, RUN_ID, manifest_rows=7, bank=await run.held())
 
     assert uris.html == run.lake.full_uri(run.lake.path("runs", RUN_ID, "contact_sheet.html"))
     assert uris.png == run.lake.full_uri(run.lake.path("runs", RUN_ID, "contact_sheet.png"))
@@ -427,51 +463,10 @@ def test_tallies_by_provider_stage_status_and_failures_by_code(run: RunFixture) 
     assert rejected.example_message == NASTY_MESSAGE
 
 
-async def test_the_sheet_fetches_input_urls_through_the_run_guard(tmp_path: Path) -> None:
-    """The sheet re-reads manifest URLs: a loopback URL the run refused is not fetched for the
-    sheet either (no thumbnail of an internal service lands in the lake), unless allowed."""
-    import http.server
-    import threading
-
-    requests: list[str] = []
-    body = png_bytes(RED)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            requests.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None: ...
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        fx = RunFixture(tmp_path)
-        url = f"http://127.0.0.1:{server.server_address[1]}/internal.png"
-        fx.add(0, "r0", Status.FAILED, person_image=url, error_code="PROVIDER_ERROR")
-
-        uris = await write_contact_sheet(fx.lake, RUN_ID, fx.records)
-        html = Path(uris.html).read_text(encoding="utf-8")
-        assert requests == []
-        assert "FETCH_BLOCKED_ADDRESS" in html
-        assert html.count("src='data:image/jpeg;base64,") == 1  # the local garment only
-
-        uris = await write_contact_sheet(fx.lake, RUN_ID, fx.records, fetch_allow=["127.0.0.1"])
-        assert requests == ["/internal.png"]
-        assert Path(uris.html).read_text(encoding="utf-8").count("data:image/jpeg;base64,") == 2
-    finally:
-        server.shutdown()
-
-
-async def test_a_thumbnail_bank_spares_the_sheet_its_reads(run: RunFixture) -> None:
-    """Thumbnails offered during the run are laid out as they are: the sheet reads only what
-    the bank lacks; rows past the sheet's image rows and repeated URIs are not thumbnailed."""
-    from tasks.report import ThumbnailBank
-
+async def test_a_thumbnail_bank_is_the_sheets_only_source_of_inputs(run: RunFixture) -> None:
+    """Thumbnails offered during the run are laid out as they are: the sheet reads only outputs
+    the bank lacks, never an input; rows past the sheet's image rows and repeated URIs are not
+    thumbnailed; bytes that do not decode leave the reason in the bank."""
     bank = ThumbnailBank(max_rows=3)
     person, garment = str(run.person), str(run.garment)
     for row_index in range(5):  # every row shares the person: one thumbnail
@@ -482,7 +477,9 @@ async def test_a_thumbnail_bank_spares_the_sheet_its_reads(run: RunFixture) -> N
     await bank.settle()
     assert len(bank) == 2
     assert bank.get(person) is not None and bank.get("late-row.png") is None
-    assert bank.get("broken.png") is None  # the sheet will read it and say why
+    broken = bank.get("broken.png")
+    assert broken is not None and broken.thumb is None
+    assert broken.note == "unreadable: DECODE_FAILED"  # the sheet has nothing else to read
 
     reads: list[str] = []
 
@@ -490,10 +487,160 @@ async def test_a_thumbnail_bank_spares_the_sheet_its_reads(run: RunFixture) -> N
         reads.append(uri)
         return Path(uri).read_bytes()
 
-    sheet = await build_contact_sheet(run.records, read_image=read, bank=bank, max_image_rows=3)
-    assert person not in reads and garment not in reads  # both came from the bank
-    assert reads  # outputs were not offered: read as before
+    sheet = await build_contact_sheet(run.records, bank=bank, read_output=read, max_image_rows=3)
+    outputs = {r.output_uri for r in run.records if r.output_uri}
+    assert reads and set(reads) <= outputs  # outputs the bank lacks; not one input
+    # fail-1's corrupt garment was never offered: a placeholder, not a read.
+    assert {cells[1]: cells for cells in parse(sheet).rows}["fail-1"][3] == "input unavailable"
     png = Image.open(BytesIO(sheet.png)).convert("RGB")
     box = sheet.layout.thumb_box(0, "person")
     centre = ((box[0] + box[2]) // 2, (box[1] + box[3]) // 2)
     assert close(png.getpixel(centre), YELLOW)  # the bank's picture, not the file's red
+
+
+# ------------------------------------------------------------------- no fetch, no network
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every name look-up and connection attempt in this process is refused and noted."""
+    attempts: list[str] = []
+
+    def refuse(what: str) -> Callable[..., NoReturn]:
+        def refused(*args: object, **kwargs: object) -> NoReturn:
+            attempts.append(what)
+            raise OSError(f"this test must not touch the network ({what})")
+
+        return refused
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect_ex"))
+    return attempts
+
+
+@pytest.mark.parametrize("thumb_px", [128, 96], ids=["bank-size", "smaller-sheet"])
+async def test_held_inputs_are_shown_without_any_network(
+    tmp_path: Path, no_network: list[str], thumb_px: int
+) -> None:
+    """Inputs behind URLs the run fetched and held: the sheet lays out the run's thumbnails,
+    shrunk when drawn smaller than the bank made them, and resolves or connects to nothing."""
+    fx = RunFixture(tmp_path)
+    person = "https://images.example.invalid/person.png?X-Amz-Signature=s3cret"
+    garment = "https://images.example.invalid/garment.png"
+    inputs: dict[str, object] = {"person_image": person, "garment_image": garment}
+    fx.add(0, "ok", Status.SUCCEEDED, output_uri=fx.output("ok", Stage.TRYON, GREEN), **inputs)
+    fx.add(1, "rejected", Status.FAILED, error_code="IMAGE_REJECTED", attempts=1, **inputs)
+    bank = ThumbnailBank()  # the run's size, 128 px
+    bank.offer(0, person, png_bytes(RED, (300, 450)))
+    bank.offer(0, garment, png_bytes(BLUE, (300, 450)))
+    await bank.settle()
+
+    uris = await write_contact_sheet(fx.lake, RUN_ID, fx.records, bank=bank, thumb_px=thumb_px)
+
+    assert no_network == []
+    html = Path(uris.html).read_text(encoding="utf-8")
+    assert html.count("src='data:image/jpeg;base64,") == 5  # both rows' inputs, one output
+    assert "s3cret" not in html
+    sizes = [(int(w), int(h)) for w, h in re.findall(r"width='(\d+)' height='(\d+)'", html)]
+    assert all(max(size) <= thumb_px for size in sizes)
+    assert (thumb_px * 2 // 3, thumb_px) in sizes  # a 2:3 input fills the sheet's box
+    layout = SheetLayout(thumb_px=thumb_px)
+    with Image.open(uris.png) as opened:
+        png = opened.convert("RGB")
+    for row, column, colour in ((0, "person", RED), (1, "garment", BLUE)):
+        left, top, right, bottom = layout.thumb_box(row, column)
+        assert close(png.getpixel(((left + right) // 2, (top + bottom) // 2)), colour)
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[EmulatorServer]:
+    server = EmulatorServer.start(EmulatorConfig())
+    yield server
+    server.stop()
+
+
+async def run_rows(
+    rows: list[ManifestRow], lake: Lake, emulator: EmulatorServer, bank: ThumbnailBank
+) -> list[RowRecord]:
+    """The rows through the run's own pipeline: inputs fetched by the run's guarded client with
+    loopback allowed (``fetch_allow``) and a short timeout, one attempt each, the bank filled
+    as rows go, as in the flow."""
+    async with (
+        httpx.AsyncClient(timeout=30) as provider_http,
+        inputs_client_for(["127.0.0.1"], timeout_s=RUN_FETCH_TIMEOUT_S) as inputs_http,
+    ):
+        client = ChangeClothesClient(
+            http=provider_http,
+            api_key=SecretStr(EMULATOR_DEFAULT_KEYS["CHANGECLOTHES_API_KEY"]),
+            base_url=emulator.base_url,
+        )
+        ctx = RunContext(
+            run_id=RUN_ID,
+            lane=Lane(client=client, max_in_flight=4),
+            http=inputs_http,
+            lake=lake,
+            images=PreparedImageCache(fetch_max_bytes=1 << 20),
+            retry=RetryPolicy(max_attempts=1),
+            thumbnails=bank,
+        )
+        return await process_rows(rows, ctx)
+
+
+async def test_inputs_the_run_could_not_fetch_are_never_fetched_for_the_sheet(
+    input_server: InputServer, emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """Rows whose input hung, failed with a 500, streamed without end or was refused: after
+    the run's own attempts the sheet asks the server for nothing (not even the input it did
+    hold), waits on nothing, and shows each such input as a placeholder naming why."""
+    person, garment = str(SAMPLE / "person_ana.jpg"), str(SAMPLE / "garment_red_tee.jpg")
+    inputs = {
+        "held": (input_server.url("/img/person.jpg"), garment),
+        "hangs": (input_server.url("/hang"), str(SAMPLE / "garment_striped_tee.jpg")),
+        "errors": (person, input_server.url("/status/500")),
+        "endless": (input_server.url("/endless"), garment),
+        "refused": ("http://10.0.0.1/person.jpg?sig=s3cret", garment),
+    }
+    rows = [
+        ManifestRow(
+            row_index=index, id=row_id, person_image=p, garment_image=g, category="upper_body"
+        )
+        for index, (row_id, (p, g)) in enumerate(inputs.items())
+    ]
+    lake = Lake.open(str(tmp_path / "lake"))
+    bank = ThumbnailBank()
+    records = await run_rows(rows, lake, emulator, bank)
+    assert {r.row_id: r.error_code for r in records} == {
+        "held": None,
+        "hangs": "FETCH_TIMEOUT",
+        "errors": "FETCH_HTTP_500",
+        "endless": "FETCH_TOO_LARGE",
+        "refused": "FETCH_BLOCKED_ADDRESS",
+    }
+    by_the_run = input_server.requests()
+    assert by_the_run == {"/img/person.jpg": 1, "/hang": 1, "/status/500": 1, "/endless": 1}
+
+    uris = await write_contact_sheet(lake, RUN_ID, records, bank=bank, manifest_rows=len(rows))
+
+    assert input_server.requests() == by_the_run  # not one request more
+    html = Path(uris.html).read_text(encoding="utf-8")
+    cells = {cells[1]: cells[2:5] for cells in parse_html(html).rows}
+    # The input a failed row did obtain is shown: it was offered as soon as it was prepared.
+    assert cells["hangs"] == ["input not fetched: FETCH_TIMEOUT", "", "failed: FETCH_TIMEOUT"]
+    assert cells["errors"][:2] == ["", "input not fetched: FETCH_HTTP_500"]
+    assert cells["endless"][0] == "input not fetched: FETCH_TOO_LARGE"
+    assert cells["refused"][0] == "input not fetched: FETCH_BLOCKED_ADDRESS"
+    # The held row's person, garment and result; the garment again where rows share it, and
+    # the one input each of "hangs" and "errors" did obtain.
+    assert html.count("src='data:image/jpeg;base64,") == 7
+    assert cells["held"] == ["", "", ""]  # images, no placeholder text
+    assert cells["endless"][1] == cells["refused"][1] == ""
+    assert "s3cret" not in html
+    layout = SheetLayout()
+    with Image.open(uris.png) as png:
+        corners = [png.getpixel(layout.thumb_box(row, "person")[:2]) for row in range(len(rows))]
+    # A placeholder fills its whole box; the held row's thumbnail is centred on the white.
+    shown = [cells[row_id][0] == "" for row_id in inputs]
+    assert shown == [True, False, True, False, False]  # held, hangs, errors, endless, refused
+    assert corners == [(255, 255, 255) if s else PLACEHOLDER_RGB for s in shown]

@@ -1,0 +1,174 @@
+"""`tryon run` on its temporary Prefect server, stopped the hard ways: Ctrl-C and kill -9.
+
+Each test runs the CLI as a user does (no ``PREFECT_API_URL``, a Prefect home of its own),
+against the emulator with slow calls, stops it mid-run, then runs the same command again:
+the rerun must finish with no manual step, pay no finished row twice, and leave no server
+process behind. Leases last 10 minutes here, so nothing below is rescued by their expiry.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from bench import procs
+from providers.emulator.server import EmulatorServer
+from providers.settings import DEFAULT_BASE_URLS, EMULATOR_DEFAULT_KEYS, base_url_env
+from tests.flows.conftest import REPO
+from tests.flows.test_batch import sample_rows, write_manifest
+from tests.flows.test_rerun import assert_no_duplicate_pairs, provider_posts, set_faults
+
+pytestmark = pytest.mark.e2e
+
+ROWS = 12
+CALL_S = 1.5
+RESUME_LINE = "run the same command again to resume"
+
+
+@dataclass
+class Cli:
+    argv: list[str]
+    env: dict[str, str]
+    lake: Path
+    root: Path
+
+    def start(self, name: str) -> subprocess.Popen[str]:
+        # A session of its own, as a terminal's foreground job: Ctrl-C goes to its group.
+        return subprocess.Popen(
+            self.argv,
+            env=self.env,
+            cwd=self.root,
+            stdout=open(self.root / f"{name}.out", "w"),
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    def output(self, name: str) -> str:
+        return (self.root / f"{name}.out").read_text()
+
+    def wait_for_finished_rows(self, proc: subprocess.Popen[str], count: int) -> None:
+        deadline = time.monotonic() + 240
+        while _finished_rows(self.lake) < count:
+            assert proc.poll() is None, f"the run ended early:\n{self.output('first')[-3000:]}"
+            assert time.monotonic() < deadline, "no rows finished"
+            time.sleep(0.1)
+
+
+def _finished_rows(lake: Path) -> int:
+    work = lake / "work"
+    return sum(1 for _ in work.rglob("*.json")) if work.exists() else 0
+
+
+@pytest.fixture
+def cli(use_emulator: EmulatorServer, tmp_path: Path) -> Iterator[Cli]:
+    set_faults(use_emulator, "changeclothes", latency_s=CALL_S)
+    manifest = write_manifest(tmp_path / "m.csv", sample_rows(ROWS))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRYON_"))}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PYTHONPATH=str(REPO),
+        TRYON_LEASE_DURATION_S="600",
+    )
+    env.update({base_url_env(p): use_emulator.base_url for p in DEFAULT_BASE_URLS})
+    env.update(EMULATOR_DEFAULT_KEYS)
+    lake = tmp_path / "lake"
+    argv = [sys.executable, "-m", "flows.cli", "run", str(manifest), "--lake", str(lake)]
+    argv += ["--provider", "changeclothes", "--no-progress"]
+    yield Cli(argv=argv, env=env, lake=lake, root=tmp_path)
+
+
+def _server_of(proc: subprocess.Popen[str]) -> int:
+    """The temporary server: the CLI's one child that serves the Prefect API."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for pid in procs.descendants(proc.pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"flows.local_server" in cmdline:
+                return pid
+        time.sleep(0.1)
+    raise AssertionError("no temporary server process found")
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":  # exited; its parent (pytest's init) reaps it
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _rerun_finishes_everything(cli: Cli, emulator: EmulatorServer, paid_before: int) -> str:
+    done = subprocess.run(
+        cli.argv, env=cli.env, cwd=cli.root, capture_output=True, text=True, timeout=300
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "waiting for" not in output  # no slot was left taken by the stopped run
+    frame = pl.scan_parquet(f"{cli.lake}/metadata/**/*.parquet").collect()
+    assert frame["status"].to_list() == ["succeeded"] * ROWS
+    assert_no_duplicate_pairs(frame)
+    # Rows finished before the stop were adopted: only the rest was paid for again.
+    adopted = frame["reused_from_run"].drop_nulls().len()
+    assert adopted >= 2
+    assert provider_posts(emulator) - paid_before <= ROWS - adopted
+    assert not list((cli.root / "prefect-home" / "tryon-leases").glob("*.json"))
+    return output
+
+
+def test_ctrl_c_stops_in_seconds_says_how_to_resume_and_the_rerun_pays_nothing_twice(
+    cli: Cli, use_emulator: EmulatorServer
+) -> None:
+    first = cli.start("first")
+    server = _server_of(first)
+    cli.wait_for_finished_rows(first, 2)
+
+    os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C at a terminal does
+    interrupted_at = time.monotonic()
+    code = first.wait(timeout=60)
+    exit_s = time.monotonic() - interrupted_at
+    output = cli.output("first")
+
+    assert code == 130, output[-3000:]
+    assert exit_s < 10, f"Ctrl-C took {exit_s:.1f} s"
+    assert [line for line in output.splitlines() if RESUME_LINE in line], output[-2000:]
+    assert "Error logging to API" not in output and "Traceback" not in output
+    assert _gone_within(server, 5)
+    assert not list((cli.lake / "runs").glob("*/_COMMITTED"))
+
+    _rerun_finishes_everything(cli, use_emulator, provider_posts(use_emulator))
+
+
+def test_kill_9_leaves_no_server_and_the_rerun_gets_the_slots_back_by_itself(
+    cli: Cli, use_emulator: EmulatorServer
+) -> None:
+    first = cli.start("first")
+    server = _server_of(first)
+    cli.wait_for_finished_rows(first, 2)
+
+    os.kill(first.pid, signal.SIGKILL)  # the CLI only, not its group: nothing can clean up
+    first.wait(timeout=30)
+    assert _gone_within(server, 10), "the temporary server outlived its CLI"
+    notes = list((cli.root / "prefect-home" / "tryon-leases").glob("*.json"))
+    assert len(notes) == 1  # the killed run's lease, still taken on the server
+
+    output = _rerun_finishes_everything(cli, use_emulator, provider_posts(use_emulator))
+    assert "held by a run that no longer exists" in output
