@@ -137,7 +137,8 @@ def run(
     ] = None,
 ) -> None:
     """Run a try-on batch and write results and metadata to the lake."""
-    from flows.batch import BatchIncomplete, BatchParams, RunNotStarted, set_progress_sink
+    from flows.batch import BatchIncomplete, BatchParams, RunNotStarted
+    from flows.progress import watching
     from tasks.fetch_guard import LOOPBACK
 
     try:
@@ -181,8 +182,7 @@ def run(
             )
             stack.enter_context(bar)
             _route_prefect_console_logs(stack, err)
-            set_progress_sink(RichProgress(bar))
-            stack.callback(set_progress_sink, None)
+            stack.enter_context(watching(RichProgress(bar)))
         from flows.batch import tryon_batch
 
         try:

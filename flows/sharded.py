@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 from pydantic import BaseModel
 
-from flows.batch import BatchParams, RunNotStarted, _run_id
+from flows.batch import BatchParams, RunNotStarted, run_id_of_this_run
 from providers.registry import PROVIDERS, provider_spec
 from schemas.manifest import KNOWN_COLUMNS, ManifestError, ManifestRow
 from tasks.lake import Lake
@@ -74,7 +74,7 @@ async def tryon_sharded(
     """Validate the manifest, write one shard manifest per shard to the lake, run each as a
     ``shard_deployment`` flow run with a share of the provider's global limit, and wait."""
     logger = get_run_logger()
-    run_id = _run_id()
+    run_id = run_id_of_this_run()
     if not 1 <= shards <= 256:
         raise RunNotStarted(f"shards must be between 1 and 256, not {shards}")
     try:

@@ -358,7 +358,7 @@ class ProgressTee:
 
 
 class RunFacts(Protocol):
-    """What the end-of-run report needs from the flow's summary (``flows.batch.RunSummary``)."""
+    """What the end-of-run report needs from the flow's summary (``schemas.summary.RunSummary``)."""
 
     @property
     def run_id(self) -> str: ...

@@ -8,11 +8,13 @@ share of the run's leased slots, and rebuilds a context of its own with ``standa
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sized
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import httpx
+from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from providers.base import ProviderError
@@ -20,12 +22,15 @@ from providers.registry import PROVIDERS, REFINER, ProviderSpec
 from providers.settings import API_KEY_ENV
 from providers.transport import provider_http_client
 from schemas.results import ErrorKind
+from schemas.summary import RunNotStarted
 from tasks.credentials import load_secret_blocks
 from tasks.fetch_guard import inputs_client_for
 from tasks.images import PreparedImageCache
 from tasks.lake import Lake
 from tasks.ledger import WorkLedger
-from tasks.process import Lane, RetryPolicy, RunContext, rows_in_progress
+from tasks.limits import global_limit_name, leased_slots
+from tasks.process import Lane, ProgressSink, RetryPolicy, RunContext, rows_in_progress
+from tasks.report import ThumbnailBank
 from tasks.staging import InputStager
 
 # Provider calls wait long (async jobs, big uploads); connecting should not.
@@ -158,3 +163,112 @@ def split_slots(total: int, parts: int) -> list[int]:
     parts = max(1, min(parts, total))
     base, extra = divmod(total, parts)
     return [base + (i < extra) for i in range(parts)]
+
+
+# ------------------------------------------------------------------------- a run's lanes
+
+
+class LaneLimits(Protocol):
+    """One provider's limits for a run (``flows.params.ProviderLimits``)."""
+
+    @property
+    def max_in_flight(self) -> int | None: ...
+    @property
+    def requests_per_second(self) -> float | None: ...
+    @property
+    def global_max_in_flight(self) -> int | None: ...
+
+
+async def open_leased_lane(stack: AsyncExitStack, spec: ProviderSpec, limits: LaneLimits) -> Lane:
+    """A lane holding the run's share of the provider account's global limit, leased once for
+    the whole run. Raises ``RunNotStarted`` when the provider's configuration is missing."""
+    wanted = limits.max_in_flight or spec.max_in_flight
+    in_flight = await stack.enter_async_context(
+        leased_slots(
+            spec.name,
+            wanted=wanted,
+            default_limit=spec.max_in_flight,
+            override=limits.global_max_in_flight,
+        )
+    )
+    if in_flight < wanted:
+        get_run_logger().warning(
+            "%s: %d in flight asked, %d allowed by the global limit %s",
+            spec.name,
+            wanted,
+            in_flight,
+            global_limit_name(spec.name),
+        )
+    rps = limits.requests_per_second or spec.requests_per_second
+    try:
+        return await open_lane(stack, spec, in_flight=in_flight, requests_per_second=rps)
+    except (ProviderError, ValueError) as exc:  # missing or malformed configuration
+        raise RunNotStarted(str(exc)) from None
+
+
+@dataclass(slots=True)
+class RunContexts:
+    """One ``RunContext`` per provider of the run, and what they share."""
+
+    contexts: list[RunContext]
+    refine: Lane | None
+    thumbnails: ThumbnailBank
+
+    def lanes(self) -> list[Lane]:
+        return [ctx.lane for ctx in self.contexts] + ([self.refine] if self.refine else [])
+
+
+async def open_run_contexts(
+    stack: AsyncExitStack,
+    *,
+    run_id: str,
+    lake: Lake,
+    rows_by_provider: Mapping[str, Sized],
+    settings: ChunkSettings,
+    limits: LaneLimits,
+    refine_limits: LaneLimits,
+    progress: ProgressSink,
+) -> RunContexts:
+    """The run's working context for the providers of ``rows_by_provider``, closed with
+    ``stack``: the guarded inputs client, credentials from Secret blocks, one leased lane per
+    provider (and the refiner's), input staging where a provider takes URLs only. Raises
+    ``RunNotStarted``."""
+    # Guarded: no loopback, private or link-local address unless fetch_allow names it.
+    inputs_http = await stack.enter_async_context(
+        inputs_client_for(settings.fetch_allow, timeout_s=settings.fetch_timeout_s)
+    )
+    # Credentials the environment lacks may come from Prefect Secret blocks.
+    providers = list(rows_by_provider)
+    await load_secret_blocks(credential_env_names(providers, refine=settings.refine))
+    refine = await open_leased_lane(stack, REFINER, refine_limits) if settings.refine else None
+    images = PreparedImageCache()
+    # Contact-sheet thumbnails made as rows go, while the CPU waits on providers.
+    thumbnails = ThumbnailBank()
+    contexts = []
+    for name in providers:
+        lane = await open_leased_lane(stack, PROVIDERS[name], limits)
+        try:
+            stager = open_stager(stack, lake, lane)
+        except ValueError as exc:
+            raise RunNotStarted(str(exc)) from None
+        contexts.append(
+            RunContext(
+                run_id=run_id,
+                lane=lane,
+                refine=refine,
+                default_gender=settings.refine_gender,
+                stager=stager,
+                http=inputs_http,
+                lake=lake,
+                images=images,
+                retry=RetryPolicy(max_attempts=settings.max_attempts),
+                storage_options=settings.storage_options,
+                progress=progress,
+                ledger=WorkLedger(lake, run_id),
+                thumbnails=thumbnails,
+            )
+        )
+        get_run_logger().info(
+            "%s: %d rows, %d in flight", name, len(rows_by_provider[name]), lane.max_in_flight
+        )
+    return RunContexts(contexts=contexts, refine=refine, thumbnails=thumbnails)

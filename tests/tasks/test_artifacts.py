@@ -57,7 +57,7 @@ class FakeClock:
 
 @dataclass
 class Summary:
-    """Stands in for ``flows.batch.RunSummary`` (``RunFacts``)."""
+    """Stands in for ``schemas.summary.RunSummary`` (``RunFacts``)."""
 
     run_id: str
     total_rows: int

@@ -1,0 +1,59 @@
+"""What a batch run reports when it ends: counts, where things are, what stopped it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from schemas.results import Status
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    provider: str
+    lake: str
+    results_uri: str
+    metadata_uri: str
+    summary_uri: str
+    contact_sheet_uri: str | None = None  # HTML; a PNG grid beside it
+    counts: dict[str, int]  # try-on stage (and invalid rows), by status
+    refine_counts: dict[str, int] | None = None  # refine stage, by status, when refining
+    unfinished: int = 0  # records a retry would redo (failed, or stopped by a fatal error)
+    already_done: int = 0  # of the succeeded rows: done and recorded by earlier runs, no call
+    total_rows: int
+    provider_calls: int
+    duration_s: float
+    fatal_error: str | None = None
+    fatal_at: datetime | None = None  # when the run learned of it: no call started after
+    chunk_processes: list[str] = Field(default_factory=list)  # host:pid that ran chunks
+
+    @property
+    def exit_code(self) -> int:
+        """0: every row succeeded (every stage that applies); 1: anything else."""
+        done = self.counts.get(Status.SUCCEEDED, 0) == self.total_rows
+        return 0 if done and not self.unfinished else 1
+
+    def one_line(self) -> str:
+        parts = [f"{self.counts.get(s, 0)} {s}" for s in ("succeeded", "failed", "invalid")]
+        skipped = self.counts.get("skipped", 0)
+        line = " / ".join(parts) + (f" / {skipped} skipped" if skipped else "")
+        line = f"{line} of {self.total_rows} rows"
+        if self.already_done:
+            line += f" ({self.already_done} already done by earlier runs)"
+        if self.refine_counts is not None:
+            refined = ", ".join(f"{n} {s}" for s, n in sorted(self.refine_counts.items()))
+            line += f"; refine: {refined or 'nothing to refine'}"
+        return line
+
+
+class RunNotStarted(Exception):
+    """The run could not start: bad manifest, unknown provider, missing key, unwritable lake."""
+
+
+class BatchIncomplete(Exception):
+    """Some rows failed or were skipped; the flow run ends Failed so the UI can retry it."""
+
+    def __init__(self, summary: RunSummary) -> None:
+        super().__init__(f"batch incomplete: {summary.one_line()}")
+        self.summary = summary

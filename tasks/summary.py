@@ -1,0 +1,67 @@
+"""A run's summary from its chunks' outcomes: counts, calls, where things are, what stopped it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from schemas.results import Stage, Status
+from schemas.summary import RunSummary
+from tasks.lake import Lake
+from tasks.process import Lane, RunState
+from tasks.tryon import ChunkOutcome
+
+
+def first_fatal(lanes: Sequence[Lane | None]) -> RunState | None:
+    """The state of the first lane a run-fatal error stopped, if any."""
+    return next((lane.state for lane in lanes if lane is not None and lane.state.fatal), None)
+
+
+def summarize(
+    *,
+    run_id: str,
+    provider: str,
+    lake: Lake,
+    outcomes: Sequence[ChunkOutcome],
+    invalid_rows: int,
+    total_rows: int,
+    refine: bool,
+    stopped: RunState | None,
+    duration_s: float,
+) -> RunSummary:
+    counts: Counter[str] = Counter({str(Status.INVALID): invalid_rows} if invalid_rows else {})
+    refine_counts: Counter[str] = Counter()
+    for outcome in outcomes:
+        counts.update(outcome.counts.get(Stage.TRYON, {}))
+        refine_counts.update(outcome.counts.get(Stage.REFINE, {}))
+    fatal = stopped.fatal if stopped else None
+    return RunSummary(
+        run_id=run_id,
+        provider=provider,
+        lake=lake.uri,
+        results_uri=lake.full_uri(lake.path("outputs")),
+        metadata_uri=lake.metadata_glob(),
+        summary_uri=lake.full_uri(lake.path("runs", run_id, "summary.json")),
+        contact_sheet_uri=lake.full_uri(lake.run_path(run_id, "contact_sheet.html")),
+        counts=dict(counts),
+        refine_counts=dict(refine_counts) if refine else None,
+        unfinished=sum(o.unfinished for o in outcomes),
+        already_done=sum(o.already_done for o in outcomes),
+        total_rows=total_rows,
+        provider_calls=sum(o.provider_calls for o in outcomes),
+        duration_s=round(duration_s, 3),
+        fatal_error=str(fatal) if fatal else None,
+        fatal_at=(
+            datetime.fromtimestamp(stopped.fatal_at, UTC) if stopped and stopped.fatal_at else None
+        ),
+        chunk_processes=sorted({o.process for o in outcomes}),
+    )
+
+
+def commit_run(lake: Lake, summary: RunSummary) -> None:
+    """Write the summary, then the commit marker: readers and reruns trust this run's metadata
+    from the marker on. Blocking: run it in a thread."""
+    run_id = summary.run_id
+    lake.write_json(lake.path("runs", run_id, "summary.json"), summary.model_dump(mode="json"))
+    lake.commit_run(run_id, {"run_id": run_id, "committed_at": datetime.now(UTC)})
