@@ -16,7 +16,7 @@ class RunSummary(BaseModel):
     results_uri: str
     metadata_uri: str
     summary_uri: str
-    contact_sheet_uri: str | None = None  # HTML; a PNG grid beside it
+    contact_sheet_uri: str | None = None  # HTML; a JPEG grid beside it
     counts: dict[str, int]  # try-on stage (and invalid rows), by status
     refine_counts: dict[str, int] | None = None  # refine stage, by status, when refining
     unfinished: int = 0  # records a retry would redo (failed, or stopped by a fatal error)

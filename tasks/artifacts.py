@@ -177,7 +177,7 @@ def render_report_markdown(report: RunReport) -> str:
     if report.contact_sheet is not None:
         lines.append(
             f"- Contact sheet: {_md_code(report.contact_sheet.html)} "
-            f"(PNG: {_md_code(report.contact_sheet.png)})"
+            f"(image: {_md_code(report.contact_sheet.jpeg)})"
         )
     lines.append(f"- Results: {_md_code(report.results_uri)}")
     lines.append(f"- Metadata: {_md_code(report.metadata_uri)} (read with `polars.scan_parquet`)")

@@ -53,7 +53,7 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
     for row_id in pl.read_csv(SAMPLE_MANIFEST)["id"]:
         assert f">{row_id}<" in html or f"{row_id}</" in html, row_id
     assert html.count("data:image/") >= 8 * 2  # at least person and coarse per done row
-    with Image.open(run_dir / "contact_sheet.png") as sheet:
+    with Image.open(run_dir / "contact_sheet.jpg") as sheet:
         sheet.load()
         assert sheet.height > 9 * 100  # a band per row
 

@@ -28,7 +28,6 @@ from PIL import Image, ImageChops, ImageCms, ImageOps
 
 from providers.base import PreparedImage
 from schemas.limits import PROFILES, ImageProfile
-from tasks import images
 from tasks.images import (
     ImageInputError,
     PreparedImageCache,
@@ -36,7 +35,9 @@ from tasks.images import (
     fetch_and_prepare,
     fetch_bytes,
     image_profile_fits,
+    prepare,
     prepare_image,
+    resize,
 )
 
 JPEG_PROFILE = ImageProfile(name="t-jpeg", min_side=256, max_side=2048, max_bytes=4 * 1024 * 1024)
@@ -849,7 +850,7 @@ def _stripes(width: int, height: int, period: float = 3.0) -> Image.Image:
 @pytest.fixture
 def two_bands(monkeypatch: pytest.MonkeyPatch) -> None:
     """Band-parallel resizing on, with two workers, whatever this machine's core count."""
-    monkeypatch.setattr(images, "_BAND_WORKERS", 2)
+    monkeypatch.setattr(resize, "_BAND_WORKERS", 2)
 
 
 @pytest.mark.parametrize(
@@ -871,9 +872,9 @@ def test_band_parallel_resize_equals_a_single_resize(
     resample: Image.Resampling,
 ) -> None:
     img = noise_image(*src, seed=src[0])
-    assert out[0] * out[1] >= images._BAND_MIN_PIXELS
-    assert images._band_boxes(src, out) is not None  # the parallel path is really taken
-    banded = images._resize(img, out, resample)
+    assert out[0] * out[1] >= resize._BAND_MIN_PIXELS
+    assert resize._band_boxes(src, out) is not None  # the parallel path is really taken
+    banded = resize.banded_resize(img, out, resample)
     single = img.resize(out, resample)
     assert banded.size == out and banded.mode == "RGB"
     assert ImageChops.difference(banded, single).getbbox() is None
@@ -882,17 +883,17 @@ def test_band_parallel_resize_equals_a_single_resize(
 def test_band_parallel_resize_is_exact_on_many_sizes(
     two_bands: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(images, "_BAND_MIN_PIXELS", 0)
+    monkeypatch.setattr(resize, "_BAND_MIN_PIXELS", 0)
     rng = np.random.default_rng(7)
-    filters = sorted(images._BAND_FILTERS)
+    filters = sorted(resize._BAND_FILTERS)
     split = 0
     for index in range(160):
         sw, sh = (int(v) for v in rng.integers(40, 500, 2))
         w, h = int(rng.integers(20, sw + 1)), int(rng.integers(20, sh + 1))
         resample = filters[index % len(filters)]
         img = noise_image(sw, sh, seed=index)
-        split += images._band_boxes((sw, sh), (w, h)) is not None
-        banded = np.asarray(images._resize(img, (w, h), resample))
+        split += resize._band_boxes((sw, sh), (w, h)) is not None
+        banded = np.asarray(resize.banded_resize(img, (w, h), resample))
         assert np.array_equal(banded, np.asarray(img.resize((w, h), resample))), (
             (sw, sh),
             (w, h),
@@ -900,7 +901,7 @@ def test_band_parallel_resize_is_exact_on_many_sizes(
         )
     assert split > 50
     # Other filters (BOX's hard edges) are never split.
-    assert images._resize(noise_image(300, 300), (200, 200), Image.Resampling.BOX) == (
+    assert resize.banded_resize(noise_image(300, 300), (200, 200), Image.Resampling.BOX) == (
         noise_image(300, 300).resize((200, 200), Image.Resampling.BOX)
     )
 
@@ -911,24 +912,24 @@ def test_small_resizes_and_reducing_gap_stay_single_calls(
     def no_pool() -> Any:
         raise AssertionError("the band pool must not be used")
 
-    monkeypatch.setattr(images, "_band_executor", no_pool)
+    monkeypatch.setattr(resize, "_band_executor", no_pool)
     small = noise_image(600, 400)
-    assert images._resize(small, (300, 200), Image.Resampling.LANCZOS).size == (300, 200)
+    assert resize.banded_resize(small, (300, 200), Image.Resampling.LANCZOS).size == (300, 200)
     big = noise_image(6000, 600)  # 4.6x with reducing_gap 2: Pillow reduces first
-    out = images._resize(big, (1300, 130), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    out = resize.banded_resize(big, (1300, 130), Image.Resampling.LANCZOS, reducing_gap=2.0)
     expected = big.resize((1300, 130), Image.Resampling.LANCZOS, reducing_gap=2.0)
     assert ImageChops.difference(out, expected).getbbox() is None
 
 
 def _filter_used(monkeypatch: pytest.MonkeyPatch, data: bytes) -> list[Image.Resampling]:
     used: list[Image.Resampling] = []
-    real = images._resize
+    real = resize.banded_resize
 
     def spy(im: Image.Image, size: tuple[int, int], resample: Any, **kw: Any) -> Image.Image:
         used.append(resample)
         return real(im, size, resample, **kw)
 
-    monkeypatch.setattr(images, "_resize", spy)
+    monkeypatch.setattr(prepare, "banded_resize", spy)
     out = prep(data)
     assert max(out.width, out.height) == JPEG_PROFILE.max_side
     return used
@@ -954,9 +955,9 @@ def test_non_draft_residual_downscale_uses_a_cheaper_filter_only_when_the_probe_
 
 def test_bicubic_is_a_candidate_only_after_a_jpeg_draft(monkeypatch: pytest.MonkeyPatch) -> None:
     noisy = _gradient(3000, 2000, noise=6)
-    assert images._residual_filter(noisy, 1.46) == Image.Resampling.LANCZOS
+    assert resize.residual_filter(noisy, 1.46) == Image.Resampling.LANCZOS
     assert (
-        images._residual_filter(noisy, 1.46, images._DRAFT_PROBE_CANDIDATES)
+        resize.residual_filter(noisy, 1.46, resize.DRAFT_PROBE_CANDIDATES)
         == Image.Resampling.BICUBIC
     )
     # 6000 wide: drafted to 3000 by the decoder, then 3000 -> 2048 after a passing probe.
@@ -966,7 +967,7 @@ def test_bicubic_is_a_candidate_only_after_a_jpeg_draft(monkeypatch: pytest.Monk
 
 def test_probe_keeps_lanczos_exactly_on_dense_texture() -> None:
     img = _stripes(3000, 2000, period=2.5)
-    assert images._residual_filter(img, 3000 / 2048) == Image.Resampling.LANCZOS
+    assert resize.residual_filter(img, 3000 / 2048) == Image.Resampling.LANCZOS
     out = prep(encode(img, "BMP"), PNG_PROFILE)  # lossless output: compare pixels exactly
     expected = img.resize((2048, 1365), Image.Resampling.LANCZOS)
     assert ImageChops.difference(decoded(out).convert("RGB"), expected).getbbox() is None
