@@ -12,13 +12,9 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE_MANIFEST = REPO / "sample" / "manifest.csv"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def prefect_server() -> Iterator[None]:
-    """One temporary Prefect server (SQLite) for the flow tests of this session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+@pytest.fixture(autouse=True)
+def _on_the_session_prefect_server(prefect_server: None) -> None:
+    """Every flow test runs against the session's one temporary Prefect server."""
 
 
 @pytest.fixture(scope="module")

@@ -383,14 +383,6 @@ def test_parquet_missing_columns_refuse_the_manifest(tmp_path: Path) -> None:
 SAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "sample" / "images"
 
 
-@pytest.fixture(scope="module")
-def prefect_server() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 @pytest.fixture
 def emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     from providers.emulator.server import EmulatorConfig, EmulatorServer

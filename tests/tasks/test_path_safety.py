@@ -220,14 +220,6 @@ HOSTILE_IDS = [
 
 
 @pytest.fixture(scope="module")
-def prefect_server() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-@pytest.fixture(scope="module")
 def hostile_emulator() -> Iterator[EmulatorServer]:
     """Result and mask URLs are ``/files/..%2F..%2F..%2Fescape-<token>.webp``."""
     config = EmulatorConfig(result_name_prefix="..%2F..%2F..%2Fescape-")
