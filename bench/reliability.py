@@ -38,11 +38,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import polars as pl
 
 from bench import data, procs
 from bench.run import PY, REPO, PrefectServer, code_digest, git_state, machine_facts, run_child
+from emulator.control import EmulatorCall, EmulatorControl, EmulatorStats
+from emulator.keys import accepted_keys
 
 IN_FLIGHT = 32
 # Rows per Prefect task. Not the flow's default (100) on purpose: the flow keeps two chunks in
@@ -115,33 +116,11 @@ class FaultyEmulator:
             argv += ["--fault", f"{provider}.{field}={json.dumps(value)}"]
         self.argv = argv[2:]
         self.proc = procs.spawn(argv, env=env, cwd=REPO, log=tmp / f"emulator-{name}.log")
-        procs.wait_http_ok(f"{self.url}/_emulator/stats", timeout_s=60, proc=self.proc)
-
-    def stats(self) -> dict[str, Any]:
-        response = httpx.get(f"{self.url}/_emulator/stats", timeout=30)
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
-
-    def now_s(self) -> float:
-        """The call log's clock now."""
-        response = httpx.get(f"{self.url}/_emulator/calls?since=1000000000", timeout=10)
-        response.raise_for_status()
-        return float(response.json()["now_s"])
-
-    def calls(self) -> list[dict[str, Any]]:
-        response = httpx.get(f"{self.url}/_emulator/calls", timeout=60)
-        response.raise_for_status()
-        body = response.json()
-        self.clock0_unix: float = body["clock0_unix"]  # the log's zero, as Unix time
-        calls: list[dict[str, Any]] = body["calls"]
-        return calls
-
-    def set_faults(self, provider: str, **plan: Any) -> None:
-        body = {provider: plan}
-        httpx.post(f"{self.url}/_emulator/faults", json=body, timeout=10).raise_for_status()
+        self.control = EmulatorControl(self.url)
+        procs.wait_http_ok(self.control.stats_url, timeout_s=60, proc=self.proc)
 
     def stop(self) -> None:
+        self.control.close()
         procs.stop(self.proc)
 
 
@@ -241,37 +220,35 @@ def row_figures(frame: pl.DataFrame, rows_total: int) -> dict[str, Any]:
     }
 
 
-def call_figures(calls: list[dict[str, Any]], provider: str) -> dict[str, Any]:
+def call_figures(calls: list[EmulatorCall], provider: str) -> dict[str, Any]:
     """Provider calls from the emulator's log, by route, status and injected fault."""
-    ours = [c for c in calls if c["provider"] == provider]
+    ours = [c for c in calls if c.provider == provider]
     by_route: dict[str, Any] = {}
-    for route in sorted({c["route"] for c in ours}):
-        these = [c for c in ours if c["route"] == route]
+    for route in sorted({c.route for c in ours}):
+        these = [c for c in ours if c.route == route]
         by_route[route] = {
             "calls": len(these),
-            "by_status": dict(sorted(Counter(str(c["status"]) for c in these).items())),
-            "injected_faults": dict(
-                sorted(Counter(c["fault"] for c in these if c["fault"]).items())
-            ),
+            "by_status": dict(sorted(Counter(str(c.status) for c in these).items())),
+            "injected_faults": dict(sorted(Counter(c.fault for c in these if c.fault).items())),
         }
-    downloads = [c for c in calls if c["provider"] is None]
+    downloads = [c for c in calls if c.provider is None]
     return {
         "provider_calls": len(ours),
-        "injected_fault_calls": sum(1 for c in ours if c["fault"]),
+        "injected_fault_calls": sum(1 for c in ours if c.fault),
         "by_route": by_route,
         "result_downloads": len(downloads),
-        "result_downloads_not_200": sum(1 for c in downloads if c["status"] != 200),
+        "result_downloads_not_200": sum(1 for c in downloads if c.status != 200),
     }
 
 
 def sync_accounting(
-    calls: list[dict[str, Any]], rows_done: int, fatal_status: int | None = None
+    calls: list[EmulatorCall], rows_done: int, fatal_status: int | None = None
 ) -> dict[str, Any]:
     """Sync provider: every done row needs one successful call; every injected fault (and the
     credit-exhausted answers to calls already sent) explains one more. The rest is extra."""
-    ours = [c for c in calls if c["provider"] == "changeclothes"]
-    ok = sum(1 for c in ours if c["status"] == 200 and not c["fault"])
-    faults = sum(1 for c in ours if c["fault"])
+    ours = [c for c in calls if c.provider == "changeclothes"]
+    ok = sum(1 for c in ours if c.status == 200 and not c.fault)
+    faults = sum(1 for c in ours if c.fault)
     fatal_calls, after, detail = fatal_split(ours, fatal_status)
     explained = rows_done + faults + len(fatal_calls)
     return {
@@ -297,59 +274,59 @@ def sync_accounting(
 
 
 def fatal_split(
-    ours: list[dict[str, Any]], fatal_status: int | None
-) -> tuple[list[dict], int, list[dict]]:
+    ours: list[EmulatorCall], fatal_status: int | None
+) -> tuple[list[EmulatorCall], int, list[dict[str, Any]]]:
     """Calls answered with the fatal status that arrived before the first such answer left
     the emulator; the count of calls of any kind that arrived after it; and, for those, how
     long after it they arrived (the emulator logs an answer as it hands it to the server: the
     client reads it a little later)."""
     if fatal_status is None:
         return [], 0, []
-    fatal = [c for c in ours if c["status"] == fatal_status]
+    fatal = [c for c in ours if c.status == fatal_status]
     if not fatal:
         return [], 0, []
-    first = min(fatal, key=lambda c: c["answered_s"])
-    after = [c for c in ours if c["arrived_s"] > first["answered_s"]]
-    before = [c for c in fatal if c["arrived_s"] <= first["answered_s"]]
+    first = min(fatal, key=lambda c: c.answered_s)
+    after = [c for c in ours if c.arrived_s > first.answered_s]
+    before = [c for c in fatal if c.arrived_s <= first.answered_s]
     detail = [
         {
             "arrived_ms_after_first_fatal_answer": round(
-                1000 * (c["arrived_s"] - first["answered_s"]), 3
+                1000 * (c.arrived_s - first.answered_s), 3
             ),
-            "status": c["status"],
-            "fault": c["fault"],
+            "status": c.status,
+            "fault": c.fault,
         }
         for c in after
     ]
     return before, len(after), detail
 
 
-def async_accounting(calls: list[dict[str, Any]], stats: dict[str, Any]) -> dict[str, Any]:
+def async_accounting(calls: list[EmulatorCall], stats: EmulatorStats) -> dict[str, Any]:
     """Async provider: one accepted submission per distinct content (row of distinct work);
     injected faults on submissions explain one more each; a new submission after a job that
     ended failed is a new try (reruns only). Polls are reported, not judged."""
-    ours = [c for c in calls if c["provider"] == "hidream"]
-    submits = [c for c in ours if c["route"] == SUBMIT]
-    polls = [c for c in ours if c["route"] == POLL]
-    jobs = stats["job_contents"]
-    submit_faults = sum(1 for c in submits if c["fault"])
-    explained = jobs["distinct_contents"] + submit_faults + jobs["resubmitted_after_failure"]
+    ours = [c for c in calls if c.provider == "hidream"]
+    submits = [c for c in ours if c.route == SUBMIT]
+    polls = [c for c in ours if c.route == POLL]
+    jobs = stats.job_contents
+    submit_faults = sum(1 for c in submits if c.fault)
+    explained = jobs.distinct_contents + submit_faults + jobs.resubmitted_after_failure
     return {
         "provider_calls": len(ours),
         "submissions": len(submits),
-        "accepted_jobs": jobs["submissions"],
-        "distinct_job_contents": jobs["distinct_contents"],
-        "needed_submissions_one_per_content": jobs["distinct_contents"],
+        "accepted_jobs": jobs.submissions,
+        "distinct_job_contents": jobs.distinct_contents,
+        "needed_submissions_one_per_content": jobs.distinct_contents,
         "injected_faults_on_submissions": submit_faults,
-        "resubmitted_after_a_failed_job": jobs["resubmitted_after_failure"],
-        "accepted_jobs_resubmitted": jobs["resubmitted_accepted"],
-        "max_submissions_per_content": jobs["max_submissions_per_content"],
-        "jobs_failed_by_the_fault_plan": jobs["failing"],
+        "resubmitted_after_a_failed_job": jobs.resubmitted_after_failure,
+        "accepted_jobs_resubmitted": jobs.resubmitted_accepted,
+        "max_submissions_per_content": jobs.max_submissions_per_content,
+        "jobs_failed_by_the_fault_plan": jobs.failing,
         "extra_submissions_not_explained_by_injected_faults": len(submits) - explained,
         "polls": len(polls),
-        "injected_faults_on_polls": sum(1 for c in polls if c["fault"]),
-        "polls_per_accepted_job": round(len(polls) / max(1, jobs["submissions"]), 2),
-        "provider_errors": stats["by_provider"]["hidream"]["errors"],
+        "injected_faults_on_polls": sum(1 for c in polls if c.fault),
+        "polls_per_accepted_job": round(len(polls) / max(1, jobs.submissions), 2),
+        "provider_errors": stats.provider("hidream").errors,
     }
 
 
@@ -403,7 +380,7 @@ def sync_faults(ctx: dict[str, Any]) -> dict[str, Any]:
         if rows["rows_done"] < recoverable:  # a transient failure outlived its attempts
             runs.append(run_flow(ctx, emulator, "changeclothes", lake, f"{name}-rerun"))
             rows, rerun = row_figures(metadata(lake), rows_total), "rerun of unfinished rows"
-        calls = emulator.calls()
+        calls = emulator.control.calls().calls
         accounting = sync_accounting(calls, rows["rows_done"])
         return {
             "headline": headline(
@@ -420,7 +397,7 @@ def sync_faults(ctx: dict[str, Any]) -> dict[str, Any]:
             "rows": rows,
             "calls": accounting,
             "call_log": call_figures(calls, "changeclothes"),
-            "emulator_errors": emulator.stats()["by_provider"]["changeclothes"]["errors"],
+            "emulator_errors": emulator.control.stats().provider("changeclothes").errors,
         }
     finally:
         emulator.stop()
@@ -437,7 +414,7 @@ def async_faults(ctx: dict[str, Any]) -> dict[str, Any]:
         if rows["rows_done"] < rows_total - rows["rows_failed_permanently"]:
             runs.append(run_flow(ctx, emulator, "hidream", lake, f"{name}-rerun"))
             rows, rerun = row_figures(metadata(lake), rows_total), "rerun of unfinished rows"
-        stats, calls = emulator.stats(), emulator.calls()
+        stats, calls = emulator.control.stats(), emulator.control.calls().calls
         accounting = async_accounting(calls, stats)
         # Permanently failed by design: the jobs the fault plan failed (emulator) must be the
         # rows recorded as failed for good (metadata), no more.
@@ -476,7 +453,8 @@ def credits(ctx: dict[str, Any]) -> dict[str, Any]:
         first = run_flow(ctx, emulator, "changeclothes", lake, name)
         frame1 = metadata(lake)
         rows1 = row_figures(frame1, rows_total)
-        calls1 = emulator.calls()
+        log1 = emulator.control.calls()
+        calls1 = log1.calls
         acc1 = sync_accounting(calls1, rows1["rows_done"], fatal_status=402)
         # The must-show figure: calls that reached the provider after the run had learnt of
         # the fatal error (the flow records when: RunSummary.fatal_at). Calls the emulator
@@ -487,8 +465,7 @@ def credits(ctx: dict[str, Any]) -> dict[str, Any]:
             sum(
                 1
                 for c in calls1
-                if c["provider"] == "changeclothes"
-                and emulator.clock0_unix + c["arrived_s"] > learnt
+                if c.provider == "changeclothes" and log1.clock0_unix + c.arrived_s > learnt
             )
             if learnt is not None
             else None
@@ -507,19 +484,19 @@ def credits(ctx: dict[str, Any]) -> dict[str, Any]:
             "rows_refused_by_the_fatal_answer": refused_rows.height,
             # Every row either made calls (succeeded, or was refused) or is recorded skipped.
             "rows_that_reached_the_provider": acc1["successful_calls"]
-            + sum(1 for c in calls1 if c["provider"] == "changeclothes" and c["status"] == 402),
+            + sum(1 for c in calls1 if c.provider == "changeclothes" and c.status == 402),
         }
         not_attempted["skipped_equals_rows_that_never_reached_the_provider"] = (
             not_attempted["skipped_records"]
             == rows_total - not_attempted["rows_that_reached_the_provider"]
         )
         # Top the account up and rerun the same manifest into the same lake.
-        seq = calls1[-1]["seq"] if calls1 else -1
-        emulator.set_faults("changeclothes", credits=None)
+        seq = calls1[-1].seq if calls1 else -1
+        emulator.control.set_faults("changeclothes", credits=None)
         log(f"{name}: credits topped up; rerun")
         second = run_flow(ctx, emulator, "changeclothes", lake, f"{name}-rerun")
         rows2 = row_figures(metadata(lake), rows_total)
-        calls2 = [c for c in emulator.calls() if c["seq"] > seq]
+        calls2 = emulator.control.calls(since=seq).calls
         acc2 = sync_accounting(calls2, rows2["rows_done"] - rows1["rows_done"])
         rerun_calls = acc2["provider_calls"]
         return {
@@ -593,7 +570,7 @@ def sigkill(ctx: dict[str, Any]) -> dict[str, Any]:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name}: no progress to kill in the middle of")
                 time.sleep(0.25)
-            kill_s = emulator.now_s()  # the kill, on the emulator's call-log clock
+            kill_s = emulator.control.clock_s()  # the kill, on the emulator's call-log clock
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
         finally:
@@ -607,13 +584,13 @@ def sigkill(ctx: dict[str, Any]) -> dict[str, Any]:
             "ledger_accepted_jobs": _count_json(lake / "jobs"),
             "runs_committed": len(list((lake / "runs").glob("*/_COMMITTED"))),
             "committed_metadata_files": len(list((lake / "metadata").rglob("*.parquet"))),
-            "emulator_accepted_jobs": emulator.stats()["job_contents"]["submissions"],
+            "emulator_accepted_jobs": emulator.control.stats().job_contents.submissions,
         }
         log(f"{name}: killed: {at_kill}; rerun (which releases the dead run's lease as it starts)")
         second = run_flow(ctx, emulator, "hidream", lake, f"{name}-rerun")
         frame = metadata(lake)
         rows = row_figures(frame, rows_total)
-        stats, calls = emulator.stats(), emulator.calls()
+        stats, calls = emulator.control.stats(), emulator.control.calls().calls
         accounting = async_accounting(calls, stats)
         recoverable = rows_total - accounting["jobs_failed_by_the_fault_plan"]
         tryon = frame.filter(pl.col("stage") == "tryon")
@@ -622,11 +599,11 @@ def sigkill(ctx: dict[str, Any]) -> dict[str, Any]:
         # the flow was killed: the flow never learnt those task ids, so nothing could resume
         # them. (The emulator creates the job, then answers at the end of its latency.)
         killed_submits = [
-            c for c in calls if c["route"] == SUBMIT and c["arrived_s"] <= kill_s < c["answered_s"]
+            c for c in calls if c.route == SUBMIT and c.arrived_s <= kill_s < c.answered_s
         ]
         at_kill["submissions_in_flight"] = len(killed_submits)
         at_kill["submissions_in_flight_accepted"] = sum(
-            1 for c in killed_submits if c["status"] == 200 and not c["fault"]
+            1 for c in killed_submits if c.status == 200 and not c.fault
         )
         at_kill["jobs_accepted_not_finished_in_ledger"] = len(pending_jobs)
         resumption = {
@@ -781,9 +758,8 @@ def main(argv: list[str] | None = None) -> int:
                 "PREFECT_API_URL": server.api_url,
                 "PREFECT_HOME": str(server.home),
                 "TRYON_LEASE_DURATION_S": str(LEASE_DURATION_S),
-                # The emulator's default keys (it accepts the same variables).
-                "CHANGECLOTHES_API_KEY": "emulator-changeclothes-key",
-                "HIDREAM_API_KEY": "emulator-hidream-key",
+                # The keys the emulators (started from base_env) accept.
+                **accepted_keys(base_env),
             },
         }
         wanted = args.only or list(SCENARIOS)

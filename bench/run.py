@@ -29,14 +29,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import httpx
 import polars as pl
 
 from bench import data, procs
+from emulator.control import EmulatorControl
+from emulator.keys import DEFAULT_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-EMULATOR_KEY = "emulator-changeclothes-key"
+EMULATOR_KEY = DEFAULT_KEYS["CHANGECLOTHES_API_KEY"]  # main() unsets the variable
 DRIVER_TIMEOUT_S = 900.0
 
 TARGETS = {
@@ -65,24 +66,11 @@ class Emulator:
         argv = [PY, "-m", "flows.cli", "emulator", "--port", str(self.port)]
         argv += ["--latency", str(latency_s), "--fast-mode"]
         self.proc = procs.spawn(argv, env=env, cwd=REPO, log=tmp / "emulator.log")
-        stats_url = f"{self.url}/_emulator/stats"
-        self.ready_s = procs.wait_http_ok(stats_url, timeout_s=60, proc=self.proc)
+        self.control = EmulatorControl(self.url, timeout_s=10)
+        self.ready_s = procs.wait_http_ok(self.control.stats_url, timeout_s=60, proc=self.proc)
 
     def cpu_s(self) -> float:
         return procs.tree_cpu_s(self.proc.pid)
-
-    def reset(self) -> None:
-        httpx.post(f"{self.url}/_emulator/reset", json={}, timeout=10).raise_for_status()
-
-    def set_latency(self, latency_s: float) -> None:
-        body = {"changeclothes": {"latency_s": latency_s}}
-        httpx.post(f"{self.url}/_emulator/faults", json=body, timeout=10).raise_for_status()
-
-    def stats(self) -> dict[str, Any]:
-        response = httpx.get(f"{self.url}/_emulator/stats", timeout=10)
-        response.raise_for_status()
-        stats: dict[str, Any] = response.json()
-        return stats
 
 
 class PrefectServer:
@@ -150,7 +138,7 @@ def run_child(
 @contextmanager
 def measured(emulator: Emulator, server: PrefectServer | None) -> Iterator[dict[str, Any]]:
     """CPU of the emulator (and server) over a block, and the emulator's stats after it."""
-    emulator.reset()
+    emulator.control.reset()
     out: dict[str, Any] = {}
     e0 = emulator.cpu_s()
     s0 = server.cpu_s() if server else 0.0
@@ -160,13 +148,13 @@ def measured(emulator: Emulator, server: PrefectServer | None) -> Iterator[dict[
     out["emulator_cpu_s"] = round(emulator.cpu_s() - e0, 3)
     if server is not None:
         out["server_cpu_s"] = round(server.cpu_s() - s0, 3)
-    stats = emulator.stats()
-    provider = stats["by_provider"]["changeclothes"]
+    stats = emulator.control.stats()
+    provider = stats.provider("changeclothes")
     out["emulator"] = {
-        "requests": stats["requests"],
-        "changeclothes_requests": provider["requests"],
-        "changeclothes_errors": provider["errors"],
-        "max_in_flight": provider["max_in_flight"],
+        "requests": stats.requests,
+        "changeclothes_requests": provider.requests,
+        "changeclothes_errors": provider.errors,
+        "max_in_flight": provider.max_in_flight,
     }
 
 
@@ -329,7 +317,7 @@ def slow_scenario(
     ctx: dict[str, Any], emulator: Emulator, server: PrefectServer, rows: int
 ) -> dict[str, Any]:
     latency = ctx["latency_slow"]
-    emulator.set_latency(latency)
+    emulator.control.set_faults("changeclothes", latency_s=latency)
     argv = flow_argv(ctx["manifests"][rows], ctx["tmp"] / "lake-slow", 1, ctx["chunk_size"])
     log(f"slow: flow, 1 in flight, latency {latency} s ({rows} rows)")
     with measured(emulator, server) as m:
@@ -406,7 +394,7 @@ def profile_scenario(
     3. The flow under the all-thread sampler (``bench.sampler``): CPU by thread is exact
        (/proc ticks); the stacks are biased towards calls that release the GIL (syscalls).
     """
-    emulator.set_latency(ctx["latency_fast"])
+    emulator.control.set_faults("changeclothes", latency_s=ctx["latency_fast"])
     concurrency, manifest = ctx["concurrency"], ctx["manifests"][rows]
     ladder: dict[str, Any] = {}
     for mode in ("client", "process", "process-inline-io"):
@@ -476,7 +464,7 @@ def memory_scenario(
     ctx: dict[str, Any], emulator: Emulator, server: PrefectServer, sizes: list[int]
 ) -> dict[str, Any]:
     latency = ctx["latency_memory"]
-    emulator.set_latency(latency)
+    emulator.control.set_faults("changeclothes", latency_s=latency)
     out: dict[str, Any] = {"latency_s": latency, "concurrency": ctx["concurrency"]}
     raw = {}
     for rows in sizes:

@@ -10,6 +10,7 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import Annotated, Any
 
@@ -80,17 +81,24 @@ def _route_prefect_console_logs(stack: ExitStack, console: Console) -> None:
                 handler.console = console
 
 
+def emulator_env(base_url: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The variables that point every provider at the emulator on ``base_url``: the base URLs
+    and the keys an emulator started from ``environ`` accepts (``environ``'s own where set,
+    else the emulator's defaults). Only an emulator run takes those defaults."""
+    from emulator.keys import accepted_keys
+    from providers.settings import DEFAULT_BASE_URLS, base_url_env
+
+    urls = {base_url_env(provider): base_url for provider in DEFAULT_BASE_URLS}
+    return {**urls, **accepted_keys(environ)}
+
+
 def _start_emulator(stack: ExitStack) -> str:
     """Serve every provider's protocol on loopback and point all providers (and keys) at it."""
-    from providers.emulator.server import EmulatorConfig, EmulatorServer
-    from providers.settings import DEFAULT_BASE_URLS, EMULATOR_DEFAULT_KEYS, base_url_env
+    from emulator.server import EmulatorConfig, EmulatorServer
 
     server = EmulatorServer.start(EmulatorConfig())
     stack.callback(server.stop)
-    for provider in DEFAULT_BASE_URLS:
-        os.environ[base_url_env(provider)] = server.base_url
-    for name, value in EMULATOR_DEFAULT_KEYS.items():
-        os.environ.setdefault(name, value)
+    os.environ.update(emulator_env(server.base_url))
     return server.base_url
 
 
@@ -261,9 +269,10 @@ def emulator_cmd(
     ] = False,
 ) -> None:
     """Serve the providers' protocols locally (see README for keys and routes)."""
-    from providers.emulator.app import PROVIDER_ROUTES
-    from providers.emulator.config import faults_from_options
-    from providers.emulator.server import EmulatorConfig, serve
+    from emulator.app import PROVIDER_ROUTES
+    from emulator.config import faults_from_options
+    from emulator.server import EmulatorConfig, serve
+    from emulator.stats import STATS_PATH
 
     try:
         faults = faults_from_options(
@@ -275,7 +284,7 @@ def emulator_cmd(
     except ValueError as exc:
         err.print(f"[red]bad option:[/] {exc}")
         raise typer.Exit(EXIT_NOT_STARTED) from None
-    err.print(f"emulator on http://{host}:{port}  (stats: /_emulator/stats)")
+    err.print(f"emulator on http://{host}:{port}  (stats: {STATS_PATH})")
     serve(config, host=host, port=port)
 
 

@@ -83,7 +83,7 @@ DEFAULT_POLL_POLICY = PollPolicy(initial_s=2.0, max_interval_s=10.0, factor=1.5,
 
 
 # UNVERIFIED placeholder: doc 003 documents no code but 0 (success). These are the codes the
-# project's emulator answers (our assumption, see providers/emulator/hidream.py), so errors get
+# project's emulator answers (our assumption, see emulator/hidream.py), so errors get
 # names; replace them once live calls show the vendor's. With an HTTP error status the status
 # decides the kind (401/403/402 fatal, 429/5xx transient, other 4xx permanent); this table
 # decides only for codes arriving with a 2xx, and unknown codes are permanent.

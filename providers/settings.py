@@ -1,8 +1,8 @@
 """Where each provider lives and which credential it uses: configuration, never code.
 
 Base URLs come from ``TRYON_<PROVIDER>_BASE_URL`` (so the emulator, a proxy or a regional
-endpoint is a configuration change); credentials from the vendor's own variable names. The
-emulator accepts exactly the same variables, with documented defaults when they are unset.
+endpoint is a configuration change); credentials from the vendor's own variable names, with no
+default: a key that is not configured is missing.
 """
 
 from __future__ import annotations
@@ -24,15 +24,6 @@ API_KEY_ENV: dict[str, tuple[str, ...]] = {
     "tencent": ("TENCENTCLOUD_SECRET_ID", "TENCENTCLOUD_SECRET_KEY"),
     "hidream": ("HIDREAM_API_KEY",),
     "ailab": ("AILAB_API_KEY",),
-}
-
-# What the emulator accepts when the variable is unset (and what `--emulator` runs send).
-EMULATOR_DEFAULT_KEYS: dict[str, str] = {
-    "CHANGECLOTHES_API_KEY": "emulator-changeclothes-key",
-    "TENCENTCLOUD_SECRET_ID": "AKIDemulatorSecretId",
-    "TENCENTCLOUD_SECRET_KEY": "emulator-tencent-secret-key",
-    "HIDREAM_API_KEY": "emulator-hidream-key",
-    "AILAB_API_KEY": "emulator-ailab-key",
 }
 
 
@@ -103,8 +94,3 @@ def credential(env_name: str) -> SecretStr | None:
     if any(ord(char) < 0x20 or ord(char) == 0x7F for char in text):
         raise ValueError(f"{env_name} contains a control character (newline, tab, NUL...)")
     return SecretStr(text)
-
-
-def emulator_credential(env_name: str) -> str:
-    """The value the emulator accepts for ``env_name``: the environment's, else the default."""
-    return os.environ.get(env_name) or EMULATOR_DEFAULT_KEYS[env_name]

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from providers.emulator.server import EmulatorConfig, EmulatorServer
-from providers.settings import DEFAULT_BASE_URLS, EMULATOR_DEFAULT_KEYS, base_url_env
+from emulator.server import EmulatorConfig, EmulatorServer
+from flows.cli import emulator_env
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_MANIFEST = REPO / "sample" / "manifest.csv"
@@ -36,12 +36,9 @@ def no_supplied_credentials() -> Iterator[None]:
 
 @pytest.fixture
 def use_emulator(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> EmulatorServer:
-    """Point every provider at the emulator (its default keys), with clean stats and no faults."""
-    import httpx
-
-    for provider in DEFAULT_BASE_URLS:
-        monkeypatch.setenv(base_url_env(provider), emulator.base_url)
-    for name, value in EMULATOR_DEFAULT_KEYS.items():
+    """Point every provider at the emulator (with the keys it accepts), with clean stats and
+    no faults."""
+    for name, value in emulator_env(emulator.base_url).items():
         monkeypatch.setenv(name, value)
-    httpx.post(f"{emulator.base_url}/_emulator/reset", json={"faults": True}).raise_for_status()
+    emulator.control.reset(faults=True)
     return emulator

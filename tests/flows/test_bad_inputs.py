@@ -26,8 +26,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from emulator.server import EmulatorServer
 from flows.batch import BatchIncomplete, BatchParams, tryon_batch
-from providers.emulator.server import EmulatorServer
 from schemas.limits import CHANGECLOTHES
 from tasks.images import prepare_image
 

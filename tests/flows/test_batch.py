@@ -6,30 +6,21 @@ import json
 import os
 from pathlib import Path
 
-import httpx
 import polars as pl
 import pytest
 from PIL import Image
 
+from emulator.server import EmulatorServer
 from flows.batch import BatchIncomplete, BatchParams, RunNotStarted, tryon_batch
-from providers.emulator.server import EmulatorServer
 from tests.flows.conftest import SAMPLE_MANIFEST
 
 pytestmark = pytest.mark.e2e
 
+CC = "changeclothes"
+
 
 def read_metadata(lake: Path) -> pl.DataFrame:
     return pl.scan_parquet(f"{lake}/metadata/**/*.parquet").collect()
-
-
-def set_faults(emulator: EmulatorServer, **plan: object) -> None:
-    httpx.post(
-        f"{emulator.base_url}/_emulator/faults", json={"changeclothes": plan}
-    ).raise_for_status()
-
-
-def stats(emulator: EmulatorServer) -> dict:
-    return httpx.get(f"{emulator.base_url}/_emulator/stats").json()
 
 
 def write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:
@@ -86,7 +77,7 @@ async def test_sample_run_records_every_row(use_emulator: EmulatorServer, tmp_pa
 
     # Both endpoints were used: 7 garment rows, 1 prompt row; the person images were
     # prepared once each even though rows share them.
-    routes = stats(use_emulator)["requests"]
+    routes = use_emulator.control.stats().requests
     assert routes.get("POST /api/openapi/change-clothes-ai") == 7
     assert routes.get("POST /api/openapi/change-clothes-by-prompt") == 1
 
@@ -100,7 +91,7 @@ async def test_permanent_error_is_recorded_and_run_goes_on(
     use_emulator: EmulatorServer, tmp_path: Path
 ) -> None:
     manifest = write_manifest(tmp_path / "m.csv", sample_rows(6))
-    set_faults(use_emulator, forced_codes=[10005])  # the first call: harmful content
+    use_emulator.control.set_faults(CC, forced_codes=[10005])  # the first call: harmful content
     with pytest.raises(BatchIncomplete) as caught:
         await tryon_batch(
             BatchParams(
@@ -119,7 +110,7 @@ async def test_permanent_error_is_recorded_and_run_goes_on(
 
 async def test_transient_errors_are_retried(use_emulator: EmulatorServer, tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "m.csv", sample_rows(4))
-    set_faults(use_emulator, forced_codes=[500, 20001])  # two transient failures first
+    use_emulator.control.set_faults(CC, forced_codes=[500, 20001])  # two transient failures first
     summary = await tryon_batch(
         BatchParams(
             manifest=str(manifest), lake=str(tmp_path / "lake"), limits={"max_in_flight": 1}
@@ -133,7 +124,7 @@ async def test_transient_errors_are_retried(use_emulator: EmulatorServer, tmp_pa
 
 async def test_fatal_error_stops_submissions(use_emulator: EmulatorServer, tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "m.csv", sample_rows(12))
-    set_faults(use_emulator, credits=3)  # three calls succeed, then INSUFFICIENT_CREDITS
+    use_emulator.control.set_faults(CC, credits=3)  # three calls succeed, then INSUFFICIENT_CREDITS
     with pytest.raises(BatchIncomplete) as caught:
         await tryon_batch(
             BatchParams(
@@ -144,7 +135,7 @@ async def test_fatal_error_stops_submissions(use_emulator: EmulatorServer, tmp_p
     assert summary.counts == {"succeeded": 3, "failed": 1, "skipped": 8}
     assert "INSUFFICIENT_CREDITS" in (summary.fatal_error or "")
     # Exactly one call saw the credit error; nothing was submitted after it.
-    assert stats(use_emulator)["requests"]["POST /api/openapi/change-clothes-ai"] == 4
+    assert use_emulator.control.stats().requests["POST /api/openapi/change-clothes-ai"] == 4
     meta = read_metadata(tmp_path / "lake")
     skipped = meta.filter(pl.col("status") == "skipped")
     assert skipped.height == 8 and (skipped["attempts"] == 0).all()
@@ -153,7 +144,7 @@ async def test_fatal_error_stops_submissions(use_emulator: EmulatorServer, tmp_p
 
 async def test_in_flight_never_exceeds_limit(use_emulator: EmulatorServer, tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "m.csv", sample_rows(24))
-    set_faults(use_emulator, latency_s=0.1)
+    use_emulator.control.set_faults(CC, latency_s=0.1)
     summary = await tryon_batch(
         BatchParams(
             manifest=str(manifest),
@@ -164,7 +155,7 @@ async def test_in_flight_never_exceeds_limit(use_emulator: EmulatorServer, tmp_p
     )
     assert summary.counts == {"succeeded": 24}
     assert summary.provider_calls == 24  # counted once each, though chunks overlap
-    observed = stats(use_emulator)["by_provider"]["changeclothes"]["max_in_flight"]
+    observed = use_emulator.control.stats().provider(CC).max_in_flight
     assert observed == 3  # reached, never exceeded, across 5 concurrent chunks
 
 
@@ -182,7 +173,7 @@ async def test_missing_api_key_does_not_start(
     manifest = write_manifest(tmp_path / "m.csv", sample_rows(2))
     with pytest.raises(RunNotStarted, match="CHANGECLOTHES_API_KEY"):
         await tryon_batch(BatchParams(manifest=str(manifest), lake=str(tmp_path / "lake")))
-    assert stats(use_emulator)["requests"].get("POST /api/openapi/change-clothes-ai", 0) == 0
+    assert use_emulator.control.stats().requests.get("POST /api/openapi/change-clothes-ai", 0) == 0
 
 
 async def test_unreadable_input_image_fails_only_its_row(
@@ -200,7 +191,7 @@ async def test_unreadable_input_image_fails_only_its_row(
     assert meta["error_code"].to_list()[1:] == ["DECODE_FAILED", "FETCH_NOT_FOUND"]
     assert "missing.jpg" in meta["error_message"][2]
     # Neither bad row reached the provider.
-    assert stats(use_emulator)["requests"]["POST /api/openapi/change-clothes-ai"] == 1
+    assert use_emulator.control.stats().requests["POST /api/openapi/change-clothes-ai"] == 1
 
 
 async def test_api_key_from_a_prefect_secret_block_never_lands_in_outputs(
@@ -208,9 +199,7 @@ async def test_api_key_from_a_prefect_secret_block_never_lands_in_outputs(
 ) -> None:
     from prefect.blocks.system import Secret
 
-    from providers.settings import EMULATOR_DEFAULT_KEYS
-
-    key = EMULATOR_DEFAULT_KEYS["CHANGECLOTHES_API_KEY"]
+    key = os.environ["CHANGECLOTHES_API_KEY"]  # the one the emulator accepts (use_emulator)
     monkeypatch.delenv("CHANGECLOTHES_API_KEY")
     await Secret(value=key).save("changeclothes-api-key", overwrite=True)
     try:
@@ -235,7 +224,7 @@ async def test_concurrent_runs_share_the_global_limit(
 
     from prefect import get_client
 
-    set_faults(use_emulator, latency_s=0.1)
+    use_emulator.control.set_faults(CC, latency_s=0.1)
     manifests = [write_manifest(tmp_path / f"m{i}.csv", sample_rows(12)) for i in (1, 2)]
     limits = {"max_in_flight": 3, "global_max_in_flight": 3}
     try:
@@ -248,7 +237,7 @@ async def test_concurrent_runs_share_the_global_limit(
             )
         )
         assert [s.counts for s in summaries] == [{"succeeded": 12}] * 2
-        observed = stats(use_emulator)["by_provider"]["changeclothes"]["max_in_flight"]
+        observed = use_emulator.control.stats().provider(CC).max_in_flight
         assert observed == 3  # each run alone would reach 3; together they never pass 3
         async with get_client() as client:
             limit = await client.read_global_concurrency_limit_by_name("tryon-changeclothes")
@@ -265,7 +254,7 @@ async def test_a_run_never_asks_for_more_than_the_global_limit(
 
     async with get_client() as client:
         await client.upsert_global_concurrency_limit_by_name("tryon-changeclothes", 2)
-    set_faults(use_emulator, latency_s=0.1)
+    use_emulator.control.set_faults(CC, latency_s=0.1)
     try:
         summary = await tryon_batch(
             BatchParams(
@@ -278,4 +267,4 @@ async def test_a_run_never_asks_for_more_than_the_global_limit(
         async with get_client() as client:
             await client.upsert_global_concurrency_limit_by_name("tryon-changeclothes", 8)
     assert summary.counts == {"succeeded": 10}
-    assert stats(use_emulator)["by_provider"]["changeclothes"]["max_in_flight"] == 2
+    assert use_emulator.control.stats().provider(CC).max_in_flight == 2

@@ -133,6 +133,9 @@ def test_emulator_command_serves_with_injected_faults(tmp_path: Path) -> None:
 
     import httpx
 
+    from emulator.control import EmulatorControl
+    from emulator.keys import DEFAULT_KEYS
+
     with socket.socket() as probe:  # a free loopback port
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -156,26 +159,27 @@ def test_emulator_command_serves_with_injected_faults(tmp_path: Path) -> None:
         text=True,
     )
     base = f"http://127.0.0.1:{port}"
+    control = EmulatorControl(base, timeout_s=1)
     try:
         for _ in range(100):
             try:
-                stats = httpx.get(f"{base}/_emulator/stats", timeout=1).json()
+                stats = control.stats()
                 break
             except httpx.TransportError:
                 time.sleep(0.1)
         else:
             pytest.fail("emulator did not start")
-        assert stats["requests"] == {}
-        key = {"Authorization": "Bearer emulator-changeclothes-key"}
+        assert stats.requests == {}
+        key = {"Authorization": f"Bearer {DEFAULT_KEYS['CHANGECLOTHES_API_KEY']}"}
         answer = httpx.post(
             f"{base}/api/openapi/change-clothes-ai",
             headers=key,
             files={"category": (None, "upper_body")},
         ).json()
         assert answer["code"] == 10005  # the forced code, before any other check
-        faults = httpx.post(f"{base}/_emulator/faults", json={}).json()
-        assert faults["hidream"]["credits"] == 0
+        assert control.faults()["hidream"].credits == 0
     finally:
+        control.close()
         server.terminate()
         server.wait(timeout=10)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from emulator.server import EmulatorServer
 from flows.batch import BatchIncomplete, BatchParams, tryon_batch
 from flows.runners import task_runner_from_env
-from providers.emulator.server import EmulatorServer
-from tests.flows.test_batch import read_metadata, sample_rows, set_faults, stats, write_manifest
+from tests.flows.test_batch import CC, read_metadata, sample_rows, write_manifest
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +46,7 @@ async def test_chunks_run_on_dask_workers_within_the_limit(
 ) -> None:
     lake = tmp_path / "lake"
     manifest = write_manifest(tmp_path / "m.csv", sample_rows(16))
-    set_faults(use_emulator, latency_s=0.2)
+    use_emulator.control.set_faults(CC, latency_s=0.2)
     summary = await dask_flow(
         BatchParams(
             manifest=str(manifest), lake=str(lake), chunk_size=4, limits={"max_in_flight": 3}
@@ -58,7 +58,7 @@ async def test_chunks_run_on_dask_workers_within_the_limit(
     here = f"{socket.gethostname()}:{os.getpid()}"
     assert summary.chunk_processes and here not in summary.chunk_processes
     # Each running chunk had a share of the run's 3 slots: together never more than 3.
-    assert stats(use_emulator)["by_provider"]["changeclothes"]["max_in_flight"] <= 3
+    assert use_emulator.control.stats().provider(CC).max_in_flight <= 3
 
     meta = read_metadata(lake)
     assert meta.height == 16 and meta["row_id"].n_unique() == 16
@@ -77,7 +77,7 @@ async def test_a_fatal_error_stops_later_chunks(
 ) -> None:
     # One slot, so chunks run one after another: the second chunk is told of the first
     # chunk's credit error and calls nothing.
-    set_faults(use_emulator, credits=2)
+    use_emulator.control.set_faults(CC, credits=2)
     manifest = write_manifest(tmp_path / "m.csv", sample_rows(8))
     with pytest.raises(BatchIncomplete) as raised:
         await dask_flow(
@@ -91,7 +91,7 @@ async def test_a_fatal_error_stops_later_chunks(
     summary = raised.value.summary
     assert "INSUFFICIENT_CREDITS" in (summary.fatal_error or "")
     assert summary.provider_calls == 3  # two paid calls, then the one that found no credit
-    assert stats(use_emulator)["requests"].get("POST /api/openapi/change-clothes-ai") == 3
+    assert use_emulator.control.stats().requests.get("POST /api/openapi/change-clothes-ai") == 3
     meta = read_metadata(tmp_path / "lake")
     assert meta.height == 8
     skipped = meta.filter(pl.col("status") != "succeeded")

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import httpx
 import polars as pl
 import pytest
 
 from bench import procs
-from providers.emulator.server import EmulatorServer
-from providers.settings import DEFAULT_BASE_URLS, EMULATOR_DEFAULT_KEYS, base_url_env
+from emulator.server import EmulatorServer
+from flows.cli import emulator_env
 from tests.flows.conftest import REPO, SAMPLE_MANIFEST
 from tests.flows.test_batch import sample_rows, write_manifest
 from tests.prefect_server import PrefectServer
@@ -28,6 +27,7 @@ pytestmark = [pytest.mark.deployment, pytest.mark.e2e]
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL = "tryon-process"
+CHANGE_CLOTHES = "POST /api/openapi/change-clothes-ai"
 
 
 @dataclass
@@ -67,8 +67,7 @@ def deployed(
     env = real_prefect_server.env(
         PYTHONPATH=str(REPO), TRYON_FLOWS_HOME=str(REPO), PREFECT_WORKER_QUERY_SECONDS="2"
     )
-    env.update({base_url_env(p): emulator.base_url for p in DEFAULT_BASE_URLS})
-    env.update(EMULATOR_DEFAULT_KEYS)
+    env.update(emulator_env(emulator.base_url))
     _prefect("work-pool", "create", POOL, "--type", "process", "--overwrite", env=env, cwd=REPO)
     _prefect("--no-prompt", "deploy", "--all", env=env, cwd=REPO)
     deployed = Deployed(server=real_prefect_server, emulator=emulator, env=env, root=root)
@@ -89,15 +88,10 @@ async def client(deployed: Deployed) -> AsyncIterator[Any]:
         yield client
 
 
-def emulator_stats(emulator: EmulatorServer) -> dict[str, Any]:
-    return httpx.get(f"{emulator.base_url}/_emulator/stats").json()
-
-
 def reset_emulator(emulator: EmulatorServer, **changeclothes: object) -> None:
-    httpx.post(f"{emulator.base_url}/_emulator/reset", json={"faults": True}).raise_for_status()
+    emulator.control.reset(faults=True)
     if changeclothes:
-        body = {"changeclothes": changeclothes}
-        httpx.post(f"{emulator.base_url}/_emulator/faults", json=body).raise_for_status()
+        emulator.control.set_faults("changeclothes", **changeclothes)
 
 
 async def run_and_wait(
@@ -158,13 +152,13 @@ async def test_retrying_a_failed_run_redoes_only_its_unfinished_rows(
     reset_emulator(deployed.emulator, forced_codes=[10004, 10004])  # two rows rejected
     flow_run = await run_and_wait(client, "tryon-batch/adhoc", {"params": params})
     assert flow_run.state.is_failed(), flow_run.state
-    assert emulator_stats(deployed.emulator)["requests"]["POST /api/openapi/change-clothes-ai"] == 6
+    assert deployed.emulator.control.stats().requests[CHANGE_CLOTHES] == 6
 
     reset_emulator(deployed.emulator)
     await client.set_flow_run_state(flow_run.id, Scheduled(), force=True)  # the UI's "Retry"
     retried = await wait_final(client, flow_run.id)
     assert retried.state.is_completed(), retried.state
-    assert emulator_stats(deployed.emulator)["requests"]["POST /api/openapi/change-clothes-ai"] == 2
+    assert deployed.emulator.control.stats().requests[CHANGE_CLOTHES] == 2
     meta = pl.scan_parquet(f"{lake}/metadata/**/*.parquet").collect()
     assert meta["status"].to_list() == ["succeeded"] * 6
     assert meta.group_by("row_id").len()["len"].max() == 1
@@ -187,9 +181,9 @@ async def test_shards_on_two_workers_hold_the_global_limit(
         client, "tryon-sharded/sharded", {"params": params, "shards": 3}, timeout_s=400
     )
     assert flow_run.state.is_completed(), flow_run.state
-    stats = emulator_stats(deployed.emulator)["by_provider"]["changeclothes"]
-    assert stats["requests"] == 24
-    assert 1 <= stats["max_in_flight"] <= limit
+    stats = deployed.emulator.control.stats().provider("changeclothes")
+    assert stats.requests == 24
+    assert 1 <= stats.max_in_flight <= limit
     meta = pl.scan_parquet(f"{lake}/metadata/**/*.parquet").collect()
     assert meta.filter(pl.col("status") == "succeeded").height == 24
     shard_runs = meta["run_id"].unique().to_list()

@@ -21,11 +21,11 @@ import polars as pl
 import pytest
 
 from bench import procs
-from providers.emulator.server import EmulatorServer
-from providers.settings import DEFAULT_BASE_URLS, EMULATOR_DEFAULT_KEYS, base_url_env
+from emulator.server import EmulatorServer
+from flows.cli import emulator_env
 from tests.flows.conftest import REPO
 from tests.flows.test_batch import sample_rows, write_manifest
-from tests.flows.test_rerun import assert_no_duplicate_pairs, provider_posts, set_faults
+from tests.flows.test_rerun import assert_no_duplicate_pairs
 
 pytestmark = pytest.mark.e2e
 
@@ -71,7 +71,7 @@ def _finished_rows(lake: Path) -> int:
 
 @pytest.fixture
 def cli(use_emulator: EmulatorServer, tmp_path: Path) -> Iterator[Cli]:
-    set_faults(use_emulator, "changeclothes", latency_s=CALL_S)
+    use_emulator.control.set_faults("changeclothes", latency_s=CALL_S)
     manifest = write_manifest(tmp_path / "m.csv", sample_rows(ROWS))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRYON_"))}
     env.update(
@@ -80,8 +80,7 @@ def cli(use_emulator: EmulatorServer, tmp_path: Path) -> Iterator[Cli]:
         PYTHONPATH=str(REPO),
         TRYON_LEASE_DURATION_S="600",
     )
-    env.update({base_url_env(p): use_emulator.base_url for p in DEFAULT_BASE_URLS})
-    env.update(EMULATOR_DEFAULT_KEYS)
+    env.update(emulator_env(use_emulator.base_url))
     lake = tmp_path / "lake"
     argv = [sys.executable, "-m", "flows.cli", "run", str(manifest), "--lake", str(lake)]
     argv += ["--provider", "changeclothes", "--no-progress"]
@@ -129,7 +128,7 @@ def _rerun_finishes_everything(cli: Cli, emulator: EmulatorServer, paid_before: 
     # Rows finished before the stop were adopted: only the rest was paid for again.
     adopted = frame["reused_from_run"].drop_nulls().len()
     assert adopted >= 2
-    assert provider_posts(emulator) - paid_before <= ROWS - adopted
+    assert emulator.control.posts() - paid_before <= ROWS - adopted
     assert not list((cli.root / "prefect-home" / "tryon-leases").glob("*.json"))
     return output
 
@@ -154,7 +153,7 @@ def test_ctrl_c_stops_in_seconds_says_how_to_resume_and_the_rerun_pays_nothing_t
     assert _gone_within(server, 5)
     assert not list((cli.lake / "runs").glob("*/_COMMITTED"))
 
-    _rerun_finishes_everything(cli, use_emulator, provider_posts(use_emulator))
+    _rerun_finishes_everything(cli, use_emulator, use_emulator.control.posts())
 
 
 def test_kill_9_leaves_no_server_and_the_rerun_gets_the_slots_back_by_itself(
@@ -170,5 +169,5 @@ def test_kill_9_leaves_no_server_and_the_rerun_gets_the_slots_back_by_itself(
     notes = list((cli.root / "prefect-home" / "tryon-leases").glob("*.json"))
     assert len(notes) == 1  # the killed run's lease, still taken on the server
 
-    output = _rerun_finishes_everything(cli, use_emulator, provider_posts(use_emulator))
+    output = _rerun_finishes_everything(cli, use_emulator, use_emulator.control.posts())
     assert "held by a run that no longer exists" in output

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import polars as pl
 import pytest
 from PIL import Image
 
+from emulator.server import EmulatorServer
 from flows.batch import BatchParams, tryon_batch
-from providers.emulator.server import EmulatorServer
 from tests.flows.conftest import SAMPLE_MANIFEST
 
 pytestmark = pytest.mark.e2e
@@ -30,9 +29,7 @@ REFINABLE = {"ana-red-tee", "ben-striped", "chi-dress", "chi-green", "dev-red-te
 def quick_jobs(emulator: EmulatorServer) -> None:
     """Async jobs finish at once, so polling clients see them done on their first query."""
     plan = {"job_queued_s": 0.0, "job_running_s": 0.0}
-    httpx.post(
-        f"{emulator.base_url}/_emulator/faults", json={"hidream": plan, "ailab": plan}
-    ).raise_for_status()
+    emulator.control.set_faults({"hidream": plan, "ailab": plan})
 
 
 def check_outputs(meta: pl.DataFrame, lake: Path) -> None:
@@ -93,7 +90,7 @@ async def test_refine_chains_onto_any_provider(
     assert summary.refine_counts is not None
     assert summary.refine_counts["succeeded"] == len(REFINABLE)
     assert summary.unfinished == 0
-    routes = httpx.get(f"{use_emulator.base_url}/_emulator/stats").json()["requests"]
+    routes = use_emulator.control.stats().requests
     assert routes["POST /api/portrait/enhance/try-on-clothes-refiner"] == len(REFINABLE)
 
 

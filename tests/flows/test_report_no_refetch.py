@@ -14,8 +14,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from emulator.server import EmulatorServer
 from flows.batch import BatchIncomplete, BatchParams, tryon_batch
-from providers.emulator.server import EmulatorServer
 from tests.input_server import SAMPLE, InputServer
 from tests.tasks.test_report import parse_html
 

@@ -9,12 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import polars as pl
 import pytest
 
+from emulator.server import EmulatorServer
 from flows.batch import BatchIncomplete, BatchParams, tryon_batch
-from providers.emulator.server import EmulatorServer
 from tests.flows.conftest import REPO, SAMPLE_MANIFEST
 from tests.flows.test_batch import sample_rows, write_manifest
 from tests.prefect_server import PrefectServer
@@ -22,18 +21,6 @@ from tests.prefect_server import PrefectServer
 pytestmark = pytest.mark.e2e
 
 HIDREAM_SUBMIT = "POST /api-pub/ec/v3/image/vton/async"
-
-
-def stats(emulator: EmulatorServer) -> dict:
-    return httpx.get(f"{emulator.base_url}/_emulator/stats").json()
-
-
-def reset_stats(emulator: EmulatorServer) -> None:
-    httpx.post(f"{emulator.base_url}/_emulator/reset", json={}).raise_for_status()
-
-
-def set_faults(emulator: EmulatorServer, provider: str, **plan: object) -> None:
-    httpx.post(f"{emulator.base_url}/_emulator/faults", json={provider: plan}).raise_for_status()
 
 
 def dataset(lake: Path) -> pl.DataFrame:
@@ -45,10 +32,6 @@ def assert_no_duplicate_pairs(frame: pl.DataFrame) -> None:
     assert pairs.is_empty(), pairs
 
 
-def provider_posts(emulator: EmulatorServer) -> int:
-    return sum(n for route, n in stats(emulator)["requests"].items() if route.startswith("POST"))
-
-
 async def test_rerun_of_a_finished_manifest_calls_no_provider(
     use_emulator: EmulatorServer, tmp_path: Path
 ) -> None:
@@ -58,13 +41,13 @@ async def test_rerun_of_a_finished_manifest_calls_no_provider(
     )
     first = await tryon_batch(params)
     assert first.counts == {"succeeded": 8, "invalid": 1}
-    assert provider_posts(use_emulator) > 8  # try-on and refine calls went out
+    assert use_emulator.control.posts() > 8  # try-on and refine calls went out
     before = dataset(lake)
 
-    reset_stats(use_emulator)
+    use_emulator.control.reset()
     second = await tryon_batch(params)
 
-    assert provider_posts(use_emulator) == 0
+    assert use_emulator.control.posts() == 0
     assert second.provider_calls == 0
     assert second.counts == first.counts and second.already_done == 8
     assert second.refine_counts == first.refine_counts
@@ -81,15 +64,15 @@ async def test_rerun_does_only_what_is_unfinished(
     lake = tmp_path / "lake"
     manifest = write_manifest(tmp_path / "m.csv", sample_rows(9))
     params = BatchParams(manifest=str(manifest), lake=str(lake), max_attempts=1)
-    set_faults(use_emulator, "changeclothes", forced_codes=[10004, 10004])  # 2 rows rejected
+    use_emulator.control.set_faults("changeclothes", forced_codes=[10004, 10004])  # 2 rows rejected
     with pytest.raises(BatchIncomplete) as failed:
         await tryon_batch(params)
     assert failed.value.summary.counts == {"succeeded": 7, "failed": 2}
 
-    reset_stats(use_emulator)
+    use_emulator.control.reset()
     second = await tryon_batch(params)
     assert second.counts == {"succeeded": 9} and second.already_done == 7
-    assert stats(use_emulator)["requests"]["POST /api/openapi/change-clothes-ai"] == 2
+    assert use_emulator.control.stats().requests["POST /api/openapi/change-clothes-ai"] == 2
     frame = dataset(lake)
     latest = frame.sort("finished_at").group_by("row_id").last()
     assert latest["status"].to_list() == ["succeeded"] * 9
@@ -108,7 +91,7 @@ async def test_prefect_retry_of_the_same_flow_run_redoes_only_unfinished_rows(
     lake = tmp_path / "lake"
     manifest = write_manifest(tmp_path / "m.csv", sample_rows(6))
     params = BatchParams(manifest=str(manifest), lake=str(lake), max_attempts=1)
-    set_faults(use_emulator, "changeclothes", forced_codes=[10004])
+    use_emulator.control.set_faults("changeclothes", forced_codes=[10004])
     async with get_client() as client:
         flow_run = await client.create_flow_run(tryon_batch, parameters={"params": params})
         state = await run_flow_async(
@@ -117,14 +100,14 @@ async def test_prefect_retry_of_the_same_flow_run_redoes_only_unfinished_rows(
         assert state.is_failed()
         assert dataset(lake).filter(pl.col("status") == "failed").height == 1
 
-        reset_stats(use_emulator)
+        use_emulator.control.reset()
         await client.set_flow_run_state(flow_run.id, Scheduled(), force=True)
         flow_run = await client.read_flow_run(flow_run.id)
         state = await run_flow_async(
             tryon_batch, flow_run=flow_run, parameters={"params": params}, return_type="state"
         )
     assert state.is_completed()
-    assert stats(use_emulator)["requests"]["POST /api/openapi/change-clothes-ai"] == 1
+    assert use_emulator.control.stats().requests["POST /api/openapi/change-clothes-ai"] == 1
     frame = dataset(lake)
     assert frame["run_id"].unique().to_list() == [str(flow_run.id)]
     assert_no_duplicate_pairs(frame)  # the retry replaced the run's parts in place
@@ -147,7 +130,7 @@ def test_sigkill_mid_run_then_rerun_resumes_accepted_jobs(
     rows = sample_rows(9)  # nine distinct person x garment pairs: nine pieces of work
     manifest = write_manifest(tmp_path / "m.csv", rows)
     lake = tmp_path / "lake"
-    set_faults(use_emulator, "hidream", job_queued_s=0.5, job_running_s=2.5)
+    use_emulator.control.set_faults("hidream", job_queued_s=0.5, job_running_s=2.5)
     env = real_prefect_server.env(PYTHONPATH=str(REPO), TRYON_LEASE_DURATION_S="60")
     argv = [sys.executable, "-m", "flows.cli", "run", str(manifest), "--lake", str(lake)]
     argv += ["--provider", "hidream"]
@@ -162,7 +145,7 @@ def test_sigkill_mid_run_then_rerun_resumes_accepted_jobs(
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
-    accepted_before = stats(use_emulator)["requests"].get(HIDREAM_SUBMIT, 0)
+    accepted_before = use_emulator.control.stats().requests.get(HIDREAM_SUBMIT, 0)
     in_flight_jobs = _count(lake / "jobs")
     assert 0 < accepted_before < len(rows) + 1 and in_flight_jobs >= 1
     assert not list((lake / "runs").glob("*/_COMMITTED"))  # the killed run never committed
@@ -170,7 +153,7 @@ def test_sigkill_mid_run_then_rerun_resumes_accepted_jobs(
     second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     # Every accepted job was polled again, none submitted twice: one submission per row.
-    assert stats(use_emulator)["requests"][HIDREAM_SUBMIT] == len(rows)
+    assert use_emulator.control.stats().requests[HIDREAM_SUBMIT] == len(rows)
     assert _count(lake / "jobs") == 0
     frame = dataset(lake)
     assert sorted(frame["row_id"]) == sorted(r["id"] for r in rows)

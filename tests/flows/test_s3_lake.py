@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import polars as pl
 import pytest
 import s3fs
 from PIL import Image
 
+from emulator.server import EmulatorServer
 from flows.batch import BatchParams, RunNotStarted, RunSummary, tryon_batch
-from providers.emulator.server import EmulatorServer
 from tests.flows.conftest import SAMPLE_MANIFEST
 from tests.s3server import S3Server
 
@@ -109,11 +108,6 @@ def presigned_input_gets(caplog: pytest.LogCaptureFixture) -> set[str]:
     return digests
 
 
-def provider_posts(emulator: EmulatorServer) -> int:
-    requests = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["requests"]
-    return sum(n for route, n in requests.items() if route.startswith("POST"))
-
-
 async def test_changeclothes_run_writes_its_lake_to_s3_and_a_rerun_pays_nothing(
     use_emulator: EmulatorServer, s3_server: S3Server
 ) -> None:
@@ -126,7 +120,7 @@ async def test_changeclothes_run_writes_its_lake_to_s3_and_a_rerun_pays_nothing(
     )
     summary = await tryon_batch(params)
     fs, _ = check_run_in_s3(s3_server, lake, summary, "changeclothes")
-    assert provider_posts(use_emulator) == summary.provider_calls == 8
+    assert use_emulator.control.posts() == summary.provider_calls == 8
 
     # started.json keeps the parameters but only the names of the storage options.
     started_text = fs.cat_file(f"{lake}/runs/{summary.run_id}/started.json").decode()
@@ -138,9 +132,9 @@ async def test_changeclothes_run_writes_its_lake_to_s3_and_a_rerun_pays_nothing(
     assert not fs.exists(f"{lake}/inputs")
 
     # The same manifest again: the work ledger in S3 says every row is done.
-    httpx.post(f"{use_emulator.base_url}/_emulator/reset", json={}).raise_for_status()
+    use_emulator.control.reset()
     again = await tryon_batch(params)
-    assert provider_posts(use_emulator) == again.provider_calls == 0
+    assert use_emulator.control.posts() == again.provider_calls == 0
     assert again.counts == summary.counts and again.already_done == 8
     assert fs.exists(f"{lake}/runs/{again.run_id}/_COMMITTED")
     every_run = pl.scan_parquet(

@@ -35,8 +35,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from emulator.server import EmulatorConfig, EmulatorServer
 from flows.batch import BatchIncomplete, BatchParams, RunSummary, tryon_batch
-from providers.emulator.server import EmulatorConfig, EmulatorServer
 from providers.settings import DEFAULT_BASE_URLS, base_url_env
 from tests.flows.conftest import REPO, SAMPLE_MANIFEST
 
@@ -131,14 +131,10 @@ def echo_emulator() -> Iterator[EmulatorServer]:
 def emulator(echo_emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> EmulatorServer:
     for provider in DEFAULT_BASE_URLS:
         monkeypatch.setenv(base_url_env(provider), echo_emulator.base_url)
-    httpx.post(f"{echo_emulator.base_url}/_emulator/reset", json={"faults": True})
+    echo_emulator.control.reset(faults=True)
     quick = {"job_queued_s": 0.0, "job_running_s": 0.0}
-    faults(echo_emulator, hidream=quick, ailab=quick)
+    echo_emulator.control.set_faults({"hidream": quick, "ailab": quick})
     return echo_emulator
-
-
-def faults(emulator: EmulatorServer, **plans: dict[str, object]) -> None:
-    httpx.post(f"{emulator.base_url}/_emulator/faults", json=plans).raise_for_status()
 
 
 def use_keys(monkeypatch: pytest.MonkeyPatch, keys: dict[str, str]) -> None:
@@ -332,7 +328,7 @@ async def test_a_key_httpx_refuses_to_send_is_not_quoted_back(
 
     from providers.base import ProviderError, TryOnRequest
     from providers.changeclothes import ChangeClothesClient
-    from tests.providers.conftest import garment_jpeg, person_jpeg, prepared
+    from tests.contract import garment_jpeg, person_jpeg, prepared
 
     request = TryOnRequest(
         row_id="r", person=prepared(person_jpeg()), garment=prepared(garment_jpeg()),
@@ -366,11 +362,16 @@ async def test_no_key_appears_anywhere_a_run_leaves_text(
         runs.append(await run(f"ok-{provider}", tmp_path, 2, provider=provider, refine=True))
 
     # Injected faults recorded in metadata, then a credit error (quoting the key) stops it.
-    faults(
-        emulator,
-        changeclothes={"forced_codes": [500, 10005, 20001, 10004], "credits": 3},
-        hidream={"forced_codes": [500, "task_status:3"], "job_queued_s": 0, "job_running_s": 0},
-        ailab={"forced_codes": ["ERROR_INVALID_PARAMETER"], "credits": 1},
+    emulator.control.set_faults(
+        {
+            "changeclothes": {"forced_codes": [500, 10005, 20001, 10004], "credits": 3},
+            "hidream": {
+                "forced_codes": [500, "task_status:3"],
+                "job_queued_s": 0,
+                "job_running_s": 0,
+            },
+            "ailab": {"forced_codes": ["ERROR_INVALID_PARAMETER"], "credits": 1},
+        }
     )
     runs.append(await run("faults-cc", tmp_path, 6, limits=one_at_a_time, max_attempts=2))
     runs.append(await run("faults-hd", tmp_path, 3, provider="hidream", limits=one_at_a_time))
@@ -394,11 +395,11 @@ async def test_no_key_appears_anywhere_a_run_leaves_text(
         assert outcome[f"wrong-{provider}"].error is not None
         assert fatal[f"wrong-{provider}"], provider
     assert "INSUFFICIENT_CREDITS" in (fatal["faults-cc"] or "")
-    stats = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["by_provider"]
-    assert stats["changeclothes"]["errors"].get("30001", 0) >= 1
-    assert stats["hidream"]["errors"].get("40102", 0) >= 1
-    assert stats["tencent"]["errors"].get("AuthFailure.SecretIdNotFound", 0) >= 1
-    assert stats["ailab"]["errors"].get("ERROR_APPLICATIONS_NOT_EXISTS", 0) >= 1
+    stats = emulator.control.stats()
+    assert stats.provider("changeclothes").errors.get("30001", 0) >= 1
+    assert stats.provider("hidream").errors.get("40102", 0) >= 1
+    assert stats.provider("tencent").errors.get("AuthFailure.SecretIdNotFound", 0) >= 1
+    assert stats.provider("ailab").errors.get("ERROR_APPLICATIONS_NOT_EXISTS", 0) >= 1
     # And the echo was really there to be redacted: the error texts show where it was.
     failed = pl.concat(
         [pl.scan_parquet(f"{r.lake}/metadata/**/*.parquet").collect() for r in runs]

@@ -18,7 +18,9 @@ import pytest
 from PIL import Image
 from pydantic import SecretStr
 
-from providers import settings
+from emulator import AsyncEmulatorControl, EmulatorConfig, EmulatorServer, FaultPlan
+from emulator.ailab import CODES
+from emulator.keys import accepted_key
 from providers.ailab import (
     CREDITS_CODE,
     DEFAULT_POLL_POLICY,
@@ -33,13 +35,11 @@ from providers.ailab import (
     parse_task_result,
 )
 from providers.base import JobState, PollPolicy, ProviderError, RefineRequest, TryOnRequest
-from providers.emulator import EmulatorConfig, EmulatorServer, FaultPlan
-from providers.emulator.ailab import CODES
 from providers.registry import REFINER, provider_spec
 from schemas.limits import AILAB, AILAB_REFINER, ImageProfile
 from schemas.results import ErrorKind
 from tasks.images import image_profile_fits, prepare_image
-from tests.providers.conftest import (
+from tests.contract import (
     DELETED_KEY,
     TRIAL_KEY,
     TRIAL_LIMIT,
@@ -50,6 +50,7 @@ from tests.providers.conftest import (
     prepared,
 )
 
+PROVIDER = "ailab"
 SECRET = "ailab-live-5d9e2c7a1f3b8e6d"  # distinctive, so any leak is found by substring
 FAST = PollPolicy(initial_s=0.02, max_interval_s=0.05, factor=1.5, deadline_s=10.0)
 
@@ -59,7 +60,7 @@ FAST = PollPolicy(initial_s=0.02, max_interval_s=0.05, factor=1.5, deadline_s=10
 
 @pytest.fixture
 def key() -> SecretStr:
-    return SecretStr(settings.emulator_credential("AILAB_API_KEY"))
+    return SecretStr(accepted_key("AILAB_API_KEY"))
 
 
 @pytest.fixture
@@ -74,19 +75,8 @@ def refiner(
     return AILabRefinerClient(http=http, api_key=key, base_url=emulator.base_url, poll_policy=FAST)
 
 
-async def faults(http: httpx.AsyncClient, emulator: EmulatorServer, **fields: Any) -> None:
-    response = await http.post(f"{emulator.base_url}/_emulator/faults", json={"ailab": fields})
-    response.raise_for_status()
-
-
-async def quick_jobs(http: httpx.AsyncClient, emulator: EmulatorServer, **fields: Any) -> None:
-    await faults(http, emulator, job_queued_s=0.0, job_running_s=0.05, **fields)
-
-
-async def stats(http: httpx.AsyncClient, emulator: EmulatorServer) -> dict[str, Any]:
-    response = await http.get(f"{emulator.base_url}/_emulator/stats")
-    response.raise_for_status()
-    return dict(response.json())
+async def quick_jobs(control: AsyncEmulatorControl, **fields: Any) -> None:
+    await control.set_faults(PROVIDER, job_queued_s=0.0, job_running_s=0.05, **fields)
 
 
 def tryon_request(
@@ -146,13 +136,13 @@ def free_port() -> int:
 
 
 async def test_tryon_job_goes_queued_running_done(
+    control: AsyncEmulatorControl,
     tryon: AILabTryOnClient,
-    http: httpx.AsyncClient,
     emulator: EmulatorServer,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await faults(http, emulator, job_queued_s=0.6, job_running_s=0.6)
+    await control.set_faults(PROVIDER, job_queued_s=0.6, job_running_s=0.6)
     started = time.monotonic()
     task_id = await tryon.submit(tryon_request(person, garment))
     states = [(await tryon.poll(task_id)).state]
@@ -172,17 +162,16 @@ async def test_tryon_job_goes_queued_running_done(
 
 
 async def test_try_on_reports_the_task_once_before_polling(
+    control: AsyncEmulatorControl,
     tryon: AILabTryOnClient,
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await faults(http, emulator, job_queued_s=0.1, job_running_s=0.1)
+    await control.set_faults(PROVIDER, job_queued_s=0.1, job_running_s=0.1)
     seen: list[tuple[str, int]] = []
 
     async def on_submitted(task_id: str) -> None:
-        polls = (await stats(http, emulator))["requests"].get(f"GET {QUERY_PATH}", 0)
+        polls = (await control.stats()).requests.get(f"GET {QUERY_PATH}", 0)
         seen.append((task_id, polls))
 
     result = await tryon.try_on(tryon_request(person, garment), on_submitted=on_submitted)
@@ -192,7 +181,7 @@ async def test_try_on_reports_the_task_once_before_polling(
     assert polls_before == 0  # reported before the first status query
     assert result.request_id == task_id
     assert result.result_url and await tryon.download(result.result_url)
-    assert (await stats(http, emulator))["requests"][f"GET {QUERY_PATH}"] >= 2
+    assert (await control.stats()).requests[f"GET {QUERY_PATH}"] >= 2
 
 
 @pytest.mark.parametrize(
@@ -204,15 +193,14 @@ async def test_try_on_reports_the_task_once_before_polling(
     ],
 )
 async def test_each_category_maps_to_its_clothes_type(
+    control: AsyncEmulatorControl,
     category: str,
     changed: tuple[float, float],
     unchanged: tuple[float, float],
     tryon: AILabTryOnClient,
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
     garment: bytes,
 ) -> None:
-    await quick_jobs(http, emulator)
+    await quick_jobs(control)
     person = person_jpeg(shirt=(30, 120, 40))
     result = await tryon.try_on(tryon_request(person, garment, category))
     assert result.result_url is not None
@@ -222,9 +210,8 @@ async def test_each_category_maps_to_its_clothes_type(
 
 
 async def test_unsupported_request_shapes_fail_before_sending(
+    control: AsyncEmulatorControl,
     tryon: AILabTryOnClient,
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
     person: bytes,
     garment: bytes,
 ) -> None:
@@ -236,7 +223,7 @@ async def test_unsupported_request_shapes_fail_before_sending(
     for request in shapes:
         error = await expect_error(tryon.try_on(request))
         assert (error.kind, error.code) == (ErrorKind.PERMANENT, "UNSUPPORTED_REQUEST")
-    assert (await stats(http, emulator))["by_provider"]["ailab"]["requests"] == 0
+    assert (await control.stats()).provider(PROVIDER).requests == 0
     assert not AILabTryOnClient.capabilities.lower_garment
     assert AILabTryOnClient.capabilities.async_jobs
 
@@ -245,14 +232,13 @@ async def test_unsupported_request_shapes_fail_before_sending(
 
 
 async def test_refiner_result_differs_from_the_coarse_image(
+    control: AsyncEmulatorControl,
     tryon: AILabTryOnClient,
     refiner: AILabRefinerClient,
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await quick_jobs(http, emulator)
+    await quick_jobs(control)
     coarse_result = await tryon.try_on(tryon_request(person, garment))
     assert coarse_result.result_url is not None
     coarse_webp = await tryon.download(coarse_result.result_url)
@@ -277,6 +263,7 @@ async def test_refiner_result_differs_from_the_coarse_image(
 
 
 async def test_refiner_gender_is_checked_by_client_and_emulator(
+    control: AsyncEmulatorControl,
     refiner: AILabRefinerClient,
     http: httpx.AsyncClient,
     emulator: EmulatorServer,
@@ -286,7 +273,7 @@ async def test_refiner_gender_is_checked_by_client_and_emulator(
 ) -> None:
     error = await expect_error(refiner.refine(refine_request(person, garment, person, "child")))
     assert (error.kind, error.code) == (ErrorKind.PERMANENT, "UNSUPPORTED_REQUEST")
-    assert (await stats(http, emulator))["by_provider"]["ailab"]["requests"] == 0
+    assert (await control.stats()).provider(PROVIDER).requests == 0
 
     files = [
         ("task_type", (None, "async")),
@@ -310,13 +297,12 @@ async def test_refiner_gender_is_checked_by_client_and_emulator(
 
 
 async def test_refiner_job_failure_is_permanent(
+    control: AsyncEmulatorControl,
     refiner: AILabRefinerClient,
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await quick_jobs(http, emulator, async_failure_rate=1.0)
+    await quick_jobs(control, async_failure_rate=1.0)
     error = await expect_error(refiner.refine(refine_request(person, garment, person)))
     assert (error.kind, error.code) == (ErrorKind.PERMANENT, "ERROR_TASK_STOPPED_PROCESSING")
     assert error.provider == "ailab_refiner" and error.request_id
@@ -344,14 +330,13 @@ def test_error_table_and_emulator_cover_the_same_public_codes() -> None:
 
 @pytest.mark.parametrize("code", sorted(ERROR_TABLE))
 async def test_every_public_code_is_answered_and_classified(
+    control: AsyncEmulatorControl,
     code: str,
     tryon: AILabTryOnClient,
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await faults(http, emulator, forced_codes=[code])
+    await control.set_faults(PROVIDER, forced_codes=[code])
     error = await expect_error(tryon.try_on(tryon_request(person, garment)))
     spec = ERROR_TABLE[code]
     assert (error.kind, error.code, error.http_status) == (spec.kind, code, spec.status)
@@ -360,13 +345,12 @@ async def test_every_public_code_is_answered_and_classified(
 
 
 async def test_credits_429_is_fatal_but_rate_limit_429_is_transient(
+    control: AsyncEmulatorControl,
     tryon: AILabTryOnClient,
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await quick_jobs(http, emulator, credits=1)
+    await quick_jobs(control, credits=1)
     assert (await tryon.try_on(tryon_request(person, garment))).result_url
     credits = await expect_error(tryon.try_on(tryon_request(person, garment)))
     assert (credits.kind, credits.code, credits.http_status) == (
@@ -375,7 +359,7 @@ async def test_credits_429_is_fatal_but_rate_limit_429_is_transient(
         429,
     )
 
-    await faults(http, emulator, credits=None, error_rate_429=1.0, retry_after_s=7)
+    await control.set_faults(PROVIDER, credits=None, error_rate_429=1.0, retry_after_s=7)
     limited = await expect_error(tryon.try_on(tryon_request(person, garment)))
     assert (limited.kind, limited.code, limited.http_status) == (
         ErrorKind.TRANSIENT,
@@ -384,15 +368,19 @@ async def test_credits_429_is_fatal_but_rate_limit_429_is_transient(
     )
     assert limited.retry_after == 7.0
 
-    await faults(http, emulator, error_rate_429=0.0, forced_codes=[429])
+    await control.set_faults(PROVIDER, error_rate_429=0.0, forced_codes=[429])
     forced = await expect_error(tryon.try_on(tryon_request(person, garment)))
     assert (forced.kind, forced.code) == (ErrorKind.TRANSIENT, "RATE_LIMITED")
 
 
 async def test_trial_key_runs_out_of_credits(
-    http: httpx.AsyncClient, emulator: EmulatorServer, person: bytes, garment: bytes
+    control: AsyncEmulatorControl,
+    http: httpx.AsyncClient,
+    emulator: EmulatorServer,
+    person: bytes,
+    garment: bytes,
 ) -> None:
-    await quick_jobs(http, emulator)
+    await quick_jobs(control)
     client = AILabTryOnClient(
         http=http, api_key=SecretStr(TRIAL_KEY), base_url=emulator.base_url, poll_policy=FAST
     )
@@ -403,13 +391,12 @@ async def test_trial_key_runs_out_of_credits(
 
 
 async def test_rejected_calls_cost_no_credit(
+    control: AsyncEmulatorControl,
     tryon: AILabTryOnClient,
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await faults(http, emulator, credits=1)
+    await control.set_faults(PROVIDER, credits=1)
     gif = flat((300, 300), "GIF")
     error = await expect_error(tryon.submit(tryon_request(person, gif)))
     assert error.code == "UNSUPPORTED_FILE_TYPES"
@@ -437,13 +424,12 @@ async def test_bad_keys_are_fatal(
 
 
 async def test_async_job_failure_is_permanent(
+    control: AsyncEmulatorControl,
     tryon: AILabTryOnClient,
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await quick_jobs(http, emulator, async_failure_rate=1.0)
+    await quick_jobs(control, async_failure_rate=1.0)
     task_id = await tryon.submit(tryon_request(person, garment))
     await asyncio.sleep(0.1)
     status = await tryon.poll(task_id)
@@ -457,13 +443,14 @@ async def test_async_job_failure_is_permanent(
 
 
 async def test_poll_deadline_is_transient(
+    control: AsyncEmulatorControl,
     http: httpx.AsyncClient,
     emulator: EmulatorServer,
     key: SecretStr,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await faults(http, emulator, job_queued_s=0.0, job_running_s=30.0)
+    await control.set_faults(PROVIDER, job_queued_s=0.0, job_running_s=30.0)
     policy = PollPolicy(initial_s=0.05, max_interval_s=0.05, factor=1.0, deadline_s=0.3)
     client = AILabTryOnClient(
         http=http, api_key=key, base_url=emulator.base_url, poll_policy=policy
@@ -474,20 +461,21 @@ async def test_poll_deadline_is_transient(
 
 
 async def test_transient_poll_errors_are_retried_and_fatal_ones_stop(
+    control: AsyncEmulatorControl,
     tryon: AILabTryOnClient,
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await quick_jobs(http, emulator)
+    await quick_jobs(control)
     task_id = await tryon.submit(tryon_request(person, garment))
-    await faults(http, emulator, forced_codes=[503, "ERROR_GATEWAY", 429, "AI_SERVICE_TIMEOUT"])
+    await control.set_faults(
+        PROVIDER, forced_codes=[503, "ERROR_GATEWAY", 429, "AI_SERVICE_TIMEOUT"]
+    )
     result = await tryon.wait(task_id)
     assert result.request_id == task_id and result.result_url
 
     task_id = await tryon.submit(tryon_request(person, garment))
-    await faults(http, emulator, forced_codes=["ERROR_USER_LOCKED"])
+    await control.set_faults(PROVIDER, forced_codes=["ERROR_USER_LOCKED"])
     error = await expect_error(tryon.wait(task_id))
     assert (error.kind, error.code) == (ErrorKind.FATAL, "ERROR_USER_LOCKED")
 
@@ -526,6 +514,7 @@ async def test_expired_result_url_is_permanent(
 
 
 async def test_gateway_faults_on_submit_are_transient(
+    control: AsyncEmulatorControl,
     http: httpx.AsyncClient,
     emulator: EmulatorServer,
     key: SecretStr,
@@ -533,10 +522,10 @@ async def test_gateway_faults_on_submit_are_transient(
     garment: bytes,
 ) -> None:
     client = AILabTryOnClient(http=http, api_key=key, base_url=emulator.base_url, timeout=0.3)
-    await faults(http, emulator, error_rate_5xx=1.0)
+    await control.set_faults(PROVIDER, error_rate_5xx=1.0)
     error = await expect_error(client.submit(tryon_request(person, garment)))
     assert (error.kind, error.code, error.http_status) == (ErrorKind.TRANSIENT, "HTTP_503", 503)
-    await faults(http, emulator, error_rate_5xx=0.0, latency_s=5.0)
+    await control.set_faults(PROVIDER, error_rate_5xx=0.0, latency_s=5.0)
     error = await expect_error(client.submit(tryon_request(person, garment)))
     assert (error.kind, error.code) == (ErrorKind.TRANSIENT, "TIMEOUT")
     unreachable = AILabTryOnClient(
@@ -701,6 +690,7 @@ async def test_prepared_images_always_fit(
 
 
 async def test_api_key_never_leaks(
+    control: AsyncEmulatorControl,
     http: httpx.AsyncClient,
     emulator: EmulatorServer,
     person: bytes,
@@ -716,10 +706,10 @@ async def test_api_key_never_leaks(
         await expect_error(wrong.submit(tryon_request(person, garment))),
         await expect_error(wrong.poll("some-task")),
     ]
-    await faults(http, emulator, latency_s=5.0)
+    await control.set_faults(PROVIDER, latency_s=5.0)
     errors.append(await expect_error(slow.submit(refine_request(person, garment, person))))
     errors.append(await expect_error(slow.poll("some-task")))
-    await faults(http, emulator, latency_s=0.0)
+    await control.set_faults(PROVIDER, latency_s=0.0)
     errors.append(await expect_error(gone.submit(tryon_request(person, garment))))
     errors.append(await expect_error(gone.poll("some-task")))
     # A vendor echoing the key in its answer is redacted too.

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from emulator import AsyncEmulatorControl, EmulatorConfig, EmulatorServer
 from providers.base import ProviderError, TryOnRequest
 from providers.changeclothes import (
     ERROR_TABLE,
@@ -21,14 +22,12 @@ from providers.changeclothes import (
     PromptOptions,
     parse_response,
 )
-from providers.emulator import EmulatorConfig, EmulatorServer
 from schemas.results import ErrorKind
-from tests.providers.conftest import (
+from tests.contract import (
     DELETED_KEY,
     PERSON_SIZE,
     TRIAL_KEY,
     TRIAL_LIMIT,
-    Control,
     ImageHost,
     RawPost,
     band_diff,
@@ -38,6 +37,7 @@ from tests.providers.conftest import (
     prepared,
 )
 
+CC = "changeclothes"
 SECRET = "sk-live-7f3a9c1e5b2d4f6a8c0e"  # distinctive, so any leak is found by substring
 
 
@@ -195,9 +195,13 @@ def test_error_table_matches_the_document() -> None:
 
 @pytest.mark.parametrize("code", sorted(ERROR_TABLE))
 async def test_every_documented_code_is_classified(
-    code: int, client: ChangeClothesClient, control: Control, person: bytes, garment: bytes
+    code: int,
+    client: ChangeClothesClient,
+    control: AsyncEmulatorControl,
+    person: bytes,
+    garment: bytes,
 ) -> None:
-    await control.faults(forced_codes=[code])
+    await control.set_faults(CC, forced_codes=[code])
     error = await expect_error(client.try_on(garment_request(person, garment)))
     spec = ERROR_TABLE[code]
     assert (error.kind, error.code) == (spec.kind, spec.name)
@@ -207,9 +211,9 @@ async def test_every_documented_code_is_classified(
 
 
 async def test_500_and_20001_are_transient(
-    client: ChangeClothesClient, control: Control, person: bytes, garment: bytes
+    client: ChangeClothesClient, control: AsyncEmulatorControl, person: bytes, garment: bytes
 ) -> None:
-    await control.faults(forced_codes=[500, 20001])
+    await control.set_faults(CC, forced_codes=[500, 20001])
     first = await expect_error(client.try_on(garment_request(person, garment)))
     second = await expect_error(client.try_on(garment_request(person, garment)))
     assert (first.code, first.retryable) == ("SERVER_ERROR", True)
@@ -246,9 +250,9 @@ async def test_10002_deleted_user(
 
 
 async def test_10003_when_credits_run_out(
-    client: ChangeClothesClient, control: Control, person: bytes, garment: bytes
+    client: ChangeClothesClient, control: AsyncEmulatorControl, person: bytes, garment: bytes
 ) -> None:
-    await control.faults(credits=2)
+    await control.set_faults(CC, credits=2)
     for _ in range(2):
         assert (await client.try_on(garment_request(person, garment))).result_url
     error = await expect_error(client.try_on(garment_request(person, garment)))
@@ -364,9 +368,9 @@ async def test_30002_not_a_bearer_header(raw_post: RawPost, person: bytes, garme
 
 
 async def test_unknown_code_is_permanent_and_named(
-    client: ChangeClothesClient, control: Control, person: bytes, garment: bytes
+    client: ChangeClothesClient, control: AsyncEmulatorControl, person: bytes, garment: bytes
 ) -> None:
-    await control.faults(forced_codes=[12345])
+    await control.set_faults(CC, forced_codes=[12345])
     error = await expect_error(client.try_on(garment_request(person, garment)))
     assert (error.kind, error.code) == (ErrorKind.PERMANENT, "UNKNOWN_CODE")
     assert "12345" in error.message
@@ -376,9 +380,9 @@ async def test_unknown_code_is_permanent_and_named(
 
 
 async def test_429_is_transient_with_retry_after(
-    client: ChangeClothesClient, control: Control, person: bytes, garment: bytes
+    client: ChangeClothesClient, control: AsyncEmulatorControl, person: bytes, garment: bytes
 ) -> None:
-    await control.faults(error_rate_429=1.0, retry_after_s=7)
+    await control.set_faults(CC, error_rate_429=1.0, retry_after_s=7)
     error = await expect_error(client.try_on(garment_request(person, garment)))
     assert (error.kind, error.code, error.http_status) == (
         ErrorKind.TRANSIENT,
@@ -389,9 +393,9 @@ async def test_429_is_transient_with_retry_after(
 
 
 async def test_non_json_5xx_is_transient(
-    client: ChangeClothesClient, control: Control, person: bytes, garment: bytes
+    client: ChangeClothesClient, control: AsyncEmulatorControl, person: bytes, garment: bytes
 ) -> None:
-    await control.faults(error_rate_5xx=1.0)
+    await control.set_faults(CC, error_rate_5xx=1.0)
     error = await expect_error(client.try_on(garment_request(person, garment)))
     assert (error.kind, error.code, error.http_status) == (ErrorKind.TRANSIENT, "HTTP_503", 503)
 
@@ -400,11 +404,11 @@ async def test_timeout_is_transient(
     http: httpx.AsyncClient,
     emulator: EmulatorServer,
     api_key: SecretStr,
-    control: Control,
+    control: AsyncEmulatorControl,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await control.faults(latency_s=5.0)
+    await control.set_faults(CC, latency_s=5.0)
     client = ChangeClothesClient(
         http=http, api_key=api_key, base_url=emulator.base_url, timeout=0.3
     )
@@ -440,7 +444,7 @@ async def test_expired_result_url_is_permanent(
 async def test_api_key_never_leaks(
     http: httpx.AsyncClient,
     emulator: EmulatorServer,
-    control: Control,
+    control: AsyncEmulatorControl,
     person: bytes,
     garment: bytes,
 ) -> None:
@@ -451,9 +455,9 @@ async def test_api_key_never_leaks(
         ChangeClothesClient(http=http, api_key=key, base_url=f"http://127.0.0.1:{free_port()}"),
     ]
     errors = [await expect_error(clients[0].try_on(garment_request(person, garment)))]
-    await control.faults(latency_s=5.0)
+    await control.set_faults(CC, latency_s=5.0)
     errors.append(await expect_error(clients[1].try_on(garment_request(person, garment))))
-    await control.faults(latency_s=0.0)
+    await control.set_faults(CC, latency_s=0.0)
     errors.append(await expect_error(clients[2].try_on(garment_request(person, garment))))
     # A vendor echoing the key in its message is redacted too.
     body = f'{{"code": 30001, "msg": "bad key {SECRET}"}}'.encode()
@@ -499,7 +503,7 @@ async def test_url_transport_without_url_fails_before_sending(
     http: httpx.AsyncClient,
     emulator: EmulatorServer,
     api_key: SecretStr,
-    control: Control,
+    control: AsyncEmulatorControl,
     person: bytes,
     garment: bytes,
 ) -> None:
@@ -508,7 +512,7 @@ async def test_url_transport_without_url_fails_before_sending(
     )
     error = await expect_error(client.try_on(garment_request(person, garment)))
     assert (error.kind, error.code) == (ErrorKind.PERMANENT, "NO_IMAGE_URL")
-    assert (await control.stats())["by_provider"]["changeclothes"]["requests"] == 0
+    assert (await control.stats()).provider(CC).requests == 0
 
 
 async def test_unsupported_request_shapes(client: ChangeClothesClient, person: bytes) -> None:

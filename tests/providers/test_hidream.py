@@ -22,10 +22,11 @@ import pytest
 from PIL import Image
 from pydantic import SecretStr
 
-from providers import settings
+from emulator import AsyncEmulatorControl, EmulatorConfig, EmulatorServer, FaultPlan
+from emulator import hidream as emulated
+from emulator.keys import accepted_key
+from emulator.stats import ProviderStats
 from providers.base import JobState, PollPolicy, ProviderError, TryOnRequest
-from providers.emulator import EmulatorConfig, EmulatorServer, FaultPlan
-from providers.emulator import hidream as emulated
 from providers.hidream import (
     DEFAULT_RESULT_PATH,
     DEFAULT_STATUS_MAP,
@@ -39,7 +40,7 @@ from providers.registry import provider_spec
 from schemas.limits import HIDREAM
 from schemas.results import ErrorKind
 from tasks.images import prepare_image
-from tests.providers.conftest import (
+from tests.contract import (
     PERSON_SIZE,
     ImageHost,
     band_diff,
@@ -48,6 +49,7 @@ from tests.providers.conftest import (
     prepared,
 )
 
+HD = "hidream"
 SECRET = "hd-live-4e8b2c6a0f1d3b5e7a9c"  # distinctive, so any leak is found by substring
 RESULTS_KEY = f"GET {DEFAULT_RESULT_PATH}"
 SUBMIT_KEY = f"POST {SUBMIT_PATH}"
@@ -60,30 +62,23 @@ RED, BLUE, GREEN = (220, 30, 30), (30, 40, 220), (30, 160, 60)
 
 @pytest.fixture
 def key() -> SecretStr:
-    return SecretStr(settings.emulator_credential("HIDREAM_API_KEY"))
+    return SecretStr(accepted_key("HIDREAM_API_KEY"))
 
 
 @dataclass
 class Hd:
-    """The emulator's control endpoints for the hidream provider, plus a client factory."""
+    """A client factory and hand-made requests for the emulated hidream, and its control."""
 
     http: httpx.AsyncClient
     base_url: str
     key: SecretStr
+    control: AsyncEmulatorControl
 
     async def faults(self, **fields: Any) -> None:
-        response = await self.http.post(
-            f"{self.base_url}/_emulator/faults", json={"hidream": fields}
-        )
-        response.raise_for_status()
+        await self.control.set_faults(HD, **fields)
 
-    async def stats(self) -> dict[str, Any]:
-        response = await self.http.get(f"{self.base_url}/_emulator/stats")
-        response.raise_for_status()
-        return dict(response.json())
-
-    async def provider_stats(self) -> dict[str, Any]:
-        return dict((await self.stats())["by_provider"]["hidream"])
+    async def provider_stats(self) -> ProviderStats:
+        return (await self.control.stats()).provider(HD)
 
     def client(self, **options: Any) -> HiDreamClient:
         options.setdefault("poll_policy", FAST)
@@ -124,9 +119,9 @@ async def hd(
     _fresh_emulator: None, http: httpx.AsyncClient, emulator: EmulatorServer, key: SecretStr
 ) -> Hd:
     """After the shared reset: short job timings so each try-on takes a fraction of a second."""
-    control = Hd(http, emulator.base_url, key)
-    await control.faults(job_queued_s=0.03, job_running_s=0.03)
-    return control
+    hd = Hd(http, emulator.base_url, key, AsyncEmulatorControl(emulator.base_url, http=http))
+    await hd.faults(job_queued_s=0.03, job_running_s=0.03)
+    return hd
 
 
 def jpeg(size: tuple[int, int], colour: tuple[int, int, int] = (120, 130, 140)) -> bytes:
@@ -251,7 +246,7 @@ async def test_try_on_reports_the_task_id_once_before_polling(
     seen: list[tuple[str, int]] = []
 
     async def on_submitted(task_id: str) -> None:
-        polls = (await hd.stats())["requests"].get(RESULTS_KEY, 0)
+        polls = (await hd.control.stats()).requests.get(RESULTS_KEY, 0)
         seen.append((task_id, polls))
 
     result = await hd.client().try_on(tryon(person, garment), on_submitted=on_submitted)
@@ -260,8 +255,8 @@ async def test_try_on_reports_the_task_id_once_before_polling(
     task_id, polls_before = seen[0]
     assert polls_before == 0
     assert result.request_id == task_id
-    stats = await hd.stats()
-    assert stats["requests"][SUBMIT_KEY] == 1 and stats["requests"][RESULTS_KEY] >= 1
+    requests = (await hd.control.stats()).requests
+    assert requests[SUBMIT_KEY] == 1 and requests[RESULTS_KEY] >= 1
 
 
 async def test_upper_and_lower_garments_in_one_call(hd: Hd, person: bytes) -> None:
@@ -323,7 +318,7 @@ async def test_dress_with_lower_garment_is_refused_without_a_call(
     for request in requests:
         error = await expect_error(client.try_on(request))
         assert (error.kind, error.code) == (ErrorKind.PERMANENT, "UNSUPPORTED_REQUEST")
-    assert (await hd.provider_stats())["requests"] == 0
+    assert (await hd.provider_stats()).requests == 0
 
 
 # -- failed jobs and deadlines ------------------------------------------------------------------
@@ -605,7 +600,7 @@ async def test_result_path_is_the_one_polled(hd: Hd, person: bytes, garment: byt
     wrong = hd.client(result_path="/api-pub/ec/v3/image/vton/async/result")
     error = await expect_error(wrong.poll(task_id))
     assert (error.kind, error.code) == (ErrorKind.PERMANENT, "HTTP_404")
-    assert RESULTS_KEY not in (await hd.stats())["requests"]
+    assert RESULTS_KEY not in (await hd.control.stats()).requests
     assert (await hd.client(result_path=DEFAULT_RESULT_PATH).wait(task_id)).result_url
 
 
@@ -647,7 +642,7 @@ async def test_url_transport_without_url_fails_before_sending(
 ) -> None:
     error = await expect_error(hd.client(image_transport="url").submit(tryon(person, garment)))
     assert (error.kind, error.code) == (ErrorKind.PERMANENT, "NO_IMAGE_URL")
-    assert (await hd.provider_stats())["requests"] == 0
+    assert (await hd.provider_stats()).requests == 0
 
 
 async def test_base64_prefix_sends_data_uris(hd: Hd, person: bytes, garment: bytes) -> None:
@@ -729,7 +724,7 @@ async def test_emulator_validates_the_body(
     body = {k: real.get(v, v) if isinstance(v, str) else v for k, v in fields.items()}
     response = await hd.raw("POST", SUBMIT_PATH, body=body)
     assert (response.status_code, response.json()["code"]) == (200, code)
-    assert (await hd.provider_stats())["errors"] == {str(code): 1}
+    assert (await hd.provider_stats()).errors == {str(code): 1}
 
 
 async def test_emulator_refuses_a_non_json_body(hd: Hd) -> None:

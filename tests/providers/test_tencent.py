@@ -27,10 +27,10 @@ from tencentcloud.common.profile.client_profile import ClientProfile
 from tencentcloud.common.profile.http_profile import HttpProfile
 from tencentcloud.common.sign import Sign
 
-from providers import settings
+from emulator import AsyncEmulatorControl, EmulatorConfig, EmulatorServer
+from emulator import tencent as emulated
+from emulator.keys import accepted_key
 from providers.base import ProviderError, TryOnRequest
-from providers.emulator import EmulatorConfig, EmulatorServer
-from providers.emulator import tencent as emulated
 from providers.tencent import (
     ACTION,
     CONTENT_TYPE,
@@ -50,10 +50,11 @@ from providers.tencent import (
 from schemas.limits import TENCENT
 from schemas.results import ErrorKind
 from tasks.images import ImageInputError, image_profile_fits, prepare_image
-from tests.providers.conftest import ImageHost, band_diff, prepared
+from tests.contract import ImageHost, band_diff, prepared
 
-SECRET_ID = settings.emulator_credential("TENCENTCLOUD_SECRET_ID")
-SECRET_KEY = settings.emulator_credential("TENCENTCLOUD_SECRET_KEY")
+PROVIDER = "tencent"
+SECRET_ID = accepted_key("TENCENTCLOUD_SECRET_ID")
+SECRET_KEY = accepted_key("TENCENTCLOUD_SECRET_KEY")
 LEAKY = "tc-secret-9d8c7b6a5f4e3d2c1b0a"  # distinctive, so any leak is found by substring
 PERSON_SIZE = (600, 800)  # 3:4, each side inside Tencent's (512, 3000)
 
@@ -214,26 +215,6 @@ async def expect_error(coro: object) -> ProviderError:
     with pytest.raises(ProviderError) as info:
         await coro  # type: ignore[misc]
     return info.value
-
-
-async def set_faults(http: httpx.AsyncClient, base_url: str, **fields: Any) -> None:
-    response = await http.post(f"{base_url}/_emulator/faults", json={"tencent": fields})
-    response.raise_for_status()
-
-
-async def tencent_stats(http: httpx.AsyncClient, base_url: str) -> dict[str, Any]:
-    response = await http.get(f"{base_url}/_emulator/stats")
-    response.raise_for_status()
-    return dict(response.json()["by_provider"]["tencent"])
-
-
-async def wait_idle(http: httpx.AsyncClient, base_url: str) -> None:
-    """Until no Tencent call is in flight (a timed-out client's call ends on disconnect)."""
-    for _ in range(200):
-        if (await tencent_stats(http, base_url))["in_flight"] == 0:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("a Tencent call is still in flight")
 
 
 def free_port() -> int:
@@ -595,15 +576,14 @@ def test_error_table_covers_the_doc_and_the_common_codes() -> None:
 
 @pytest.mark.parametrize("code", sorted(DOC_CODES))
 async def test_each_documented_code_is_classified(
+    control: AsyncEmulatorControl,
     code: str,
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
     tencent: TencentClient,
     image_host: ImageHost,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await set_faults(http, emulator.base_url, forced_codes=[code])
+    await control.set_faults(PROVIDER, forced_codes=[code])
     error = await expect_error(tencent.try_on(tryon(image_host, person, garment, name="codes")))
     assert (error.code, error.kind) == (code, DOC_CODES[code])
     assert ERROR_TABLE[code].kind is DOC_CODES[code]
@@ -655,14 +635,13 @@ async def test_auth_failures_are_fatal(
 
 
 async def test_second_concurrent_task_gets_job_num_exceed(
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
+    control: AsyncEmulatorControl,
     tencent: TencentClient,
     image_host: ImageHost,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await set_faults(http, emulator.base_url, latency_s=0.8)
+    await control.set_faults(PROVIDER, latency_s=0.8)
     outcomes = await asyncio.gather(
         tencent.try_on(tryon(image_host, person, garment, name="c1")),
         tencent.try_on(tryon(image_host, person, garment, name="c2")),
@@ -693,18 +672,18 @@ async def test_concurrency_limit_is_configurable(
             *(client.try_on(tryon(image_host, person, garment, name=f"p{i}")) for i in range(2))
         )
         assert all(r.result_url for r in results)
-        assert (await tencent_stats(http, server.base_url))["max_in_flight"] == 2
+        stats = await AsyncEmulatorControl(server.base_url, http=http).stats()
+        assert stats.provider(PROVIDER).max_in_flight == 2
 
 
 async def test_exhausted_credits_are_low_balance(
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
+    control: AsyncEmulatorControl,
     tencent: TencentClient,
     image_host: ImageHost,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await set_faults(http, emulator.base_url, credits=1)
+    await control.set_faults(PROVIDER, credits=1)
     assert (await tencent.try_on(tryon(image_host, person, garment, name="cr"))).result_url
     error = await expect_error(tencent.try_on(tryon(image_host, person, garment, name="cr")))
     assert (error.code, error.kind) == ("ResourceUnavailable.LowBalance", ErrorKind.FATAL)
@@ -805,8 +784,7 @@ async def test_undecodable_and_unreachable_images(
 
 
 async def test_no_staged_url_fails_before_sending(
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
+    control: AsyncEmulatorControl,
     tencent: TencentClient,
     person: bytes,
     garment: bytes,
@@ -834,25 +812,24 @@ async def test_no_staged_url_fails_before_sending(
     for shape in unsupported:
         error = await expect_error(tencent.try_on(shape))
         assert (error.kind, error.code) == (ErrorKind.PERMANENT, "UNSUPPORTED_REQUEST")
-    assert (await tencent_stats(http, emulator.base_url))["requests"] == 0
+    assert (await control.stats()).provider(PROVIDER).requests == 0
 
 
 # -- transport, faults and expiry --------------------------------------------------------------
 
 
 async def test_injected_faults_are_classified(
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
+    control: AsyncEmulatorControl,
     tencent: TencentClient,
     image_host: ImageHost,
     person: bytes,
     garment: bytes,
 ) -> None:
     request = tryon(image_host, person, garment, name="faults")
-    await set_faults(http, emulator.base_url, error_rate_5xx=1.0)
+    await control.set_faults(PROVIDER, error_rate_5xx=1.0)
     error = await expect_error(tencent.try_on(request))
     assert (error.kind, error.code, error.http_status) == (ErrorKind.TRANSIENT, "HTTP_503", 503)
-    await set_faults(http, emulator.base_url, error_rate_5xx=0.0, error_rate_429=1.0)
+    await control.set_faults(PROVIDER, error_rate_5xx=0.0, error_rate_429=1.0)
     error = await expect_error(tencent.try_on(request))
     # Tencent's frequency limit is JSON with HTTP 200, not a 429.
     assert (error.kind, error.code, error.http_status) == (
@@ -860,29 +837,30 @@ async def test_injected_faults_are_classified(
         "RequestLimitExceeded",
         200,
     )
-    await set_faults(http, emulator.base_url, error_rate_429=0.0, forced_codes=[502, 429])
+    await control.set_faults(PROVIDER, error_rate_429=0.0, forced_codes=[502, 429])
     error = await expect_error(tencent.try_on(request))
     assert (error.kind, error.code) == (ErrorKind.TRANSIENT, "HTTP_502")
     error = await expect_error(tencent.try_on(request))
     assert (error.kind, error.code) == (ErrorKind.TRANSIENT, "RequestLimitExceeded")
     assert (await tencent.try_on(request)).result_url  # queue drained
-    stats = await tencent_stats(http, emulator.base_url)
-    assert stats["errors"] == {"503": 1, "502": 1, "RequestLimitExceeded": 2}
+    stats = (await control.stats()).provider(PROVIDER)
+    assert stats.errors == {"503": 1, "502": 1, "RequestLimitExceeded": 2}
 
 
 async def test_timeout_is_transient(
+    control: AsyncEmulatorControl,
     http: httpx.AsyncClient,
     emulator: EmulatorServer,
     image_host: ImageHost,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await set_faults(http, emulator.base_url, latency_s=5.0)
+    await control.set_faults(PROVIDER, latency_s=5.0)
     client = make_client(http, emulator.base_url, timeout=0.3)
     error = await expect_error(client.try_on(tryon(image_host, person, garment, name="slow")))
     assert (error.kind, error.code) == (ErrorKind.TRANSIENT, "TIMEOUT")
-    await wait_idle(http, emulator.base_url)  # the hung-up call gave its slot back
-    await set_faults(http, emulator.base_url, latency_s=0.0)
+    await control.wait_idle(PROVIDER)  # the hung-up call gave its slot back
+    await control.set_faults(PROVIDER, latency_s=0.0)
     assert (await client.try_on(tryon(image_host, person, garment, name="slow"))).result_url
 
 
@@ -1019,6 +997,7 @@ def test_options_are_validated() -> None:
 
 
 async def test_secrets_never_leak(
+    control: AsyncEmulatorControl,
     http: httpx.AsyncClient,
     emulator: EmulatorServer,
     image_host: ImageHost,
@@ -1033,10 +1012,10 @@ async def test_secrets_never_leak(
     ]
     errors = [await expect_error(clients[0].try_on(request))]
     # An injected hang happens before the signature check, so a wrong key still times out.
-    await set_faults(http, emulator.base_url, timeout_rate=1.0, timeout_s=5.0)
+    await control.set_faults(PROVIDER, timeout_rate=1.0, timeout_s=5.0)
     errors.append(await expect_error(clients[1].try_on(request)))
-    await wait_idle(http, emulator.base_url)
-    await set_faults(http, emulator.base_url, timeout_rate=0.0)
+    await control.wait_idle(PROVIDER)
+    await control.set_faults(PROVIDER, timeout_rate=0.0)
     errors.append(await expect_error(clients[2].try_on(request)))
     # A vendor echoing a secret in its message is redacted too.
     error_body = {"Code": "InternalError", "Message": f"key={LEAKY}"}

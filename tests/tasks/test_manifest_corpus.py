@@ -20,13 +20,16 @@ from __future__ import annotations
 import datetime
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
 import polars as pl
 import pytest
 
 from schemas.manifest import ManifestError
 from tasks.manifest import load_manifest
+
+if TYPE_CHECKING:
+    from emulator.server import EmulatorServer
 
 HEADER = "id,person_image,garment_image,category,garment_description,gender,prompt"
 GOOD_BEFORE = "good-0,p.jpg,g.jpg,upper_body,a shirt,woman,"
@@ -384,26 +387,23 @@ SAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "sample" / "images"
 
 
 @pytest.fixture
-def emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    from providers.emulator.server import EmulatorConfig, EmulatorServer
-    from providers.settings import DEFAULT_BASE_URLS, EMULATOR_DEFAULT_KEYS, base_url_env
+def emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[EmulatorServer]:
+    from emulator.server import EmulatorConfig, EmulatorServer
+    from flows.cli import emulator_env
 
     with EmulatorServer.start(EmulatorConfig()) as server:
-        for provider in DEFAULT_BASE_URLS:
-            monkeypatch.setenv(base_url_env(provider), server.base_url)
-        for name, value in EMULATOR_DEFAULT_KEYS.items():
+        for name, value in emulator_env(server.base_url).items():
             monkeypatch.setenv(name, value)
-        yield server.base_url
+        yield server
 
 
-def provider_calls(base_url: str) -> int:
-    stats = httpx.get(f"{base_url}/_emulator/stats").json()
-    return sum(p["requests"] for p in stats["by_provider"].values())
+def provider_calls(emulator: EmulatorServer) -> int:
+    return sum(p.requests for p in emulator.control.stats().by_provider.values())
 
 
 @pytest.mark.e2e
 async def test_bad_rows_are_recorded_in_the_lake_and_good_rows_run(
-    prefect_server: None, emulator: str, tmp_path: Path
+    prefect_server: None, emulator: EmulatorServer, tmp_path: Path
 ) -> None:
     from flows.batch import BatchParams, tryon_batch
 
@@ -443,7 +443,7 @@ async def test_bad_rows_are_recorded_in_the_lake_and_good_rows_run(
     ],
 )
 async def test_missing_columns_stop_the_run_before_any_provider_call(
-    prefect_server: None, emulator: str, tmp_path: Path, header: str, message: str
+    prefect_server: None, emulator: EmulatorServer, tmp_path: Path, header: str, message: str
 ) -> None:
     from flows.batch import BatchParams, RunNotStarted, tryon_batch
 

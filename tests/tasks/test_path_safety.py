@@ -13,13 +13,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import polars as pl
 import pytest
 
+from emulator.server import EmulatorConfig, EmulatorServer
 from flows.batch import BatchIncomplete, BatchParams, tryon_batch
-from providers.emulator.server import EmulatorConfig, EmulatorServer
-from providers.settings import DEFAULT_BASE_URLS, EMULATOR_DEFAULT_KEYS, base_url_env
+from flows.cli import emulator_env
 from tasks.lake import Lake, LakePathError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -234,9 +233,7 @@ async def test_a_run_with_hostile_ids_and_file_names_writes_only_under_the_lake(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for provider in DEFAULT_BASE_URLS:
-        monkeypatch.setenv(base_url_env(provider), hostile_emulator.base_url)
-    for name, value in EMULATOR_DEFAULT_KEYS.items():
+    for name, value in emulator_env(hostile_emulator.base_url).items():
         monkeypatch.setenv(name, value)
 
     work = tmp_path / "work"  # the manifest's folder: the lake is beside it, deeper
@@ -278,8 +275,8 @@ async def test_a_run_with_hostile_ids_and_file_names_writes_only_under_the_lake(
             assert "escape" not in uri
 
     # The results really came through the hostile names (route of names holding "/").
-    stats = httpx.get(f"{hostile_emulator.base_url}/_emulator/stats").json()
-    assert stats["requests"].get("GET /files/{token:path}.webp") == 4  # 2 results, 2 masks
+    requests = hostile_emulator.control.stats().requests
+    assert requests.get("GET /files/{token:path}.webp") == 4  # 2 results, 2 masks
 
     # Everything the run created is under the lake root (the manifest folder got nothing).
     assert created, "the run wrote nothing?"

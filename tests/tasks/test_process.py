@@ -9,9 +9,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from emulator.keys import accepted_key
+from emulator.server import EmulatorConfig, EmulatorServer
 from providers.changeclothes import ChangeClothesClient
-from providers.emulator.server import EmulatorConfig, EmulatorServer
-from providers.settings import EMULATOR_DEFAULT_KEYS
 from schemas.manifest import ManifestRow
 from schemas.results import Status
 from tasks.images import PreparedImageCache
@@ -35,10 +35,8 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 
 def faults(emulator: EmulatorServer, **plan: object) -> None:
-    httpx.post(f"{emulator.base_url}/_emulator/reset", json={"faults": True}).raise_for_status()
-    httpx.post(
-        f"{emulator.base_url}/_emulator/faults", json={"changeclothes": plan}
-    ).raise_for_status()
+    emulator.control.reset(faults=True)
+    emulator.control.set_faults("changeclothes", **plan)
 
 
 def context(
@@ -46,7 +44,7 @@ def context(
 ) -> RunContext:
     client = ChangeClothesClient(
         http=http,
-        api_key=SecretStr(EMULATOR_DEFAULT_KEYS["CHANGECLOTHES_API_KEY"]),
+        api_key=SecretStr(accepted_key("CHANGECLOTHES_API_KEY")),
         base_url=emulator.base_url,
     )
     return RunContext(
@@ -88,10 +86,8 @@ async def test_429_retry_after_is_waited_out(
     assert all(
         r.provider_ms is not None and r.provider_ms < 1000 for r in records if r.attempts == 1
     )
-    stats = httpx.get(f"{emulator.base_url}/_emulator/stats").json()
-    assert stats["by_provider"]["changeclothes"]["errors"].get("429", 0) == sum(
-        r.attempts - 1 for r in records
-    )
+    stats = emulator.control.stats().provider("changeclothes")
+    assert stats.errors.get("429", 0) == sum(r.attempts - 1 for r in records)
 
 
 async def test_attempt_budget_is_spent_then_recorded(
@@ -102,7 +98,7 @@ async def test_attempt_budget_is_spent_then_recorded(
     [record] = await process_rows(rows(1), ctx)
     assert record.status is Status.FAILED
     assert record.error_kind == "transient" and record.attempts == 3
-    requests = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["requests"]
+    requests = emulator.control.stats().requests
     assert requests["POST /api/openapi/change-clothes-ai"] == 3
 
 

@@ -21,9 +21,9 @@ import pytest
 from PIL import Image
 from pydantic import SecretStr
 
+from emulator.keys import accepted_key
+from emulator.server import EmulatorConfig, EmulatorServer
 from providers.changeclothes import ChangeClothesClient
-from providers.emulator.server import EmulatorConfig, EmulatorServer
-from providers.settings import EMULATOR_DEFAULT_KEYS
 from schemas.manifest import ManifestRow
 from schemas.results import ErrorKind, RowRecord, Stage, Status
 from tasks.fetch_guard import inputs_client_for
@@ -597,7 +597,7 @@ async def run_rows(
     ):
         client = ChangeClothesClient(
             http=provider_http,
-            api_key=SecretStr(EMULATOR_DEFAULT_KEYS["CHANGECLOTHES_API_KEY"]),
+            api_key=SecretStr(accepted_key("CHANGECLOTHES_API_KEY")),
             base_url=emulator.base_url,
         )
         ctx = RunContext(

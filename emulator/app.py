@@ -20,12 +20,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from providers.emulator import ailab as ailab_routes
-from providers.emulator import changeclothes
-from providers.emulator import hidream as hidream_routes
-from providers.emulator import tencent as tencent_routes
-from providers.emulator.config import EmulatorConfig, FaultPlan
-from providers.emulator.state import EmulatorState
+from emulator import ailab as ailab_routes
+from emulator import changeclothes
+from emulator import hidream as hidream_routes
+from emulator import tencent as tencent_routes
+from emulator.config import EmulatorConfig, FaultPlan
+from emulator.state import EmulatorState
+from emulator.stats import CALLS_PATH, FAULTS_PATH, RESET_PATH, STATS_PATH
 
 PROVIDER_ROUTES: dict[str, Callable[[EmulatorState], list[Route]]] = {
     changeclothes.PROVIDER: changeclothes.routes,
@@ -101,7 +102,7 @@ def build_app(config: EmulatorConfig | None = None) -> Starlette:
         return Response(data, media_type=media_type, headers=headers)
 
     async def stats(request: Request) -> Response:
-        return JSONResponse(state.snapshot())
+        return JSONResponse(state.snapshot().model_dump())
 
     async def calls(request: Request) -> Response:
         """The call log, oldest first; ``?since=SEQ`` for the calls after that one. ``now_s``:
@@ -124,7 +125,7 @@ def build_app(config: EmulatorConfig | None = None) -> Starlette:
         state.reset_stats()
         if body.get("faults"):
             state.reset_faults()
-        return JSONResponse(state.snapshot())
+        return JSONResponse(state.snapshot().model_dump())
 
     async def faults(request: Request) -> Response:
         """GET: the plans in force. POST ``{provider: {field: value}}``: change those fields."""
@@ -152,10 +153,10 @@ def build_app(config: EmulatorConfig | None = None) -> Starlette:
     routes.append(_tracked(Route(FILES_PATH, result_file, methods=["GET"]), state, None))
     routes.append(_tracked(Route(NESTED_FILES_PATH, result_file, methods=["GET"]), state, None))
     routes += [
-        Route("/_emulator/stats", stats, methods=["GET"]),
-        Route("/_emulator/calls", calls, methods=["GET"]),
-        Route("/_emulator/reset", reset, methods=["POST"]),
-        Route("/_emulator/faults", faults, methods=["GET", "POST"]),
+        Route(STATS_PATH, stats, methods=["GET"]),
+        Route(CALLS_PATH, calls, methods=["GET"]),
+        Route(RESET_PATH, reset, methods=["POST"]),
+        Route(FAULTS_PATH, faults, methods=["GET", "POST"]),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(RequestIdMiddleware)])
     app.state.emulator = state

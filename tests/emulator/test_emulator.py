@@ -9,19 +9,19 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from providers import settings
-from providers.base import TryOnRequest
-from providers.changeclothes import GARMENT_PATH, PROMPT_PATH, ChangeClothesClient
-from providers.emulator import EmulatorConfig, EmulatorServer, FaultPlan, build_app
-from providers.emulator.composite import (
+from emulator import AsyncEmulatorControl, EmulatorConfig, EmulatorServer, FaultPlan, build_app
+from emulator.composite import (
     REGIONS,
     render_garment,
     render_prompt,
     synthetic_garment,
     synthetic_person,
 )
-from tests.providers.conftest import (
-    Control,
+from emulator.keys import accepted_key
+from emulator.stats import CacheStats, ProviderStats
+from providers.base import TryOnRequest
+from providers.changeclothes import GARMENT_PATH, PROMPT_PATH, ChangeClothesClient
+from tests.contract import (
     RawPost,
     band_diff,
     decode,
@@ -31,6 +31,7 @@ from tests.providers.conftest import (
 )
 
 GARMENT_STATS_KEY = f"POST {GARMENT_PATH}"
+CC = "changeclothes"
 
 
 def garment_request(person: bytes, garment: bytes, category: str = "upper_body") -> TryOnRequest:
@@ -88,28 +89,31 @@ def test_composite_changes_the_category_region_only(
 
 
 def test_composite_rejects_undecodable_bytes(person: bytes) -> None:
-    from providers.emulator.composite import UndecodableImage
+    from emulator.composite import UndecodableImage
 
     with pytest.raises(UndecodableImage, match="garmentImg"):
         render_garment(person, b"GIF89a but no more", "upper_body")
 
 
 async def test_same_inputs_give_identical_result_bytes(
-    client: ChangeClothesClient, control: Control, person: bytes, garment: bytes
+    client: ChangeClothesClient, control: AsyncEmulatorControl, person: bytes, garment: bytes
 ) -> None:
     results = [await client.try_on(garment_request(person, garment)) for _ in range(2)]
     assert results[0].result_url != results[1].result_url  # each call gets its own file
     downloads = [await client.download(r.result_url) for r in results]
     assert downloads[0] == downloads[1]
-    cache = (await control.stats())["composite_cache"]
-    assert cache == {"hits": 1, "misses": 1}
+    assert (await control.stats()).composite_cache == CacheStats(hits=1, misses=1)
 
 
 # -- stats, in-flight, reset -----------------------------------------------------------------
 
 
 async def test_stats_count_routes_outcomes_and_downloads(
-    client: ChangeClothesClient, control: Control, raw_post: RawPost, person: bytes, garment: bytes
+    client: ChangeClothesClient,
+    control: AsyncEmulatorControl,
+    raw_post: RawPost,
+    person: bytes,
+    garment: bytes,
 ) -> None:
     results = [await client.try_on(garment_request(person, garment)) for _ in range(3)]
     await client.download(results[0].result_url)
@@ -118,27 +122,26 @@ async def test_stats_count_routes_outcomes_and_downloads(
 
     stats = await control.stats()
 
-    assert stats["requests"] == {
+    assert stats.requests == {
         GARMENT_STATS_KEY: 4,
         f"POST {PROMPT_PATH}": 1,
         "GET /files/{token}.webp": 1,
     }
-    provider = stats["by_provider"]["changeclothes"]
-    assert provider["requests"] == 5
-    assert provider["succeeded"] == 4
-    assert provider["errors"] == {"10004": 1}
-    assert provider["in_flight"] == stats["in_flight"] == 0
-    assert provider["max_in_flight"] == stats["max_in_flight"] == 1
+    assert stats.posts() == 5 and stats.posts("GET ") == 1
+    assert stats.provider(CC) == ProviderStats(
+        requests=5, succeeded=4, in_flight=0, max_in_flight=1, errors={"10004": 1}
+    )
+    assert (stats.in_flight, stats.max_in_flight) == (0, 1)
 
 
 async def test_max_in_flight_counts_concurrent_calls(
-    client: ChangeClothesClient, control: Control, person: bytes, garment: bytes
+    client: ChangeClothesClient, control: AsyncEmulatorControl, person: bytes, garment: bytes
 ) -> None:
-    await control.faults(latency_s=0.4)
+    await control.set_faults(CC, latency_s=0.4)
     n = 6
     await asyncio.gather(*(client.try_on(garment_request(person, garment)) for _ in range(n)))
     stats = await control.stats()
-    assert stats["max_in_flight"] == stats["by_provider"]["changeclothes"]["max_in_flight"] == n
+    assert stats.max_in_flight == stats.provider(CC).max_in_flight == n
 
     await control.reset()
     limit = asyncio.Semaphore(2)
@@ -149,82 +152,74 @@ async def test_max_in_flight_counts_concurrent_calls(
 
     await asyncio.gather(*(bounded() for _ in range(n)))
     stats = await control.stats()
-    assert stats["max_in_flight"] == 2
-    assert stats["by_provider"]["changeclothes"]["requests"] == n
+    assert stats.max_in_flight == 2
+    assert stats.provider(CC).requests == n
 
 
 async def test_reset_zeroes_stats_and_optionally_faults(
-    client: ChangeClothesClient, control: Control, person: bytes, garment: bytes
+    client: ChangeClothesClient, control: AsyncEmulatorControl, person: bytes, garment: bytes
 ) -> None:
-    await control.faults(credits=1)
+    await control.set_faults(CC, credits=1)
     await client.try_on(garment_request(person, garment))
-    await control.reset()
-    stats = await control.stats()
-    assert stats["requests"] == {}
-    assert stats["by_provider"]["changeclothes"]["requests"] == 0
-    assert stats["max_in_flight"] == 0
-    assert (await control.faults())["changeclothes"]["credits"] == 0  # faults kept
+    stats = await control.reset()
+    assert stats == await control.stats()
+    assert stats.requests == {}
+    assert stats.provider(CC).requests == 0
+    assert stats.max_in_flight == 0
+    assert (await control.faults())[CC].credits == 0  # faults kept
     await control.reset(faults=True)
-    assert (await control.faults())["changeclothes"]["credits"] is None
+    assert (await control.faults())[CC].credits is None
 
 
 async def test_client_timeout_frees_the_in_flight_slot(
     http: httpx.AsyncClient,
     emulator: EmulatorServer,
     api_key: SecretStr,
-    control: Control,
+    control: AsyncEmulatorControl,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await control.faults(timeout_rate=1.0, timeout_s=60)
+    await control.set_faults(CC, timeout_rate=1.0, timeout_s=60)
     client = ChangeClothesClient(
         http=http, api_key=api_key, base_url=emulator.base_url, timeout=0.3
     )
     with pytest.raises(Exception, match="TIMEOUT"):
         await client.try_on(garment_request(person, garment))
-    deadline = time.monotonic() + 3
-    while (stats := await control.stats())["in_flight"] and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert stats["in_flight"] == 0
-    assert stats["by_provider"]["changeclothes"]["errors"] == {"timeout": 1}
+    stats = await control.wait_idle(timeout_s=3)
+    assert stats.provider(CC).errors == {"timeout": 1}
 
 
 # -- faults endpoint -------------------------------------------------------------------------
 
 
 async def test_faults_endpoint_changes_behaviour_at_runtime(
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
-    control: Control,
+    control: AsyncEmulatorControl,
     raw_post: RawPost,
     person: bytes,
     garment: bytes,
 ) -> None:
-    plans = await control.faults(error_rate_429=1.0, retry_after_s=3)
-    assert plans["changeclothes"]["error_rate_429"] == 1.0
+    plans = await control.set_faults(CC, error_rate_429=1.0, retry_after_s=3)
+    assert plans[CC].error_rate_429 == 1.0
     response = await raw_post(GARMENT_PATH, garment_fields(person, garment))
     assert response.status_code == 429
     assert response.headers["retry-after"] == "3"
     assert response.json() == {"code": 429, "msg": "Too Many Requests"}
 
-    await control.faults(error_rate_429=0.0, error_rate_5xx=1.0)
+    await control.set_faults(CC, error_rate_429=0.0, error_rate_5xx=1.0)
     response = await raw_post(GARMENT_PATH, garment_fields(person, garment))
     assert response.status_code == 503
     assert response.headers["content-type"].startswith("text/html")
 
-    await control.faults(error_rate_5xx=0.0, forced_codes=[20001])
+    await control.set_faults({CC: {"error_rate_5xx": 0.0, "forced_codes": [20001]}})
     response = await raw_post(GARMENT_PATH, garment_fields(person, garment))
     assert (response.status_code, response.json()["code"]) == (500, 20001)
     response = await raw_post(GARMENT_PATH, garment_fields(person, garment))
     assert response.status_code == 200
 
-    url = f"{emulator.base_url}/_emulator/faults"
-    bad = await http.post(url, json={"changeclothes": {"error_rate_429": 2}})
-    assert bad.status_code == 422
-    bad = await http.post(url, json={"changeclothes": {"no_such_field": 1}})
-    assert bad.status_code == 422
-    bad = await http.post(url, json={"nobody": {}})
-    assert bad.status_code == 422
+    for bad in ({CC: {"error_rate_429": 2}}, {CC: {"no_such_field": 1}}, {"nobody": {}}):
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            await control.set_faults(bad)
+        assert refused.value.response.status_code == 422
 
 
 async def test_fault_draws_are_deterministic_per_seed(
@@ -351,12 +346,12 @@ async def test_non_multipart_body_is_an_invalid_param(
 
 async def test_failed_calls_do_not_use_credits(
     client: ChangeClothesClient,
-    control: Control,
+    control: AsyncEmulatorControl,
     raw_post: RawPost,
     person: bytes,
     garment: bytes,
 ) -> None:
-    await control.faults(credits=1)
+    await control.set_faults(CC, credits=1)
     bad = await raw_post(GARMENT_PATH, garment_fields(person, garment, category="hats"))
     assert bad.json()["code"] == 10004
     assert (await client.try_on(garment_request(person, garment))).result_url
@@ -384,36 +379,36 @@ async def test_fast_mode_returns_prerendered_results(
 
 
 async def test_call_log_records_status_fault_and_timing(
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
-    control: Control,
+    control: AsyncEmulatorControl,
     client: ChangeClothesClient,
     raw_post: RawPost,
     person: bytes,
     garment: bytes,
 ) -> None:
     await client.try_on(garment_request(person, garment))
-    await control.faults(error_rate_429=1.0, retry_after_s=0)
+    await control.set_faults(CC, error_rate_429=1.0, retry_after_s=0)
     assert (await raw_post(GARMENT_PATH, garment_fields(person, garment))).status_code == 429
-    await control.faults(error_rate_429=0.0, credits=0)
+    await control.set_faults(CC, error_rate_429=0.0, credits=0)
     assert (await raw_post(GARMENT_PATH, garment_fields(person, garment))).status_code == 402
 
-    log = (await http.get(f"{emulator.base_url}/_emulator/calls")).json()
-    calls = log["calls"]
-    assert log["now_s"] >= calls[-1]["answered_s"]
-    assert [(c["seq"], c["route"], c["status"], c["fault"]) for c in calls] == [
+    log = await control.calls()
+    calls = log.calls
+    assert log.now_s >= calls[-1].answered_s
+    assert abs(log.clock0_unix + log.now_s - time.time()) < 5  # the log's zero in Unix time
+    assert [(c.seq, c.route, c.status, c.fault) for c in calls] == [
         (0, GARMENT_STATS_KEY, 200, None),
         (1, GARMENT_STATS_KEY, 429, "429"),
         (2, GARMENT_STATS_KEY, 402, None),
     ]
-    assert {c["provider"] for c in calls} == {"changeclothes"}
-    assert all(c["arrived_s"] <= c["answered_s"] for c in calls)
-    assert calls[0]["answered_s"] <= calls[1]["arrived_s"] <= calls[2]["arrived_s"]
-    since = (await http.get(f"{emulator.base_url}/_emulator/calls?since=1")).json()["calls"]
-    assert [c["seq"] for c in since] == [2]
-    assert (await control.stats())["calls_logged"] == 3
+    assert {c.provider for c in calls} == {CC}
+    assert all(c.arrived_s <= c.answered_s for c in calls)
+    assert calls[0].answered_s <= calls[1].arrived_s <= calls[2].arrived_s
+    assert [c.seq for c in (await control.calls(since=1)).calls] == [2]
+    assert (await control.calls(since=2)).calls == []
+    assert await control.clock_s() >= log.now_s
+    assert (await control.stats()).calls_logged == 3
     await control.reset()
-    assert (await http.get(f"{emulator.base_url}/_emulator/calls")).json()["calls"] == []
+    assert (await control.calls()).calls == []
 
 
 async def test_job_contents_count_resubmissions_of_accepted_and_failed_jobs(
@@ -421,11 +416,12 @@ async def test_job_contents_count_resubmissions_of_accepted_and_failed_jobs(
 ) -> None:
     import base64
 
-    from providers.emulator.hidream import SUBMIT_PATH
+    from emulator.hidream import SUBMIT_PATH
 
     plan = FaultPlan(job_queued_s=0.0, job_running_s=0.0)
     with EmulatorServer.start(EmulatorConfig(faults={"hidream": plan})) as server:
-        key = settings.emulator_credential("HIDREAM_API_KEY")
+        control = AsyncEmulatorControl(server.base_url, http=http)
+        key = accepted_key("HIDREAM_API_KEY")
 
         async def submit(garment_bytes: bytes, request_id: str) -> None:
             body = {
@@ -440,29 +436,22 @@ async def test_job_contents_count_resubmissions_of_accepted_and_failed_jobs(
             )
             assert response.json()["code"] == 0, response.text
 
-        async def contents() -> dict[str, int]:
-            return dict(
-                (await http.get(f"{server.base_url}/_emulator/stats")).json()["job_contents"]
-            )
-
         await submit(garment, "a")
         await submit(garment, "b")  # the first job is done: accepted work asked for again
         await submit(garment_jpeg((0, 0, 200)), "c")  # other content: not a resubmission
-        stats = await contents()
-        assert stats["submissions"] == 3
-        assert stats["distinct_contents"] == 2
-        assert stats["max_submissions_per_content"] == 2
-        assert (stats["resubmitted_accepted"], stats["resubmitted_after_failure"]) == (1, 0)
+        jobs = (await control.stats()).job_contents
+        assert jobs.submissions == 3
+        assert jobs.distinct_contents == 2
+        assert jobs.max_submissions_per_content == 2
+        assert (jobs.resubmitted_accepted, jobs.resubmitted_after_failure) == (1, 0)
 
-        await http.post(
-            f"{server.base_url}/_emulator/faults", json={"hidream": {"async_failure_rate": 1.0}}
-        )
+        await control.set_faults("hidream", async_failure_rate=1.0)
         other = garment_jpeg((0, 150, 0))
         await submit(other, "d")  # fails at once (no queued/running time)
         await submit(other, "e")  # a new try after a failed job: not paid twice
-        stats = await contents()
-        assert (stats["resubmitted_accepted"], stats["resubmitted_after_failure"]) == (1, 1)
-        assert stats["failing"] == 2
+        jobs = (await control.stats()).job_contents
+        assert (jobs.resubmitted_accepted, jobs.resubmitted_after_failure) == (1, 1)
+        assert jobs.failing == 2
 
 
 # -- knobs for hostile-provider tests --------------------------------------------------------

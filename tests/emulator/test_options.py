@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from providers.emulator.config import faults_from_options
+from emulator.config import faults_from_options
 
 PROVIDERS = ["changeclothes", "tencent", "hidream", "ailab"]
 

@@ -35,9 +35,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from providers import settings
-from providers.emulator import common, composite
-from providers.emulator.common import (
+from emulator import common, composite
+from emulator.common import (
     GatewayAnswers,
     InputError,
     cache_key,
@@ -45,8 +44,9 @@ from providers.emulator.common import (
     fetch_url,
     pass_gateway,
 )
-from providers.emulator.jobs import EmulatedJob, JobPhase
-from providers.emulator.state import EmulatorState, QuotaError, QuotaTicket
+from emulator.jobs import EmulatedJob, JobPhase
+from emulator.keys import accepted_key
+from emulator.state import EmulatorState, QuotaError, QuotaTicket
 
 PROVIDER = "hidream"
 API_KEY_ENV = "HIDREAM_API_KEY"
@@ -138,7 +138,7 @@ class _HiDreamApi:
     def __init__(self, state: EmulatorState) -> None:
         self.state = state
         self.provider = state.provider(PROVIDER)
-        self.api_key = settings.emulator_credential(API_KEY_ENV)
+        self.api_key = accepted_key(API_KEY_ENV)
         self._background: set[asyncio.Task[None]] = set()
         # Forced codes are taken in _call: a task_status:N entry waits for a submission.
         self.gateway = GatewayAnswers(timed_out=_gateway_timeout, rate_limited=self._rate_limited)

@@ -39,17 +39,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from providers import settings
-from providers.emulator import common, composite
-from providers.emulator.common import (
+from emulator import common, composite
+from emulator.common import (
     FORM_LIMITS,
     GatewayAnswers,
     cache_key,
     is_multipart,
     pass_gateway,
 )
-from providers.emulator.jobs import EmulatedJob, JobPhase
-from providers.emulator.state import EmulatorState, QuotaError, QuotaTicket
+from emulator.jobs import EmulatedJob, JobPhase
+from emulator.keys import accepted_key
+from emulator.state import EmulatorState, QuotaError, QuotaTicket
 
 PROVIDER = "ailab"
 API_KEY_ENV = "AILAB_API_KEY"
@@ -210,7 +210,7 @@ class _AILabApi:
     def __init__(self, state: EmulatorState) -> None:
         self.state = state
         self.provider = state.provider(PROVIDER)
-        self.api_key = settings.emulator_credential(API_KEY_ENV)
+        self.api_key = accepted_key(API_KEY_ENV)
         self.gateway = GatewayAnswers(
             # A hang ends in the vendor's AI_SERVICE_TIMEOUT (504), counted as that code too.
             timed_out=partial(self._error, "AI_SERVICE_TIMEOUT", "upstream timed out"),

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from emulator.stats import JobContents
+
 JOB_LIMIT = 100_000  # oldest jobs are forgotten past this (as vendors expire task results)
 
 
@@ -110,18 +112,18 @@ class JobStore:
             self._jobs.popitem(last=False)
         return job
 
-    def content_stats(self) -> dict[str, Any]:
+    def content_stats(self) -> JobContents:
         """Submissions by content (only jobs submitted with a ``content`` digest)."""
         ids = [job_id for job_ids in self._by_content.values() for job_id in job_ids]
         jobs = [job for job_id in ids if (job := self._jobs.get(job_id)) is not None]
-        return {
-            "submissions": len(ids),
-            "distinct_contents": len(self._by_content),
-            "max_submissions_per_content": max(map(len, self._by_content.values()), default=0),
-            "resubmitted_accepted": self.resubmitted_accepted,
-            "resubmitted_after_failure": self.resubmitted_after_failure,
-            "failing": sum(job.will_fail for job in jobs),  # failed or will fail, as planned
-        }
+        return JobContents(
+            submissions=len(ids),
+            distinct_contents=len(self._by_content),
+            max_submissions_per_content=max(map(len, self._by_content.values()), default=0),
+            resubmitted_accepted=self.resubmitted_accepted,
+            resubmitted_after_failure=self.resubmitted_after_failure,
+            failing=sum(job.will_fail for job in jobs),
+        )
 
     def get(self, provider: str, job_id: str) -> EmulatedJob | None:
         job = self._jobs.get(job_id)

@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from providers.emulator.state import ProviderState
+from emulator.state import ProviderState
 
 # Starlette's default caps a non-file part at 1 MB; a data: URI of a few-MB image is bigger.
 FORM_LIMITS: dict[str, int] = {"max_files": 16, "max_fields": 64, "max_part_size": 64 * 1024**2}

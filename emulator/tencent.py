@@ -56,9 +56,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from providers import settings
-from providers.emulator import common, composite
-from providers.emulator.common import (
+from emulator import common, composite
+from emulator.common import (
     GatewayAnswers,
     InputError,
     cache_key,
@@ -66,7 +65,8 @@ from providers.emulator.common import (
     pass_gateway,
     sleep_unless_disconnected,
 )
-from providers.emulator.state import EmulatorState, QuotaError, QuotaTicket
+from emulator.keys import accepted_key
+from emulator.state import EmulatorState, QuotaError, QuotaTicket
 
 PROVIDER = "tencent"
 PATH = "/"
@@ -183,8 +183,8 @@ class TencentApi:
     def __init__(self, state: EmulatorState, *, concurrency_limit: int) -> None:
         self.state = state
         self.provider = state.provider(PROVIDER)
-        self.secret_id = settings.emulator_credential(SECRET_ID_ENV)
-        self.secret_key = settings.emulator_credential(SECRET_KEY_ENV)
+        self.secret_id = accepted_key(SECRET_ID_ENV)
+        self.secret_key = accepted_key(SECRET_KEY_ENV)
         self.token = os.environ.get(TOKEN_ENV) or None
         self.concurrency_limit = concurrency_limit
         self.processing = 0  # calls holding a concurrency slot (the loop is single-threaded)

@@ -28,9 +28,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from providers import settings
-from providers.emulator import common, composite
-from providers.emulator.common import (
+from emulator import common, composite
+from emulator.common import (
     FORM_LIMITS,
     GatewayAnswers,
     InputError,
@@ -40,7 +39,8 @@ from providers.emulator.common import (
     read_image_field,
     text_field,
 )
-from providers.emulator.state import EmulatorState, QuotaError, QuotaTicket
+from emulator.keys import accepted_key
+from emulator.state import EmulatorState, QuotaError, QuotaTicket
 
 PROVIDER = "changeclothes"
 API_KEY_ENV = "CHANGECLOTHES_API_KEY"
@@ -87,7 +87,7 @@ class _ChangeClothesApi:
     def __init__(self, state: EmulatorState) -> None:
         self.state = state
         self.provider = state.provider(PROVIDER)
-        self.api_key = settings.emulator_credential(API_KEY_ENV)
+        self.api_key = accepted_key(API_KEY_ENV)
         self.gateway = GatewayAnswers(
             # A hang ends in the service's own code 500 (counted once, as the timeout).
             timed_out=partial(self._json, 500, "SERVER_ERROR: upstream timed out"),

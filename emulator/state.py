@@ -19,8 +19,9 @@ from urllib.parse import unquote
 
 import httpx
 
-from providers.emulator.config import EmulatorConfig, FaultPlan
-from providers.emulator.jobs import JobStore
+from emulator.config import EmulatorConfig, FaultPlan
+from emulator.jobs import JobStore
+from emulator.stats import CacheStats, EmulatorStats, ProviderStats
 
 CALL_LOG_LIMIT = 200_000
 
@@ -139,14 +140,14 @@ class ProviderState:
         else:
             self.errors[str(code)] += 1
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "succeeded": self.succeeded,
-            "in_flight": self.in_flight,
-            "max_in_flight": self.max_in_flight,
-            "errors": dict(sorted(self.errors.items())),
-        }
+    def snapshot(self) -> ProviderStats:
+        return ProviderStats(
+            requests=self.requests,
+            succeeded=self.succeeded,
+            in_flight=self.in_flight,
+            max_in_flight=self.max_in_flight,
+            errors=dict(sorted(self.errors.items())),
+        )
 
 
 class ResultStore:
@@ -330,18 +331,16 @@ class EmulatorState:
             ps.credits_remaining, ps.trial_used = fresh.credits_remaining, fresh.trial_used
             ps._fault_rng, ps.seed_rng = fresh._fault_rng, fresh.seed_rng
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "requests": dict(sorted(self.requests.items())),
-            "by_provider": {name: ps.snapshot() for name, ps in self.providers.items()},
-            "in_flight": self.in_flight,
-            "max_in_flight": self.max_in_flight,
-            "results_stored": len(self.results),
-            "jobs_submitted": self.jobs.submitted,
-            "job_contents": self.jobs.content_stats(),
-            "calls_logged": len(self.calls),
-            "composite_cache": {
-                "hits": self.composites.hits,
-                "misses": self.composites.misses,
-            },
-        }
+    def snapshot(self) -> EmulatorStats:
+        """What ``GET /_emulator/stats`` answers."""
+        return EmulatorStats(
+            requests=dict(sorted(self.requests.items())),
+            by_provider={name: ps.snapshot() for name, ps in self.providers.items()},
+            in_flight=self.in_flight,
+            max_in_flight=self.max_in_flight,
+            results_stored=len(self.results),
+            jobs_submitted=self.jobs.submitted,
+            job_contents=self.jobs.content_stats(),
+            calls_logged=len(self.calls),
+            composite_cache=CacheStats(hits=self.composites.hits, misses=self.composites.misses),
+        )

@@ -11,9 +11,10 @@ from types import TracebackType
 import uvicorn
 from starlette.applications import Starlette
 
-from providers.emulator.app import build_app
-from providers.emulator.config import EmulatorConfig, FaultPlan
-from providers.emulator.state import EmulatorState
+from emulator.app import build_app
+from emulator.config import EmulatorConfig, FaultPlan
+from emulator.control import EmulatorControl
+from emulator.state import EmulatorState
 
 __all__ = ["EmulatorConfig", "EmulatorServer", "FaultPlan", "serve"]
 
@@ -63,18 +64,26 @@ class EmulatorServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._control: EmulatorControl | None = None
         self.host = ""
         self.port = 0
 
     @property
     def state(self) -> EmulatorState:
-        """The live state (read it from tests; change faults through ``/_emulator/faults``)."""
+        """The live state (read it from tests; change faults through ``control``)."""
         state: EmulatorState = self.app.state.emulator
         return state
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def control(self) -> EmulatorControl:
+        """A blocking client of the control endpoints, closed with the server."""
+        if self._control is None:
+            self._control = EmulatorControl(self.base_url)
+        return self._control
 
     @classmethod
     def start(
@@ -121,6 +130,9 @@ class EmulatorServer:
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
+        if self._control is not None:
+            self._control.close()
+            self._control = None
 
     def __enter__(self) -> EmulatorServer:
         return self
