@@ -1,8 +1,9 @@
 """The emulator's ASGI app: every provider's routes, result files, and the control endpoints.
 
 Adding a provider = one route module exposing ``routes(state) -> list[Route]`` plus one line in
-``PROVIDER_ROUTES``. Vendor routes are wrapped here so stats and in-flight counts are uniform.
-Control endpoints live under ``/_emulator/`` (no vendor uses that prefix) and are not counted.
+``BUILT_IN_ROUTES``, or, outside this repository, an entry point (``emulator.plugins``). Vendor
+routes are wrapped here so stats and in-flight counts are uniform. Control endpoints live under
+``/_emulator/`` (no vendor uses that prefix) and are not counted.
 """
 
 from __future__ import annotations
@@ -25,14 +26,20 @@ from emulator import changeclothes
 from emulator import hidream as hidream_routes
 from emulator import tencent as tencent_routes
 from emulator.config import EmulatorConfig, FaultPlan
+from emulator.keys import PLUGINS
 from emulator.state import EmulatorState
 from emulator.stats import CALLS_PATH, FAULTS_PATH, RESET_PATH, STATS_PATH
 
-PROVIDER_ROUTES: dict[str, Callable[[EmulatorState], list[Route]]] = {
+BUILT_IN_ROUTES: dict[str, Callable[[EmulatorState], list[Route]]] = {
     changeclothes.PROVIDER: changeclothes.routes,
     ailab_routes.PROVIDER: ailab_routes.routes,
     hidream_routes.PROVIDER: hidream_routes.routes,
     tencent_routes.PROVIDER: tencent_routes.routes,
+}
+# And those other distributions register (emulator/plugins.py).
+PROVIDER_ROUTES: dict[str, Callable[[EmulatorState], list[Route]]] = {
+    **BUILT_IN_ROUTES,
+    **{name: p.routes for name, p in PLUGINS.items()},
 }
 FILES_PATH = "/files/{token}.webp"
 # A token holding "/" once decoded (``EmulatorConfig.result_name_prefix``) is served here.

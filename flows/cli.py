@@ -86,9 +86,10 @@ def emulator_env(base_url: str, environ: Mapping[str, str] = os.environ) -> dict
     and the keys an emulator started from ``environ`` accepts (``environ``'s own where set,
     else the emulator's defaults). Only an emulator run takes those defaults."""
     from emulator.keys import accepted_keys
-    from providers.settings import DEFAULT_BASE_URLS, base_url_env
+    from providers.registry import PROVIDERS
+    from providers.settings import base_url_env
 
-    urls = {base_url_env(provider): base_url for provider in DEFAULT_BASE_URLS}
+    urls = {base_url_env(provider): base_url for provider in PROVIDERS}
     return {**urls, **accepted_keys(environ)}
 
 

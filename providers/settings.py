@@ -51,9 +51,10 @@ def call_timeout_s(provider: str) -> float | None:
     return value
 
 
-def base_url(provider: str) -> str:
-    """The provider's base URL, from the environment or the vendor's public default."""
-    url = os.environ.get(base_url_env(provider)) or DEFAULT_BASE_URLS[provider]
+def base_url(provider: str, default: str | None = None) -> str:
+    """The provider's base URL, from the environment or the vendor's public default (a
+    provider from another distribution passes its own)."""
+    url = os.environ.get(base_url_env(provider)) or default or DEFAULT_BASE_URLS[provider]
     return url.rstrip("/")
 
 

@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from providers.base import ProviderError
 from providers.registry import PROVIDERS, REFINER, ProviderSpec
-from providers.settings import API_KEY_ENV
 from providers.transport import provider_http_client
 from schemas.results import ErrorKind
 from schemas.summary import RunNotStarted
@@ -39,8 +38,8 @@ PROVIDER_TIMEOUT = httpx.Timeout(180.0, connect=10.0)
 
 def credential_env_names(providers: list[str], *, refine: bool) -> list[str]:
     """The environment variables holding the credentials of these accounts."""
-    accounts = [*providers, *(["ailab"] if refine else [])]
-    return [env for name in accounts for env in API_KEY_ENV[name]]
+    specs = [PROVIDERS[name] for name in providers] + ([REFINER] if refine else [])
+    return list(dict.fromkeys(env for spec in specs for env in spec.credential_env))
 
 
 async def open_lane(
