@@ -10,158 +10,49 @@ and its own fatal stop: a refiner out of credits does not stop the try-on provid
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import io
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, Protocol, TypeVar
-
-import httpx
-from PIL import Image
+from typing import TypeVar
 
 from providers.base import (
-    OnSubmitted,
     PreparedImage,
     ProviderError,
     RefinerClient,
     RefineRequest,
-    TryOnClient,
     TryOnRequest,
-    TryOnResult,
 )
 from schemas.limits import ImageProfile
 from schemas.manifest import ManifestRow
 from schemas.results import ErrorKind, RowRecord, Stage, Status
-from tasks.images import ImageInputError, PreparedImageCache, prepare_image
-from tasks.lake import Lake
-from tasks.ledger import DoneEntry, WorkLedger, work_key
-from tasks.staging import InputStager
+from tasks.images import ImageInputError, prepare_image
+from tasks.ledger import DoneEntry, work_key
+from tasks.provider_calls import call_provider, store_result, with_retries
+from tasks.run_context import (
+    Lane,
+    ProgressSink,
+    RetryPolicy,
+    RunContext,
+    RunState,
+    ThumbnailSink,
+    rows_in_progress,
+)
+
+__all__ = [
+    "Lane",
+    "ProgressSink",
+    "RetryPolicy",
+    "RunContext",
+    "RunState",
+    "ThumbnailSink",
+    "process_row",
+    "process_rows",
+    "refine_not_applicable",
+    "rows_in_progress",
+]
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter; a server's Retry-After wins when it is longer."""
-
-    max_attempts: int = 4
-    base_delay_s: float = 0.5
-    max_delay_s: float = 30.0
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        backoff = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
-        jittered = random.uniform(0, backoff)
-        return max(jittered, min(retry_after, self.max_delay_s * 4)) if retry_after else jittered
-
-
-class RateLimiter:
-    """A token bucket shared by all coroutines of a run (``None`` rate: no limit)."""
-
-    def __init__(self, per_second: float | None, *, burst: int = 1) -> None:
-        self.per_second = per_second
-        self.burst = max(1, burst)
-        self._tokens = float(self.burst)
-        self._updated = time.monotonic()
-        self._lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        if not self.per_second:
-            return
-        async with self._lock:
-            while True:
-                now = time.monotonic()
-                self._tokens = min(
-                    self.burst, self._tokens + (now - self._updated) * self.per_second
-                )
-                self._updated = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
-                    return
-                await asyncio.sleep((1 - self._tokens) / self.per_second)
-
-
-class ProgressSink(Protocol):
-    def started(self, total: int) -> None: ...
-    def row_done(self, record: RowRecord) -> None: ...
-
-
-class ThumbnailSink(Protocol):
-    """Takes image bytes a row already holds, for the contact sheet (``report.ThumbnailBank``)."""
-
-    def offer(self, row_index: int, uri: str | None, data: bytes) -> None: ...
-
-
-@dataclass(slots=True)
-class RunState:
-    """Mutable facts shared by all rows of a run, per lane."""
-
-    fatal: ProviderError | None = None
-    fatal_at: float | None = None  # Unix time the run learned of it: no call starts after
-
-
-@dataclass(slots=True, kw_only=True)
-class Lane:
-    """One provider account in a run: its client, its limits, its fatal stop."""
-
-    client: TryOnClient | RefinerClient
-    max_in_flight: int
-    requests_per_second: float | None = None
-    state: RunState = field(default_factory=RunState)
-    semaphore: asyncio.Semaphore = field(init=False)  # calls in flight
-    rate: RateLimiter = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.semaphore = asyncio.Semaphore(self.max_in_flight)
-        self.rate = RateLimiter(self.requests_per_second)
-
-    @property
-    def name(self) -> str:
-        return self.client.name
-
-    @property
-    def profile(self) -> ImageProfile:
-        return self.client.profile
-
-
-def rows_in_progress(max_in_flight: int) -> int:
-    """Rows a run works on at once: the call slots plus a margin, so the next rows' inputs are
-    ready when a slot frees up and finished calls can download while others are submitted.
-
-    Kept close to the call limit on purpose: every row in progress is a request in the HTTP
-    pool, and httpcore's pool bookkeeping costs (connections x queued requests) per event;
-    at twice the calls it was most of the flow's CPU in the fast benchmark.
-    """
-    return max_in_flight + max(2, max_in_flight // 4)
-
-
-@dataclass(slots=True, kw_only=True)
-class RunContext:
-    run_id: str
-    lane: Lane  # the try-on provider
-    http: httpx.AsyncClient  # for fetching inputs (clients have their own for the provider)
-    lake: Lake
-    images: PreparedImageCache
-    refine: Lane | None = None  # the refiner, when the run refines
-    default_gender: Literal["woman", "man"] | None = None  # for rows without one (refiner)
-    stager: InputStager | None = None  # for providers that take URLs only
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    storage_options: dict[str, object] = field(default_factory=dict)
-    progress: ProgressSink | None = None
-    ledger: WorkLedger | None = None  # None: no reuse of earlier work (benchmarks, tests)
-    thumbnails: ThumbnailSink | None = None  # contact-sheet thumbnails made during the run
-    work_locks: dict[str, tuple[asyncio.Lock, int]] = field(default_factory=dict)
-    row_slots: asyncio.Semaphore = field(init=False)  # rows in progress: bounds prefetch, memory
-
-    def __post_init__(self) -> None:
-        self.row_slots = asyncio.Semaphore(rows_in_progress(self.lane.max_in_flight))
-
-    @property
-    def client(self) -> TryOnClient:
-        return self.lane.client  # type: ignore[return-value]
 
 
 class _RowFailure(Exception):
@@ -174,37 +65,6 @@ class _RowFailure(Exception):
 
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
-
-
-def _sniff_extension(data: bytes) -> str:
-    """Check the result really is an image and name its format (a provider may lie)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.verify()
-            fmt = (image.format or "").upper()
-    except Exception as exc:
-        raise ProviderError(
-            kind=ErrorKind.PERMANENT,
-            code="RESULT_NOT_AN_IMAGE",
-            message=f"provider result does not decode as an image ({type(exc).__name__})",
-            provider="result",
-        ) from None
-    return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}.get(fmt, fmt.lower())
-
-
-async def _with_retries(ctx: RunContext, call: Callable[[], Awaitable[T]]) -> T:
-    """Run ``call`` until it succeeds, fails for good, or the attempt budget is spent."""
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return await call()
-        except (ProviderError, ImageInputError) as exc:
-            transient = exc.retryable if isinstance(exc, ProviderError) else exc.transient
-            if not transient or attempt >= ctx.retry.max_attempts:
-                raise
-            retry_after = exc.retry_after if isinstance(exc, ProviderError) else None
-            await asyncio.sleep(ctx.retry.delay(attempt, retry_after))
 
 
 async def _prepare_shown(
@@ -222,7 +82,7 @@ async def _prepare(ctx: RunContext, uri: str | None, profile: ImageProfile) -> P
     if uri is None:
         return None
     try:
-        return await _with_retries(
+        return await with_retries(
             ctx,
             lambda: ctx.images.get(
                 uri, http=ctx.http, profile=profile, storage_options=ctx.storage_options
@@ -231,108 +91,6 @@ async def _prepare(ctx: RunContext, uri: str | None, profile: ImageProfile) -> P
     except ImageInputError as exc:
         kind = ErrorKind.TRANSIENT if exc.transient else ErrorKind.PERMANENT
         raise _RowFailure(kind, exc.code, exc.message) from None
-
-
-class _Resumable(Protocol):
-    async def wait(self, job_id: str) -> TryOnResult: ...
-
-
-async def _resume_job(
-    ctx: RunContext, lane: Lane, key: str, record: RowRecord
-) -> TryOnResult | None:
-    """Poll the job an earlier (crashed) run got accepted for this work, if there is one.
-
-    None: nothing to resume, or the provider says the job failed or does not know it (then a
-    new submission is the only way). Transient and fatal errors propagate: the job may still
-    finish, so a later rerun polls it again rather than paying twice.
-    """
-    if ctx.ledger is None or not hasattr(lane.client, "wait"):
-        return None
-    job = await ctx.ledger.job(key)
-    if job is None or job.provider != lane.name:
-        return None
-    record.request_id = job.job_id
-    client: _Resumable = lane.client  # type: ignore[assignment]
-    try:
-        async with lane.semaphore:  # a running job holds a provider slot, as when submitted
-            return await client.wait(job.job_id)
-    except ProviderError as exc:
-        if exc.kind is not ErrorKind.PERMANENT:
-            raise
-        await ctx.ledger.forget_job(key)
-        return None
-
-
-async def _call(
-    ctx: RunContext,
-    lane: Lane,
-    submit: Callable[[OnSubmitted], Awaitable[TryOnResult]],
-    record: RowRecord,
-    attempts: list[int],
-) -> TryOnResult:
-    """Call a lane's provider with retries; ``attempts[0]`` counts calls that really went out.
-
-    A job id is put on the record, and in the ledger, the moment the provider accepts the job
-    and before the first poll: known even if polling fails, resumed if the process dies.
-    """
-    key = record.work_key
-    if key is not None:
-        resumed = await _resume_job(ctx, lane, key, record)
-        if resumed is not None:
-            return resumed
-
-    async def on_submitted(job_id: str) -> None:
-        record.request_id = job_id
-        if ctx.ledger is not None and key is not None:
-            await ctx.ledger.record_job(key, lane.name, job_id)
-
-    async def one_call() -> TryOnResult:
-        if lane.state.fatal:  # another row hit a run-fatal error while we waited
-            raise lane.state.fatal
-        async with lane.semaphore:
-            await lane.rate.acquire()
-            if lane.state.fatal:
-                raise lane.state.fatal
-            attempts[0] += 1
-            return await submit(on_submitted)
-
-    return await _with_retries(ctx, one_call)
-
-
-async def _store_result(
-    ctx: RunContext, lane: Lane, result: TryOnResult, record: RowRecord
-) -> bytes:
-    """Fetch the result now (provider URLs expire: Tencent 1 h, AILab 24 h) and write it."""
-    if result.result_data is not None:
-        data = result.result_data
-    elif result.result_url:
-        url = result.result_url
-        data = await _with_retries(ctx, lambda: lane.client.download(url))
-    else:
-        raise ProviderError(
-            kind=ErrorKind.PERMANENT,
-            code="NO_RESULT",
-            message="the provider reported success without a result",
-            provider=lane.name,
-        )
-    extension = await asyncio.to_thread(_sniff_extension, data)
-    record.output_sha256 = hashlib.sha256(data).hexdigest()
-    path = ctx.lake.output_path(record.output_sha256, extension)
-    record.output_uri = await ctx.lake.awrite_bytes(path, data)
-    if result.mask_url:
-        record.mask_uri = await _download_mask(ctx, lane, result.mask_url)
-    return data
-
-
-async def _download_mask(ctx: RunContext, lane: Lane, url: str) -> str | None:
-    """Masks are a by-product: a failed mask download never fails the row."""
-    try:
-        data = await _with_retries(ctx, lambda: lane.client.download(url))
-        extension = await asyncio.to_thread(_sniff_extension, data)
-    except ProviderError:
-        return None
-    path = ctx.lake.output_path(hashlib.sha256(data).hexdigest(), extension)
-    return await ctx.lake.awrite_bytes(path, data)
 
 
 @asynccontextmanager
@@ -516,7 +274,7 @@ async def _try_on(ctx: RunContext, row: ManifestRow, record: RowRecord) -> bytes
             )
             t_call = time.perf_counter()
             try:
-                result = await _call(
+                result = await call_provider(
                     ctx,
                     lane,
                     lambda on_submitted: ctx.client.try_on(request, on_submitted=on_submitted),
@@ -528,7 +286,7 @@ async def _try_on(ctx: RunContext, row: ManifestRow, record: RowRecord) -> bytes
             record.request_id = result.request_id or record.request_id
             record.cache_hit = result.cache_hit
             t_dl = time.perf_counter()
-            output.append(await _store_result(ctx, lane, result, record))
+            output.append(await store_result(ctx, lane, result, record))
             record.download_ms = _ms(t_dl)
             if ctx.thumbnails is not None:
                 ctx.thumbnails.offer(row.row_index, record.output_uri, output[-1])
@@ -615,7 +373,7 @@ async def _refine(
             refiner: RefinerClient = lane.client  # type: ignore[assignment]
             t_call = time.perf_counter()
             try:
-                result = await _call(
+                result = await call_provider(
                     ctx,
                     lane,
                     lambda on_submitted: refiner.refine(request, on_submitted=on_submitted),
@@ -626,7 +384,7 @@ async def _refine(
                 record.provider_ms = _ms(t_call)
             record.request_id = result.request_id or record.request_id
             t_dl = time.perf_counter()
-            refined = await _store_result(ctx, lane, result, record)
+            refined = await store_result(ctx, lane, result, record)
             record.download_ms = _ms(t_dl)
             if ctx.thumbnails is not None:
                 ctx.thumbnails.offer(row.row_index, record.output_uri, refined)

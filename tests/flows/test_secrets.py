@@ -303,7 +303,12 @@ def test_the_canaries_are_found_where_they_are_put() -> None:
     assert not find_leaks("t", "API key '***' was not accepted")
 
 
-@pytest.mark.parametrize("secret", [WRONG["AILAB_API_KEY"], f"k-{TAG}\n", f"k'{TAG}\"\t"])
+# Named ids: the canaries are random, and test ids must be the same in every process.
+@pytest.mark.parametrize(
+    "secret",
+    [WRONG["AILAB_API_KEY"], f"k-{TAG}\n", f"k'{TAG}\"\t"],
+    ids=["vendor-key", "newline", "quotes-tab"],
+)
 def test_redaction_covers_the_forms_a_message_quotes_a_secret_in(secret: str) -> None:
     from providers.common import redact_secrets
 
@@ -319,7 +324,7 @@ def test_redaction_covers_the_forms_a_message_quotes_a_secret_in(secret: str) ->
         assert "***" in redacted and not find_leaks("redacted", redacted), redacted
 
 
-@pytest.mark.parametrize("key", [f"cc-{TAG}\n", f" cc-{TAG} "])
+@pytest.mark.parametrize("key", [f"cc-{TAG}\n", f" cc-{TAG} "], ids=["newline", "spaces"])
 async def test_a_key_httpx_refuses_to_send_is_not_quoted_back(
     echo_emulator: EmulatorServer, key: str
 ) -> None:

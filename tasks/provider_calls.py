@@ -1,0 +1,152 @@
+"""Calls to a provider for one row: retries within the attempt budget, resuming a job an
+earlier run got accepted, and storing the result in the lake before its URL expires."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+from PIL import Image
+
+from providers.base import OnSubmitted, ProviderError, TryOnResult
+from schemas.results import ErrorKind, RowRecord
+from tasks.images import ImageInputError
+from tasks.run_context import Lane, RunContext
+
+T = TypeVar("T")
+
+
+def sniff_extension(data: bytes) -> str:
+    """Check the result really is an image and name its format (a provider may lie)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+            fmt = (image.format or "").upper()
+    except Exception as exc:
+        raise ProviderError(
+            kind=ErrorKind.PERMANENT,
+            code="RESULT_NOT_AN_IMAGE",
+            message=f"provider result does not decode as an image ({type(exc).__name__})",
+            provider="result",
+        ) from None
+    return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}.get(fmt, fmt.lower())
+
+
+async def with_retries(ctx: RunContext, call: Callable[[], Awaitable[T]]) -> T:
+    """Run ``call`` until it succeeds, fails for good, or the attempt budget is spent."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await call()
+        except (ProviderError, ImageInputError) as exc:
+            transient = exc.retryable if isinstance(exc, ProviderError) else exc.transient
+            if not transient or attempt >= ctx.retry.max_attempts:
+                raise
+            retry_after = exc.retry_after if isinstance(exc, ProviderError) else None
+            await asyncio.sleep(ctx.retry.delay(attempt, retry_after))
+
+
+class _Resumable(Protocol):
+    async def wait(self, job_id: str) -> TryOnResult: ...
+
+
+async def _resume_job(
+    ctx: RunContext, lane: Lane, key: str, record: RowRecord
+) -> TryOnResult | None:
+    """Poll the job an earlier (crashed) run got accepted for this work, if there is one.
+
+    None: nothing to resume, or the provider says the job failed or does not know it (then a
+    new submission is the only way). Transient and fatal errors propagate: the job may still
+    finish, so a later rerun polls it again rather than paying twice.
+    """
+    if ctx.ledger is None or not hasattr(lane.client, "wait"):
+        return None
+    job = await ctx.ledger.job(key)
+    if job is None or job.provider != lane.name:
+        return None
+    record.request_id = job.job_id
+    client: _Resumable = lane.client  # type: ignore[assignment]
+    try:
+        async with lane.semaphore:  # a running job holds a provider slot, as when submitted
+            return await client.wait(job.job_id)
+    except ProviderError as exc:
+        if exc.kind is not ErrorKind.PERMANENT:
+            raise
+        await ctx.ledger.forget_job(key)
+        return None
+
+
+async def call_provider(
+    ctx: RunContext,
+    lane: Lane,
+    submit: Callable[[OnSubmitted], Awaitable[TryOnResult]],
+    record: RowRecord,
+    attempts: list[int],
+) -> TryOnResult:
+    """Call a lane's provider with retries; ``attempts[0]`` counts calls that really went out.
+
+    A job id is put on the record, and in the ledger, the moment the provider accepts the job
+    and before the first poll: known even if polling fails, resumed if the process dies.
+    """
+    key = record.work_key
+    if key is not None:
+        resumed = await _resume_job(ctx, lane, key, record)
+        if resumed is not None:
+            return resumed
+
+    async def on_submitted(job_id: str) -> None:
+        record.request_id = job_id
+        if ctx.ledger is not None and key is not None:
+            await ctx.ledger.record_job(key, lane.name, job_id)
+
+    async def one_call() -> TryOnResult:
+        if lane.state.fatal:  # another row hit a run-fatal error while we waited
+            raise lane.state.fatal
+        async with lane.semaphore:
+            await lane.rate.acquire()
+            if lane.state.fatal:
+                raise lane.state.fatal
+            attempts[0] += 1
+            return await submit(on_submitted)
+
+    return await with_retries(ctx, one_call)
+
+
+async def store_result(
+    ctx: RunContext, lane: Lane, result: TryOnResult, record: RowRecord
+) -> bytes:
+    """Fetch the result now (provider URLs expire: Tencent 1 h, AILab 24 h) and write it."""
+    if result.result_data is not None:
+        data = result.result_data
+    elif result.result_url:
+        url = result.result_url
+        data = await with_retries(ctx, lambda: lane.client.download(url))
+    else:
+        raise ProviderError(
+            kind=ErrorKind.PERMANENT,
+            code="NO_RESULT",
+            message="the provider reported success without a result",
+            provider=lane.name,
+        )
+    extension = await asyncio.to_thread(sniff_extension, data)
+    record.output_sha256 = hashlib.sha256(data).hexdigest()
+    path = ctx.lake.output_path(record.output_sha256, extension)
+    record.output_uri = await ctx.lake.awrite_bytes(path, data)
+    if result.mask_url:
+        record.mask_uri = await _download_mask(ctx, lane, result.mask_url)
+    return data
+
+
+async def _download_mask(ctx: RunContext, lane: Lane, url: str) -> str | None:
+    """Masks are a by-product: a failed mask download never fails the row."""
+    try:
+        data = await with_retries(ctx, lambda: lane.client.download(url))
+        extension = await asyncio.to_thread(sniff_extension, data)
+    except ProviderError:
+        return None
+    path = ctx.lake.output_path(hashlib.sha256(data).hexdigest(), extension)
+    return await ctx.lake.awrite_bytes(path, data)
