@@ -27,7 +27,7 @@ from tencentcloud.common.profile.client_profile import ClientProfile
 from tencentcloud.common.profile.http_profile import HttpProfile
 from tencentcloud.common.sign import Sign
 
-from emulator import AsyncEmulatorControl, EmulatorConfig, EmulatorServer
+from emulator import AsyncEmulatorControl, EmulatorConfig, EmulatorServer, tencent_wire
 from emulator import tencent as emulated
 from emulator.keys import accepted_key
 from providers.base import ProviderError, TryOnRequest
@@ -571,7 +571,7 @@ async def test_logo_is_drawn_unless_turned_off(
 def test_error_table_covers_the_doc_and_the_common_codes() -> None:
     assert set(DOC_CODES) <= set(ERROR_TABLE)
     assert set(COMMON_CODES) <= set(ERROR_TABLE)
-    assert set(DOC_CODES) <= set(emulated.CODES)  # the emulator knows every documented code
+    assert set(DOC_CODES) <= set(tencent_wire.CODES)  # the emulator knows every documented code
 
 
 @pytest.mark.parametrize("code", sorted(DOC_CODES))
@@ -743,9 +743,9 @@ async def test_prepared_images_stay_inside_tencent_limits(
     image = prepare_image(source, profile=TENCENT, source_uri=f"mem://{size}")
     assert image_profile_fits(image.data, TENCENT)
     short, long = sorted((image.width, image.height))
-    assert short > emulated.MIN_SIDE_EXCLUSIVE and long < emulated.MAX_SIDE_EXCLUSIVE
-    assert image.width * image.height <= emulated.MAX_PIXELS
-    assert TENCENT.encoded_size(len(image.data)) < emulated.MAX_BASE64_BYTES
+    assert short > tencent_wire.MIN_SIDE_EXCLUSIVE and long < tencent_wire.MAX_SIDE_EXCLUSIVE
+    assert image.width * image.height <= tencent_wire.MAX_PIXELS
+    assert TENCENT.encoded_size(len(image.data)) < tencent_wire.MAX_BASE64_BYTES
     request = tryon(image_host, image.data, garment, name=f"prep{size[0]}")
     assert (await tencent.try_on(request)).result_url  # so never refused for its size
 
