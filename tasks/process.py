@@ -33,7 +33,7 @@ from providers.base import (
     TryOnRequest,
     TryOnResult,
 )
-from schemas.limits import ImageProfile
+from schemas.image_profile import ImageProfile
 from schemas.manifest import ManifestRow
 from schemas.results import ErrorKind, RowRecord, Stage, Status
 from tasks.images import ImageInputError, PreparedImageCache, prepare_image
