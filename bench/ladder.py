@@ -23,9 +23,9 @@ from typing import Any
 import httpx
 
 from providers.base import PreparedImage, TryOnRequest
-from providers.changeclothes import ChangeClothesClient
+from providers.changeclothes.client import ChangeClothesClient
+from providers.changeclothes.settings import PROFILE as CHANGECLOTHES
 from providers.transport import provider_http_client
-from schemas.limits import CHANGECLOTHES
 from schemas.manifest import ManifestRow
 from tasks.images import PreparedImageCache, prepare_image
 from tasks.lake import Lake

@@ -21,8 +21,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from schemas.limits import PROFILES, ImageProfile
+from providers.registry import BUILT_IN, REFINER
+from schemas.image_profile import ImageProfile
 from tasks.images import prepare_image
+
+# Every built-in profile, the refiner's included.
+PROFILES: dict[str, ImageProfile] = {
+    spec.name: spec.profile for spec in (*BUILT_IN.values(), REFINER)
+}
 
 
 def naive_prepare(data: bytes, size: tuple[int, int], quality: int) -> bytes:

@@ -1,6 +1,6 @@
 """AILabTools as the emulator speaks it: Try on Clothes, its Refiner, and the shared async poll.
 
-Endpoints (sources in ``providers/ailab.py``): ``POST /api/portrait/editing/try-on-clothes``,
+Endpoints (sources in ``providers/ailab/wire.py``): ``POST /api/portrait/editing/try-on-clothes``,
 ``POST /api/portrait/enhance/try-on-clothes-refiner`` (multipart, header ``ailabapi-api-key``,
 ``task_type=async``) and ``GET /api/common/query-async-task-result?task_id=``. Both endpoints
 bill the one "ailab" account (one fault plan, one credit counter). Jobs live in

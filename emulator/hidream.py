@@ -7,7 +7,7 @@ the shared ``JobStore`` (queued, then running, then done or failed, per the prov
 plan). The result endpoint reports it; a ``notify_url`` gets the same JSON once the job ends.
 
 Everything the document does not say is in the UNVERIFIED block below, with the same defaults as
-the client (``providers/hidream.py``); the two are kept apart on purpose so a contract test
+the client (``providers/hidream/client.py``); the two are kept apart on purpose so a contract test
 compares two readings instead of one mirrored table.
 
 Fault plan extras: ``forced_codes`` may hold ``"task_status:N"``: the next submission is accepted

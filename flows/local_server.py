@@ -11,7 +11,7 @@ still reporting its end (which then retries log delivery to a dead server for mi
   dies (``PR_SET_PDEATHSIG``) and also polls its parent, for other systems;
 - keeps concurrency leases in files under ``PREFECT_HOME`` (Prefect's filesystem lease
   storage), so a killed run's lease outlives the server it was taken on and the next run can
-  hand its slots back (``tasks.limits``).
+  hand its slots back (``tasks.concurrency``).
 
 Whoever sets ``PREFECT_API_URL`` keeps full control: then nothing is started.
 """

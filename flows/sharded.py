@@ -1,7 +1,7 @@
 """Scale-out: one manifest split into shards, each a separate flow run of a deployment.
 
 The shards run wherever Prefect's workers pick them up. The providers' global concurrency
-limits (``tasks/limits.py``) hold across all of them: each shard leases its share of the
+limits (``tasks/concurrency.py``) hold across all of them: each shard leases its share of the
 limit. Every shard is a normal ``tryon_batch`` run (its own run id, metadata, commit), so a
 failed shard is retried from the UI like any other run, and the work ledger makes a rerun of
 the whole sharded run cheap.

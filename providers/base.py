@@ -22,7 +22,7 @@ from typing import ClassVar, Literal, Self
 
 import httpx
 
-from schemas.limits import ImageProfile
+from schemas.image_profile import ImageProfile
 from schemas.results import ErrorKind
 
 Category = Literal["upper_body", "lower_body", "dresses"]

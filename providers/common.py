@@ -2,8 +2,8 @@
 
 Credentials (held as ``SecretStr``, a missing one is run-fatal), redaction of secrets from
 messages, the mapping of httpx transport failures and of bare HTTP statuses to
-``ProviderError`` kinds, and the row type of the error tables that are keyed by a vendor code
-and name it. Each vendor's table itself stays beside its client.
+``ProviderError`` kinds, and ``ErrorSpec``, the row type of every vendor's error table (each
+table lives in its provider package's ``errors.py``).
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ MISSING_API_KEY = "MISSING_API_KEY"
 
 @dataclass(frozen=True, slots=True)
 class ErrorSpec:
-    """One documented response code: its name, how it affects the run, what it means."""
+    """One row of a vendor's error table, keyed by the vendor's code: how it affects the run
+    and what it means; ``name`` where the code is a number the vendor names, ``http_status``
+    where the vendor documents the status it comes with."""
 
-    name: str
     kind: ErrorKind
     meaning: str
+    name: str | None = None
+    http_status: int | None = None
 
 
 def redact_secrets(text: str, secrets: Iterable[str]) -> str:

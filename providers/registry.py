@@ -12,76 +12,25 @@ Then ``tryon run --provider acme`` (and a manifest's ``provider`` column) reach 
 
 from __future__ import annotations
 
-import importlib
 import logging
-from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
-from typing import Any, Final
+from typing import Final
 
-import httpx
+from providers import ailab, changeclothes, hidream, tencent
+from providers.spec import ProviderSpec
 
-from providers.settings import API_KEY_ENV, DEFAULT_BASE_URLS, call_timeout_s
-from schemas.limits import PROFILES, ImageProfile
+__all__ = ["PROVIDERS", "REFINER", "ProviderSpec", "all_specs", "discover", "provider_spec"]
 
 ENTRY_POINT_GROUP: Final = "tryon_flows.providers"
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, slots=True)
-class ProviderSpec:
-    """Everything the pipeline needs to know of a provider, besides its client's code."""
-
-    name: str
-    client_path: str  # "module:Class", imported lazily so one provider's deps never block another
-    profile: ImageProfile
-    max_in_flight: int  # default concurrency (vendor docs where they say; conservative otherwise)
-    requests_per_second: float | None = None
-    default_base_url: str = ""  # the vendor's endpoint; TRYON_<NAME>_BASE_URL overrides it
-    credential_env: tuple[str, ...] = ()  # the variables holding the account's credentials
-
-    def client_class(self) -> type[Any]:
-        module_name, _, class_name = self.client_path.partition(":")
-        return getattr(importlib.import_module(module_name), class_name)
-
-    def make_client(self, *, http: httpx.AsyncClient) -> Any:
-        """A client configured from the environment (base URL, credentials, call timeout)."""
-        timeout = call_timeout_s(self.name)
-        options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-        return self.client_class().from_env(http=http, profile=self.profile, **options)
-
-
-def _spec(name: str, client_path: str, *, max_in_flight: int) -> ProviderSpec:
-    """A built-in entry: its profile, endpoint and credentials as ``schemas.limits`` and
-    ``providers.settings`` keep them under the same name."""
-    return ProviderSpec(
-        name=name,
-        client_path=client_path,
-        profile=PROFILES[name],
-        max_in_flight=max_in_flight,
-        default_base_url=DEFAULT_BASE_URLS.get(name, ""),
-        credential_env=API_KEY_ENV.get(name, ()),
-    )
-
-
 BUILT_IN: Final[dict[str, ProviderSpec]] = {
-    spec.name: spec
-    for spec in (
-        _spec("changeclothes", "providers.changeclothes:ChangeClothesClient", max_in_flight=8),
-        # Tencent documents 1 concurrent task per account by default (doc 002).
-        _spec("tencent", "providers.tencent:TencentClient", max_in_flight=1),
-        _spec("hidream", "providers.hidream:HiDreamClient", max_in_flight=4),
-        _spec("ailab", "providers.ailab:AILabTryOnClient", max_in_flight=4),
-    )
+    spec.name: spec for spec in (changeclothes.SPEC, tencent.SPEC, hidream.SPEC, ailab.SPEC)
 }
 
 # The refiner chained onto any provider's coarse result (``--refine``).
-# It is an AILabTools endpoint: that account's credentials and base URL.
-REFINER = replace(
-    _spec("ailab_refiner", "providers.ailab:AILabRefinerClient", max_in_flight=4),
-    default_base_url=DEFAULT_BASE_URLS["ailab"],
-    credential_env=API_KEY_ENV["ailab"],
-)
+REFINER: Final[ProviderSpec] = ailab.REFINER_SPEC
 
 
 def discover(group: str = ENTRY_POINT_GROUP) -> dict[str, ProviderSpec]:

@@ -1,8 +1,9 @@
-"""Where each provider lives and which credential it uses: configuration, never code.
+"""Where a provider lives and which credential it uses: configuration, never code.
 
 Base URLs come from ``TRYON_<PROVIDER>_BASE_URL`` (so the emulator, a proxy or a regional
-endpoint is a configuration change); credentials from the vendor's own variable names, with no
-default: a key that is not configured is missing.
+endpoint is a configuration change), else the default the provider's package declares;
+credentials from the vendor's own variable names (also declared there), with no default: a key
+that is not configured is missing.
 """
 
 from __future__ import annotations
@@ -10,21 +11,6 @@ from __future__ import annotations
 import os
 
 from pydantic import SecretStr
-
-DEFAULT_BASE_URLS: dict[str, str] = {
-    "changeclothes": "https://changeclothesai.online",
-    "tencent": "https://aiart.intl.tencentcloudapi.com",  # doc 002's domain (intl accounts)
-    "hidream": "https://hidreamai.com",
-    "ailab": "https://www.ailabapi.com",
-}
-
-# The vendor's own variable names (Tencent's are the SDK's).
-API_KEY_ENV: dict[str, tuple[str, ...]] = {
-    "changeclothes": ("CHANGECLOTHES_API_KEY",),
-    "tencent": ("TENCENTCLOUD_SECRET_ID", "TENCENTCLOUD_SECRET_KEY"),
-    "hidream": ("HIDREAM_API_KEY",),
-    "ailab": ("AILAB_API_KEY",),
-}
 
 
 def base_url_env(provider: str) -> str:
@@ -51,10 +37,10 @@ def call_timeout_s(provider: str) -> float | None:
     return value
 
 
-def base_url(provider: str, default: str | None = None) -> str:
-    """The provider's base URL, from the environment or the vendor's public default (a
-    provider from another distribution passes its own)."""
-    url = os.environ.get(base_url_env(provider)) or default or DEFAULT_BASE_URLS[provider]
+def base_url(provider: str, default: str) -> str:
+    """The provider's base URL: ``TRYON_<PROVIDER>_BASE_URL``, else ``default`` (the vendor's
+    public endpoint, which the provider's package declares)."""
+    url = os.environ.get(base_url_env(provider)) or default
     return url.rstrip("/")
 
 

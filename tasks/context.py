@@ -22,12 +22,12 @@ from providers.registry import PROVIDERS, REFINER, ProviderSpec
 from providers.transport import provider_http_client
 from schemas.results import ErrorKind
 from schemas.summary import RunNotStarted
+from tasks.concurrency import global_limit_name, leased_slots
 from tasks.credentials import load_secret_blocks
 from tasks.fetch_guard import inputs_client_for
 from tasks.images import PreparedImageCache
 from tasks.lake import Lake
 from tasks.ledger import WorkLedger
-from tasks.limits import global_limit_name, leased_slots
 from tasks.process import Lane, ProgressSink, RetryPolicy, RunContext, rows_in_progress
 from tasks.report import ThumbnailBank
 from tasks.staging import InputStager

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from providers.base import TryOnClient
-from providers.registry import PROVIDERS
+from providers.registry import PROVIDERS, ProviderSpec
 from schemas.manifest import InvalidRow, ManifestRow, ValidationReport
 from tasks.process import refine_not_applicable
 
@@ -25,13 +24,14 @@ class RunPlan:
 
 def capability_problems(
     row: ManifestRow,
-    client: type[TryOnClient],
+    spec: ProviderSpec,
     *,
     refine: bool,
     refine_gender: str | None,
 ) -> list[str]:
-    """Why ``client`` cannot take ``row`` as the run is configured (checked before any call)."""
-    caps, name = client.capabilities, client.name
+    """Why ``spec``'s provider cannot take ``row`` as the run is configured (checked before
+    any call, without importing the provider's client)."""
+    caps, name = spec.capabilities, spec.name
     problems = []
     if refine and refine_not_applicable(row) is None and not (row.gender or refine_gender):
         problems.append(
@@ -59,7 +59,7 @@ def plan_run(
     for row in report.valid:
         name = row.provider or default_provider
         problems = capability_problems(
-            row, PROVIDERS[name].client_class(), refine=refine, refine_gender=refine_gender
+            row, PROVIDERS[name], refine=refine, refine_gender=refine_gender
         )
         if problems:
             invalid.append(InvalidRow(row_index=row.row_index, row_id=row.id, reasons=problems))

@@ -23,7 +23,7 @@ from providers.base import (
     RefineRequest,
     TryOnRequest,
 )
-from schemas.limits import ImageProfile
+from schemas.image_profile import ImageProfile
 from schemas.manifest import ManifestRow
 from schemas.results import ErrorKind, RowRecord, Stage, Status
 from tasks.images import ImageInputError, prepare_image

@@ -25,7 +25,7 @@ from pydantic import SecretStr
 from emulator import AsyncEmulatorControl, EmulatorConfig, EmulatorServer
 from emulator.keys import accepted_key
 from providers.base import PreparedImage
-from providers.changeclothes import ChangeClothesClient
+from providers.changeclothes.client import ChangeClothesClient
 
 # The fixtures, for the conftests' star import (helpers are imported by name).
 __all__ = [

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from providers.base import PreparedImage
-from schemas.limits import ImageProfile
+from schemas.image_profile import ImageProfile
 from tasks.images.fetch import DEFAULT_MAX_FETCH_BYTES, ImageInputError
 from tasks.images.prepare import DEFAULT_MAX_PIXELS, fetch_and_prepare
 

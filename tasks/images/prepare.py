@@ -18,7 +18,7 @@ import httpx
 from PIL import ExifTags, Image, ImageCms, UnidentifiedImageError
 
 from providers.base import PreparedImage
-from schemas.limits import ImageProfile
+from schemas.image_profile import ImageProfile
 from tasks.images.fetch import DEFAULT_MAX_FETCH_BYTES, ImageInputError, display_uri, fetch_bytes
 from tasks.images.resize import (
     DRAFT_PROBE_CANDIDATES,

@@ -7,7 +7,7 @@ import pytest
 
 from emulator import AsyncEmulatorControl, EmulatorConfig, EmulatorServer, FaultPlan, build_app
 from emulator.keys import DEFAULT_KEYS
-from providers.changeclothes import GARMENT_PATH
+from providers.changeclothes.client import GARMENT_PATH
 
 
 async def test_async_control_in_process_sets_reads_and_resets_faults() -> None:

@@ -20,7 +20,7 @@ from emulator.composite import (
 from emulator.keys import accepted_key
 from emulator.stats import CacheStats, ProviderStats
 from providers.base import TryOnRequest
-from providers.changeclothes import GARMENT_PATH, PROMPT_PATH, ChangeClothesClient
+from providers.changeclothes.client import GARMENT_PATH, PROMPT_PATH, ChangeClothesClient
 from tests.contract import (
     RawPost,
     band_diff,

@@ -9,11 +9,12 @@ from emulator import EmulatorConfig, EmulatorServer
 from emulator.keys import DEFAULT_KEYS, accepted_key, accepted_keys
 from flows.cli import emulator_env
 from providers import settings
-from providers.changeclothes import GARMENT_PATH
+from providers.changeclothes.client import GARMENT_PATH
+from providers.registry import BUILT_IN
 
 
 def test_the_defaults_cover_exactly_the_providers_credential_variables() -> None:
-    names = {name for names in settings.API_KEY_ENV.values() for name in names}
+    names = {name for spec in BUILT_IN.values() for name in spec.credential_env}
     assert set(DEFAULT_KEYS) == names
 
 
@@ -35,7 +36,7 @@ def test_production_settings_never_fall_back_to_emulator_keys(
 
 def test_emulator_env_points_every_provider_at_it_with_the_keys_it_accepts() -> None:
     env = emulator_env("http://127.0.0.1:9", {"CHANGECLOTHES_API_KEY": "sk-mine"})
-    for provider in settings.DEFAULT_BASE_URLS:
+    for provider in BUILT_IN:
         assert env[settings.base_url_env(provider)] == "http://127.0.0.1:9"
     assert env["CHANGECLOTHES_API_KEY"] == "sk-mine"
     assert env["HIDREAM_API_KEY"] == DEFAULT_KEYS["HIDREAM_API_KEY"]

@@ -28,7 +28,7 @@ from PIL import Image
 
 from emulator.server import EmulatorServer
 from flows.batch import BatchIncomplete, BatchParams, tryon_batch
-from schemas.limits import CHANGECLOTHES
+from providers.changeclothes.settings import PROFILE as CHANGECLOTHES
 from tasks.images import prepare_image
 
 pytestmark = pytest.mark.e2e

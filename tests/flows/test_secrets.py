@@ -37,7 +37,8 @@ from PIL import Image
 
 from emulator.server import EmulatorConfig, EmulatorServer
 from flows.batch import BatchIncomplete, BatchParams, RunSummary, tryon_batch
-from providers.settings import DEFAULT_BASE_URLS, base_url_env
+from providers.registry import BUILT_IN
+from providers.settings import base_url_env
 from tests.flows.conftest import REPO, SAMPLE_MANIFEST
 
 pytestmark = pytest.mark.e2e
@@ -129,7 +130,7 @@ def echo_emulator() -> Iterator[EmulatorServer]:
 
 @pytest.fixture
 def emulator(echo_emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> EmulatorServer:
-    for provider in DEFAULT_BASE_URLS:
+    for provider in BUILT_IN:
         monkeypatch.setenv(base_url_env(provider), echo_emulator.base_url)
     echo_emulator.control.reset(faults=True)
     quick = {"job_queued_s": 0.0, "job_running_s": 0.0}
@@ -332,7 +333,7 @@ async def test_a_key_httpx_refuses_to_send_is_not_quoted_back(
     from pydantic import SecretStr
 
     from providers.base import ProviderError, TryOnRequest
-    from providers.changeclothes import ChangeClothesClient
+    from providers.changeclothes.client import ChangeClothesClient
     from tests.contract import garment_jpeg, person_jpeg, prepared
 
     request = TryOnRequest(
@@ -363,7 +364,7 @@ async def test_no_key_appears_anywhere_a_run_leaves_text(
 
     # Accepted keys: every provider succeeds, with the refiner chained on.
     use_keys(monkeypatch, ACCEPTED)
-    for provider in DEFAULT_BASE_URLS:
+    for provider in BUILT_IN:
         runs.append(await run(f"ok-{provider}", tmp_path, 2, provider=provider, refine=True))
 
     # Injected faults recorded in metadata, then a credit error (quoting the key) stops it.
@@ -384,7 +385,7 @@ async def test_no_key_appears_anywhere_a_run_leaves_text(
 
     # Wrong keys: each provider refuses them, quoting them back.
     use_keys(monkeypatch, WRONG)
-    for provider in DEFAULT_BASE_URLS:
+    for provider in BUILT_IN:
         runs.append(await run(f"wrong-{provider}", tmp_path, 2, provider=provider))
     # A wrong refiner key only: the try-on succeeds, the refiner is refused.
     use_keys(monkeypatch, ACCEPTED)
@@ -393,10 +394,10 @@ async def test_no_key_appears_anywhere_a_run_leaves_text(
 
     # The runs did what they are here for (else the test proves nothing).
     outcome = {r.name: r for r in runs}
-    for provider in DEFAULT_BASE_URLS:
+    for provider in BUILT_IN:
         assert outcome[f"ok-{provider}"].error is None, outcome[f"ok-{provider}"].error
     fatal = {name: r.summary.fatal_error if r.summary else None for name, r in outcome.items()}
-    for provider in DEFAULT_BASE_URLS:
+    for provider in BUILT_IN:
         assert outcome[f"wrong-{provider}"].error is not None
         assert fatal[f"wrong-{provider}"], provider
     assert "INSUFFICIENT_CREDITS" in (fatal["faults-cc"] or "")
@@ -413,7 +414,7 @@ async def test_no_key_appears_anywhere_a_run_leaves_text(
     assert "was not accepted" in messages and "***" in messages
 
     # The CLI with a wrong key: what a scheduler's log would keep.
-    cli_env = {base_url_env(p): emulator.base_url for p in DEFAULT_BASE_URLS} | WRONG
+    cli_env = {base_url_env(p): emulator.base_url for p in BUILT_IN} | WRONG
     cli = tryon_cli(
         "run", manifest(tmp_path, 2), "--lake", str(tmp_path / "lake-cli"), "--no-progress",
         cwd=tmp_path, env=cli_env,

@@ -21,22 +21,20 @@ from pydantic import SecretStr
 from emulator import AsyncEmulatorControl, EmulatorConfig, EmulatorServer, FaultPlan
 from emulator.ailab import CODES
 from emulator.keys import accepted_key
-from providers.ailab import (
-    CREDITS_CODE,
+from providers.ailab.client import (
     DEFAULT_POLL_POLICY,
-    ERROR_TABLE,
-    KEY_HEADER,
-    QUERY_PATH,
     REFINER_PATH,
     TRYON_PATH,
     AILabRefinerClient,
     AILabTryOnClient,
-    parse_submit,
-    parse_task_result,
 )
+from providers.ailab.errors import CREDITS_CODE, ERROR_TABLE
+from providers.ailab.settings import PROFILE as AILAB
+from providers.ailab.settings import REFINER_PROFILE as AILAB_REFINER
+from providers.ailab.wire import KEY_HEADER, QUERY_PATH, parse_submit, parse_task_result
 from providers.base import JobState, PollPolicy, ProviderError, RefineRequest, TryOnRequest
 from providers.registry import REFINER, provider_spec
-from schemas.limits import AILAB, AILAB_REFINER, ImageProfile
+from schemas.image_profile import ImageProfile
 from schemas.results import ErrorKind
 from tasks.images import image_profile_fits, prepare_image
 from tests.contract import (
@@ -313,7 +311,7 @@ async def test_refiner_job_failure_is_permanent(
 
 def test_error_table_and_emulator_cover_the_same_public_codes() -> None:
     assert set(ERROR_TABLE) == set(CODES)
-    assert {c: s.status for c, s in ERROR_TABLE.items()} == CODES
+    assert {c: s.http_status for c, s in ERROR_TABLE.items()} == CODES
     fatal = {c for c, s in ERROR_TABLE.items() if s.kind is ErrorKind.FATAL}
     assert fatal == {
         "ERROR_USER_NOT_EXISTS",
@@ -323,7 +321,9 @@ def test_error_table_and_emulator_cover_the_same_public_codes() -> None:
         "ERROR_AI_NOT_EXISTS",
         CREDITS_CODE,
     }
-    assert all(s.kind is ErrorKind.TRANSIENT for s in ERROR_TABLE.values() if s.status >= 500)
+    assert all(
+        s.kind is ErrorKind.TRANSIENT for s in ERROR_TABLE.values() if (s.http_status or 0) >= 500
+    )
     # 403 about one file is the row's problem, not the account's.
     assert ERROR_TABLE["ERROR_ILLEGAL_FILE"].kind is ErrorKind.PERMANENT
 
@@ -339,7 +339,7 @@ async def test_every_public_code_is_answered_and_classified(
     await control.set_faults(PROVIDER, forced_codes=[code])
     error = await expect_error(tryon.try_on(tryon_request(person, garment)))
     spec = ERROR_TABLE[code]
-    assert (error.kind, error.code, error.http_status) == (spec.kind, code, spec.status)
+    assert (error.kind, error.code, error.http_status) == (spec.kind, code, spec.http_status)
     assert error.provider == "ailab" and error.request_id
     assert code in error.message
 

@@ -14,14 +14,14 @@ from pydantic import SecretStr, ValidationError
 
 from emulator import AsyncEmulatorControl, EmulatorConfig, EmulatorServer
 from providers.base import ProviderError, TryOnRequest
-from providers.changeclothes import (
-    ERROR_TABLE,
+from providers.changeclothes.client import (
     GARMENT_PATH,
     PROMPT_PATH,
     ChangeClothesClient,
     PromptOptions,
     parse_response,
 )
+from providers.changeclothes.errors import ERROR_TABLE
 from schemas.results import ErrorKind
 from tests.contract import (
     DELETED_KEY,

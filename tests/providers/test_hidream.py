@@ -27,17 +27,17 @@ from emulator import hidream as emulated
 from emulator.keys import accepted_key
 from emulator.stats import ProviderStats
 from providers.base import JobState, PollPolicy, ProviderError, TryOnRequest
-from providers.hidream import (
+from providers.common import ErrorSpec
+from providers.hidream.client import (
     DEFAULT_RESULT_PATH,
     DEFAULT_STATUS_MAP,
     SUBMIT_PATH,
-    ErrorSpec,
     HiDreamClient,
     parse_result_response,
     parse_submit_response,
 )
+from providers.hidream.settings import PROFILE as HIDREAM
 from providers.registry import provider_spec
-from schemas.limits import HIDREAM
 from schemas.results import ErrorKind
 from tasks.images import prepare_image
 from tests.contract import (
@@ -523,7 +523,7 @@ async def test_unknown_code_is_permanent_unless_the_table_says_otherwise(
         200,
     )
     assert "12345" in error.message
-    table = {12345: ErrorSpec("BUSY", ErrorKind.TRANSIENT, "try later")}
+    table = {12345: ErrorSpec(ErrorKind.TRANSIENT, "try later", name="BUSY")}
     error = await expect_error(hd.client(error_table=table).submit(tryon(person, garment)))
     assert (error.kind, error.code) == (ErrorKind.TRANSIENT, "BUSY")
 

@@ -31,15 +31,13 @@ from emulator import AsyncEmulatorControl, EmulatorConfig, EmulatorServer, tence
 from emulator import tencent as emulated
 from emulator.keys import accepted_key
 from providers.base import ProviderError, TryOnRequest
-from providers.tencent import (
+from providers.tencent.client import (
     ACTION,
     CONTENT_TYPE,
-    ERROR_TABLE,
     SERVICE,
     VERSION,
     TencentClient,
     TencentOptions,
-    classify_code,
     parse_response,
     sign_tc3,
     tc3_canonical_request,
@@ -47,7 +45,8 @@ from providers.tencent import (
     tc3_signature,
     tc3_string_to_sign,
 )
-from schemas.limits import TENCENT
+from providers.tencent.errors import ERROR_TABLE, classify_code
+from providers.tencent.settings import PROFILE as TENCENT
 from schemas.results import ErrorKind
 from tasks.images import ImageInputError, image_profile_fits, prepare_image
 from tests.contract import ImageHost, band_diff, prepared
@@ -58,7 +57,7 @@ SECRET_KEY = accepted_key("TENCENTCLOUD_SECRET_KEY")
 LEAKY = "tc-secret-9d8c7b6a5f4e3d2c1b0a"  # distinctive, so any leak is found by substring
 PERSON_SIZE = (600, 800)  # 3:4, each side inside Tencent's (512, 3000)
 
-# Doc 002's error table and the kind we decided for each (see providers/tencent.py).
+# Doc 002's error table and the kind we decided for each (see providers/tencent/errors.py).
 DOC_CODES: dict[str, ErrorKind] = {
     "AuthFailure.UnauthorizedOperation": ErrorKind.FATAL,
     "FailedOperation.GenerateImageFailed": ErrorKind.TRANSIENT,

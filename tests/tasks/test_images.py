@@ -27,7 +27,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image, ImageChops, ImageCms, ImageOps
 
 from providers.base import PreparedImage
-from schemas.limits import PROFILES, ImageProfile
+from providers.registry import BUILT_IN, REFINER
+from schemas.image_profile import ImageProfile
 from tasks.images import (
     ImageInputError,
     PreparedImageCache,
@@ -971,6 +972,10 @@ def test_probe_keeps_lanczos_exactly_on_dense_texture() -> None:
     out = prep(encode(img, "BMP"), PNG_PROFILE)  # lossless output: compare pixels exactly
     expected = img.resize((2048, 1365), Image.Resampling.LANCZOS)
     assert ImageChops.difference(decoded(out).convert("RGB"), expected).getbbox() is None
+
+
+# Every built-in profile, the refiner's included.
+PROFILES = {spec.name: spec.profile for spec in (*BUILT_IN.values(), REFINER)}
 
 
 @pytest.mark.parametrize("name", sorted(PROFILES))

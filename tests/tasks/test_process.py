@@ -11,7 +11,7 @@ from pydantic import SecretStr
 
 from emulator.keys import accepted_key
 from emulator.server import EmulatorConfig, EmulatorServer
-from providers.changeclothes import ChangeClothesClient
+from providers.changeclothes.client import ChangeClothesClient
 from schemas.manifest import ManifestRow
 from schemas.results import Status
 from tasks.images import PreparedImageCache
@@ -118,7 +118,7 @@ async def test_progress_counts_a_row_once_its_refine_is_over(
     """A row is done for progress bars only when its last stage is: with a refiner that
     rejects the key, every row is reported once, as its unsuccessful refine, not its coarse
     success."""
-    from providers.ailab import AILabRefinerClient
+    from providers.ailab.client import AILabRefinerClient
     from schemas.results import Stage
 
     faults(emulator)

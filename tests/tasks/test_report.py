@@ -23,7 +23,7 @@ from pydantic import SecretStr
 
 from emulator.keys import accepted_key
 from emulator.server import EmulatorConfig, EmulatorServer
-from providers.changeclothes import ChangeClothesClient
+from providers.changeclothes.client import ChangeClothesClient
 from schemas.manifest import ManifestRow
 from schemas.results import ErrorKind, RowRecord, Stage, Status
 from tasks.fetch_guard import inputs_client_for

@@ -21,7 +21,7 @@ from providers.base import (
 )
 from providers.registry import ProviderSpec
 from providers.settings import base_url, credential
-from schemas.limits import ImageProfile
+from schemas.image_profile import ImageProfile
 from schemas.results import ErrorKind
 
 NAME = "acme"
@@ -29,11 +29,13 @@ API_KEY_ENV = "ACME_API_KEY"
 DEFAULT_BASE_URL = "https://api.acme.example"
 TRY_ON_PATH = "/v1/try-on"
 PROFILE = ImageProfile(name=NAME, min_side=128, max_side=1024, max_bytes=2 * 1024 * 1024)
+# One object for the client and the spec: planning reads the spec, calls use the client.
+CAPABILITIES = Capabilities()
 
 
 class AcmeClient(TryOnClient):
     name = NAME
-    capabilities = Capabilities()
+    capabilities = CAPABILITIES
 
     def __init__(
         self,
@@ -120,6 +122,7 @@ SPEC = ProviderSpec(
     client_path="acme_tryon:AcmeClient",
     profile=PROFILE,
     max_in_flight=2,
+    capabilities=CAPABILITIES,
     default_base_url=DEFAULT_BASE_URL,
     credential_env=(API_KEY_ENV,),
 )

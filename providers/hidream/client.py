@@ -7,7 +7,7 @@ means accepted. Everything after that is UNVERIFIED (the document stops at submi
 result endpoint, its status values and its shape are constructor options; the defaults follow
 DESIGN.md and HiDream's sibling APIs as third parties call them (``<submit path>/results``,
 ``result.sub_task_results[].task_status``/``image``). The document lists no error codes either:
-``ERROR_TABLE`` is a placeholder to fill from live calls.
+``errors.ERROR_TABLE`` is a placeholder to fill from live calls.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from providers.common import (
     redact_secrets,
     require_key,
 )
-from schemas.limits import HIDREAM, ImageProfile
+from providers.hidream.errors import ERROR_TABLE
+from providers.hidream.settings import API_KEY_ENV, CAPABILITIES, DEFAULT_BASE_URL, NAME, PROFILE
+from schemas.image_profile import ImageProfile
 from schemas.results import ErrorKind
 
-NAME = "hidream"
-API_KEY_ENV = "HIDREAM_API_KEY"
 SUBMIT_PATH = "/api-pub/ec/v3/image/vton/async"  # (doc)
 REQUEST_ID_HEADERS = ("x-request-id", "request-id")
 # HTTP statuses that stop the run: bad key (401/403) and, here, no credits (402).
@@ -80,23 +80,6 @@ DEFAULT_FAILURE_CODES: Mapping[int, str] = {
 }
 # Jobs take tens of seconds; 10 min before giving up (a rerun resumes polling the task id).
 DEFAULT_POLL_POLICY = PollPolicy(initial_s=2.0, max_interval_s=10.0, factor=1.5, deadline_s=600.0)
-
-
-# UNVERIFIED placeholder: doc 003 documents no code but 0 (success). These are the codes the
-# project's emulator answers (our assumption, see emulator/hidream.py), so errors get
-# names; replace them once live calls show the vendor's. With an HTTP error status the status
-# decides the kind (401/403/402 fatal, 429/5xx transient, other 4xx permanent); this table
-# decides only for codes arriving with a 2xx, and unknown codes are permanent.
-ERROR_TABLE: Mapping[int, ErrorSpec] = {
-    40001: ErrorSpec("INVALID_PARAMETER", ErrorKind.PERMANENT, "invalid request parameter"),
-    40002: ErrorSpec("INVALID_IMAGE", ErrorKind.PERMANENT, "image unreadable or unfetchable"),
-    40003: ErrorSpec("IMAGE_SIZE", ErrorKind.PERMANENT, "image size outside the limits"),
-    40101: ErrorSpec("UNAUTHORIZED", ErrorKind.FATAL, "no credentials"),
-    40102: ErrorSpec("INVALID_TOKEN", ErrorKind.FATAL, "invalid token"),
-    40201: ErrorSpec("INSUFFICIENT_CREDITS", ErrorKind.FATAL, "not enough credits"),
-    40401: ErrorSpec("TASK_NOT_FOUND", ErrorKind.PERMANENT, "unknown or expired task id"),
-    50000: ErrorSpec("INTERNAL_ERROR", ErrorKind.TRANSIENT, "internal server error"),
-}
 
 
 # -- pure parsing: a response (status, headers, body) -> value or classified ProviderError -----
@@ -153,12 +136,13 @@ def _checked_payload(
     if is_error_status:
         kind, name = classify_status(status, fatal=FATAL_STATUSES)
         if spec is not None and status != 429:
-            name = spec.name
+            name = spec.name or name
         ctx.fail(kind, name, f"HTTP {status}, code {code}: {message}")
     if code == 0:
         return payload
     if spec is not None:
-        ctx.fail(spec.kind, spec.name, f"code {code} {spec.name} ({spec.meaning}): {message}")
+        name = spec.name or f"CODE_{code}"
+        ctx.fail(spec.kind, name, f"code {code} {name} ({spec.meaning}): {message}")
     ctx.fail(ErrorKind.PERMANENT, "UNKNOWN_CODE", f"unknown code {code} (HTTP {status}): {message}")
 
 
@@ -293,14 +277,14 @@ class HiDreamClient(AsyncJobClient):
     """HiDream vton over httpx. The API key is held as ``SecretStr`` and never echoed."""
 
     name: ClassVar[str] = NAME
-    capabilities: ClassVar[Capabilities] = Capabilities(lower_garment=True, async_jobs=True)
+    capabilities: ClassVar[Capabilities] = CAPABILITIES
     poll_policy: PollPolicy = DEFAULT_POLL_POLICY
 
     def __init__(
         self,
         *,
         http: httpx.AsyncClient,
-        profile: ImageProfile = HIDREAM,
+        profile: ImageProfile = PROFILE,
         api_key: SecretStr,
         base_url: str,
         image_transport: ImageTransport = "base64",
@@ -339,7 +323,7 @@ class HiDreamClient(AsyncJobClient):
         cls,
         *,
         http: httpx.AsyncClient,
-        profile: ImageProfile = HIDREAM,
+        profile: ImageProfile = PROFILE,
         **options: Any,
     ) -> HiDreamClient:
         """Key from ``HIDREAM_API_KEY``, base URL from ``TRYON_HIDREAM_BASE_URL``; ``options``
@@ -348,7 +332,7 @@ class HiDreamClient(AsyncJobClient):
             http=http,
             profile=profile,
             api_key=key_from_env(API_KEY_ENV, provider=NAME),
-            base_url=settings.base_url(NAME),
+            base_url=settings.base_url(NAME, DEFAULT_BASE_URL),
             **options,
         )
 

@@ -29,19 +29,24 @@ from providers.base import (
     TryOnResult,
     parse_retry_after,
 )
+from providers.changeclothes.errors import ERROR_TABLE
+from providers.changeclothes.settings import (
+    API_KEY_ENV,
+    CAPABILITIES,
+    DEFAULT_BASE_URL,
+    NAME,
+    PROFILE,
+)
 from providers.common import (
-    ErrorSpec,
     classify_status,
     guard_transport,
     key_from_env,
     redact_secrets,
     require_key,
 )
-from schemas.limits import CHANGECLOTHES, ImageProfile
+from schemas.image_profile import ImageProfile
 from schemas.results import ErrorKind
 
-NAME = "changeclothes"
-API_KEY_ENV = "CHANGECLOTHES_API_KEY"
 GARMENT_PATH = "/api/openapi/change-clothes-ai"
 PROMPT_PATH = "/api/openapi/change-clothes-by-prompt"
 # The doc names no request-id header; these are the usual ones (cf-ray: Cloudflare's).
@@ -50,22 +55,6 @@ SEED_MAX = 2_147_483_647
 
 ImageTransport = Literal["file", "data_uri", "url"]
 _log = logging.getLogger(__name__)
-
-
-# The doc's response codes (both endpoints share them). Kinds are our reading of each meaning.
-ERROR_TABLE: dict[int, ErrorSpec] = {
-    500: ErrorSpec("SERVER_ERROR", ErrorKind.TRANSIENT, "internal server error"),
-    10001: ErrorSpec("NOT_LOGIN", ErrorKind.FATAL, "user not authenticated"),
-    10002: ErrorSpec("USER_NOT_EXIST", ErrorKind.FATAL, "user does not exist"),
-    10003: ErrorSpec("INSUFFICIENT_CREDITS", ErrorKind.FATAL, "not enough credits"),
-    10004: ErrorSpec("INVALID_PARAM", ErrorKind.PERMANENT, "invalid parameters"),
-    10005: ErrorSpec("HARMFUL_CONTENT", ErrorKind.PERMANENT, "harmful content detected"),
-    10006: ErrorSpec("INSUFFICIENT_TRAIL_COUNT", ErrorKind.FATAL, "trial usage limit exceeded"),
-    # A processing failure on their side: worth one retry.
-    20001: ErrorSpec("TRY_ON_EXCEPTION", ErrorKind.TRANSIENT, "processing failed"),
-    30001: ErrorSpec("INVALID_API_KEY", ErrorKind.FATAL, "invalid API key"),
-    30002: ErrorSpec("INVALID_SIGNATURE", ErrorKind.FATAL, "invalid request signature"),
-}
 
 
 class PromptOptions(BaseModel):
@@ -134,7 +123,8 @@ def parse_response(
         return _success(payload, request_id, fail)
     spec = ERROR_TABLE.get(code)
     if spec is not None:
-        fail(spec.kind, spec.name, f"code {code} {spec.name} ({spec.meaning}): {msg}")
+        name = spec.name or f"CODE_{code}"
+        fail(spec.kind, name, f"code {code} {name} ({spec.meaning}): {msg}")
     # Not a vendor code; a gateway in front may still be saying "slow down" or "try later".
     kind, name = classify_status(status)
     if status == 429 or status >= 500 or status in (401, 403):
@@ -185,15 +175,13 @@ class ChangeClothesClient(TryOnClient):
     """ChangeClothesAI over httpx. The API key is held as ``SecretStr`` and never echoed."""
 
     name: ClassVar[str] = NAME
-    capabilities: ClassVar[Capabilities] = Capabilities(
-        prompt=True, lower_garment=False, garment_optional=True
-    )
+    capabilities: ClassVar[Capabilities] = CAPABILITIES
 
     def __init__(
         self,
         *,
         http: httpx.AsyncClient,
-        profile: ImageProfile = CHANGECLOTHES,
+        profile: ImageProfile = PROFILE,
         api_key: SecretStr,
         base_url: str,
         image_transport: ImageTransport = "file",
@@ -215,7 +203,7 @@ class ChangeClothesClient(TryOnClient):
         cls,
         *,
         http: httpx.AsyncClient,
-        profile: ImageProfile = CHANGECLOTHES,
+        profile: ImageProfile = PROFILE,
         image_transport: ImageTransport = "file",
         timeout: float = 120.0,
         prompt_options: PromptOptions | None = None,
@@ -225,7 +213,7 @@ class ChangeClothesClient(TryOnClient):
             http=http,
             profile=profile,
             api_key=key_from_env(API_KEY_ENV, provider=NAME),
-            base_url=settings.base_url(NAME),
+            base_url=settings.base_url(NAME, DEFAULT_BASE_URL),
             image_transport=image_transport,
             timeout=timeout,
             prompt_options=prompt_options,

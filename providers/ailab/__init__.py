@@ -1,0 +1,38 @@
+"""AILabTools: Try on Clothes (a provider) and its Refiner (chained onto any provider's coarse
+result with ``--refine``). One account, one wire: two specs."""
+
+from __future__ import annotations
+
+from providers.ailab.settings import (
+    API_KEY_ENV,
+    CAPABILITIES,
+    DEFAULT_BASE_URL,
+    MAX_IN_FLIGHT,
+    NAME,
+    PROFILE,
+    REFINER_MAX_IN_FLIGHT,
+    REFINER_NAME,
+    REFINER_PROFILE,
+)
+from providers.base import Capabilities
+from providers.spec import ProviderSpec
+
+SPEC = ProviderSpec(
+    name=NAME,
+    client_path="providers.ailab.client:AILabTryOnClient",
+    profile=PROFILE,
+    max_in_flight=MAX_IN_FLIGHT,
+    capabilities=CAPABILITIES,
+    default_base_url=DEFAULT_BASE_URL,
+    credential_env=(API_KEY_ENV,),
+)
+# The try-on account's endpoint and key. No rows are planned against it: no request shapes.
+REFINER_SPEC = ProviderSpec(
+    name=REFINER_NAME,
+    client_path="providers.ailab.client:AILabRefinerClient",
+    profile=REFINER_PROFILE,
+    max_in_flight=REFINER_MAX_IN_FLIGHT,
+    capabilities=Capabilities(),
+    default_base_url=DEFAULT_BASE_URL,
+    credential_env=(API_KEY_ENV,),
+)
