@@ -18,7 +18,7 @@ from typing import Literal, Protocol
 import httpx
 
 from providers.base import ProviderError, RefinerClient, TryOnClient
-from schemas.limits import ImageProfile
+from schemas.image_profile import ImageProfile
 from schemas.results import RowRecord
 from tasks.images import PreparedImageCache
 from tasks.lake import Lake
