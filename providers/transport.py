@@ -17,8 +17,9 @@ and ``httpx.TransportError`` as they would with httpx's own transport.
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import aiohttp
 import aiohttp.abc
@@ -40,6 +41,37 @@ _ERRORS: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
     (aiohttp.ClientError, httpx.TransportError),
     (TimeoutError, httpx.PoolTimeout),  # aiohttp's own wait for a free connection
 )
+
+
+class CallNotSent(Exception):
+    """A call's first request, stopped by its send gate before any byte of it left."""
+
+
+# The gate of the provider call in progress in this task (``gated_call``): asked right before
+# the call's first request goes out, after every await of the caller's own checks, so a
+# run-fatal error learnt meanwhile still stops it. Later requests of the call (polls,
+# downloads) are not gated: the job they follow was accepted.
+_CALL_GATE: ContextVar[Callable[[], bool] | None] = ContextVar("provider_call_gate", default=None)
+
+
+@contextmanager
+def gated_call(may_send: Callable[[], bool]) -> Iterator[None]:
+    """Within the block, the first request sent on this task goes out only if ``may_send()``;
+    else it raises ``CallNotSent`` and the provider never sees it."""
+    token = _CALL_GATE.set(may_send)
+    try:
+        yield
+    finally:
+        _CALL_GATE.reset(token)
+
+
+def _pass_gate(request: httpx.Request) -> None:
+    gate = _CALL_GATE.get()
+    if gate is None:
+        return
+    _CALL_GATE.set(None)  # the call's first request only
+    if not gate():
+        raise CallNotSent(f"{request.method} {request.url.host}: not sent (stopped by its gate)")
 
 
 def _mapped(exc: BaseException) -> httpx.TransportError | None:
@@ -121,6 +153,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         session = self._open()
         timeouts = request.extensions.get("timeout", {})
         body = await request.aread()  # multipart bodies are built in memory by httpx anyway
+        _pass_gate(request)  # no await between this check and aiohttp writing the request
         with _map_errors(request):
             response = await session.request(
                 request.method,

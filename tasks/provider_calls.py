@@ -12,6 +12,7 @@ from typing import Protocol, TypeVar
 from PIL import Image
 
 from providers.base import OnSubmitted, ProviderError, TryOnResult
+from providers.transport import CallNotSent, gated_call
 from schemas.results import ErrorKind, RowRecord
 from tasks.images import ImageInputError
 from tasks.run_context import Lane, RunContext
@@ -111,7 +112,19 @@ async def call_provider(
             if lane.state.fatal:
                 raise lane.state.fatal
             attempts[0] += 1
-            return await submit(on_submitted)
+            try:
+                # Checked again as the submission leaves: another row may learn of a fatal
+                # error while this one builds its request.
+                with gated_call(lambda: lane.state.fatal is None):
+                    return await submit(on_submitted)
+            except CallNotSent:
+                attempts[0] -= 1  # nothing reached the provider
+                raise lane.state.fatal or ProviderError(
+                    kind=ErrorKind.FATAL,
+                    code="NOT_SENT",
+                    message="stopped before sending",
+                    provider=lane.name,
+                ) from None
 
     return await with_retries(ctx, one_call)
 

@@ -16,7 +16,12 @@ import httpx
 import pytest
 
 from providers.common import guard_transport
-from providers.transport import AiohttpTransport, provider_http_client
+from providers.transport import (
+    AiohttpTransport,
+    CallNotSent,
+    gated_call,
+    provider_http_client,
+)
 
 Handler = Callable[[str, dict[str, str], bytes, asyncio.StreamWriter], Awaitable[bool]]
 
@@ -184,3 +189,34 @@ async def test_pool_limit_is_honoured(base_url: str) -> None:
         session = transport._session
         assert session is not None and session.connector is not None
         assert session.connector.limit == 2
+
+
+async def test_a_gated_call_sends_nothing_when_its_gate_closes_at_the_last_moment() -> None:
+    """The gate is asked as the first request leaves, after the caller's own awaits."""
+    requests: list[str] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        requests.append(head.decode("latin-1").split(" ")[1])
+        await _respond(writer, "200 OK", b"ok")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    stopped = False
+    try:
+        async with client() as http:
+            with gated_call(lambda: not stopped):
+                stopped = True  # a fatal error learnt while the request was being built
+                with pytest.raises(CallNotSent):
+                    await http.post(f"{url}/submit", content=b"x")
+            assert requests == []
+            with gated_call(lambda: True):
+                await http.post(f"{url}/submit", content=b"x")
+                # The call's later requests (polls, downloads) are not gated.
+                stopped = True
+                assert (await http.get(f"{url}/poll")).status_code == 200
+            assert (await http.get(f"{url}/outside")).status_code == 200  # no call, no gate
+    finally:
+        server.close()
+    assert requests == ["/submit", "/poll", "/outside"]
