@@ -470,6 +470,17 @@ def credits(ctx: dict[str, Any]) -> dict[str, Any]:
             if learnt is not None
             else None
         )
+        if learnt is not None:
+            fatal = [c for c in calls1 if c.provider == "changeclothes" and c.status == 402]
+            first_answer = log1.clock0_unix + min(c.answered_s for c in fatal) if fatal else None
+            acc1["run_learnt_ms_after_first_fatal_answer"] = (
+                round(1000 * (learnt - first_answer), 3) if first_answer else None
+            )
+            acc1["arrived_ms_after_the_run_learnt"] = sorted(
+                round(1000 * (log1.clock0_unix + c.arrived_s - learnt), 3)
+                for c in calls1
+                if c.provider == "changeclothes" and log1.clock0_unix + c.arrived_s > learnt
+            )
         tryon1 = frame1.filter(pl.col("stage") == "tryon")
         skipped = tryon1.filter(pl.col("status") == "skipped")
         refused_rows = tryon1.filter(
