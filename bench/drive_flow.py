@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.batch import BatchIncomplete, BatchParams, tryon_batch
 
     if args.what_if_inline_io:
-        _inline_small_io()
+        inline_small_io()
     params = BatchParams(
         manifest=args.manifest,
         lake=args.lake,
@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _inline_small_io() -> None:
-    """Make ``asyncio.to_thread`` call ``_sniff_extension`` and ``Lake.write_bytes`` inline."""
+def inline_small_io() -> None:
+    """Make ``asyncio.to_thread`` call ``_sniff_extension`` and ``Lake.write_bytes`` inline
+    (also ``bench.ladder``'s ``process-inline-io`` rung)."""
     original = asyncio.to_thread
     inline = {"_sniff_extension", "write_bytes"}
 

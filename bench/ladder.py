@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from bench.drive_flow import inline_small_io
 from providers.base import PreparedImage, TryOnRequest
 from providers.changeclothes.client import ChangeClothesClient
 from providers.changeclothes.settings import PROFILE as CHANGECLOTHES
@@ -71,22 +72,10 @@ async def _client_only(
     return sum(done)
 
 
-def _inline_small_io() -> None:
-    original = asyncio.to_thread
-    inline = {"_sniff_extension", "write_bytes"}
-
-    async def to_thread(func, /, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if getattr(func, "__name__", "") in inline:
-            return func(*args, **kwargs)
-        return await original(func, *args, **kwargs)
-
-    asyncio.to_thread = to_thread
-
-
 async def run(mode: str, manifest: str, out: Path, max_in_flight: int) -> dict[str, Any]:
     rows = load_manifest(manifest, known_providers=["changeclothes"]).valid
     if mode == "process-inline-io":
-        _inline_small_io()
+        inline_small_io()
     timeout = httpx.Timeout(180.0, connect=10.0)
     async with provider_http_client(
         max_connections=rows_in_progress(max_in_flight), timeout=timeout

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -41,7 +40,17 @@ from typing import Any
 import polars as pl
 
 from bench import data, procs
-from bench.run import PY, REPO, PrefectServer, code_digest, git_state, machine_facts, run_child
+from bench.run import (
+    PY,
+    REPO,
+    PrefectServer,
+    child_env,
+    clean_up,
+    code_digest,
+    git_state,
+    machine_facts,
+    run_child,
+)
 from emulator.control import EmulatorCall, EmulatorControl, EmulatorStats
 from emulator.keys import accepted_keys
 
@@ -368,18 +377,25 @@ def start_emulator(ctx: dict[str, Any], name: str) -> FaultyEmulator:
     return FaultyEmulator(ctx["tmp"], ctx["env"], name, spec["provider"], spec["faults"])
 
 
+def run_to_the_end(
+    ctx: dict[str, Any], emulator: FaultyEmulator, provider: str, name: str
+) -> tuple[list[dict[str, Any]], dict[str, Any], str | None]:
+    """The scenario's flow run, and one rerun if rows that could succeed did not (a transient
+    failure outlived its attempts): the runs, the row figures, the rerun's note."""
+    lake, rows_total = ctx["tmp"] / f"lake-{name}", ctx["rows"]
+    runs = [run_flow(ctx, emulator, provider, lake, name)]
+    rows = row_figures(metadata(lake), rows_total)
+    if rows["rows_done"] >= rows_total - rows["rows_failed_permanently"]:
+        return runs, rows, None
+    runs.append(run_flow(ctx, emulator, provider, lake, f"{name}-rerun"))
+    return runs, row_figures(metadata(lake), rows_total), "rerun of unfinished rows"
+
+
 def sync_faults(ctx: dict[str, Any]) -> dict[str, Any]:
     name, rows_total = "sync_faults", ctx["rows"]
     emulator = start_emulator(ctx, name)
     try:
-        lake = ctx["tmp"] / f"lake-{name}"
-        runs = [run_flow(ctx, emulator, "changeclothes", lake, name)]
-        rows = row_figures(metadata(lake), rows_total)
-        recoverable = rows_total - rows["rows_failed_permanently"]
-        rerun = None
-        if rows["rows_done"] < recoverable:  # a transient failure outlived its attempts
-            runs.append(run_flow(ctx, emulator, "changeclothes", lake, f"{name}-rerun"))
-            rows, rerun = row_figures(metadata(lake), rows_total), "rerun of unfinished rows"
+        runs, rows, rerun = run_to_the_end(ctx, emulator, "changeclothes", name)
         calls = emulator.control.calls().calls
         accounting = sync_accounting(calls, rows["rows_done"])
         return {
@@ -407,13 +423,7 @@ def async_faults(ctx: dict[str, Any]) -> dict[str, Any]:
     name, rows_total = "async_faults", ctx["rows"]
     emulator = start_emulator(ctx, name)
     try:
-        lake = ctx["tmp"] / f"lake-{name}"
-        runs = [run_flow(ctx, emulator, "hidream", lake, name)]
-        rows = row_figures(metadata(lake), rows_total)
-        rerun = None
-        if rows["rows_done"] < rows_total - rows["rows_failed_permanently"]:
-            runs.append(run_flow(ctx, emulator, "hidream", lake, f"{name}-rerun"))
-            rows, rerun = row_figures(metadata(lake), rows_total), "rerun of unfinished rows"
+        runs, rows, rerun = run_to_the_end(ctx, emulator, "hidream", name)
         stats, calls = emulator.control.stats(), emulator.control.calls().calls
         accounting = async_accounting(calls, stats)
         # Permanently failed by design: the jobs the fault plan failed (emulator) must be the
@@ -745,11 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="tryon-reliability-"))
     log(f"work dir {tmp}")
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRYON_"))}
-    for key in ("CHANGECLOTHES_API_KEY", "HIDREAM_API_KEY"):
-        base_env.pop(key, None)
-    base_env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    base_env["PYTHONUNBUFFERED"] = "1"
+    base_env = child_env(drop=("CHANGECLOTHES_API_KEY", "HIDREAM_API_KEY"))
     server: PrefectServer | None = None
     scenarios: dict[str, Any] = {}
     try:
@@ -795,12 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
             list(pool.map(run_lane, [lane for lane in lanes if lane]))
     finally:
-        if server is not None:
-            procs.stop(server.proc)
-        if args.keep_tmp:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        clean_up(tmp, keep=args.keep_tmp, children=(server,), say=log)
 
     ordered = {name: scenarios[name] for name in SCENARIOS if name in scenarios}
     report: dict[str, Any] = {

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata
@@ -537,6 +537,30 @@ def git_state() -> dict[str, Any]:
     return {"commit": head, "modified": [ln[3:] for ln in dirty.splitlines() if ln.strip()]}
 
 
+def child_env(*, drop: tuple[str, ...] = ()) -> dict[str, str]:
+    """This environment for the children (emulators, Prefect server, flows): without its
+    PREFECT_/TRYON_ settings and the variables in ``drop`` (keys the emulators must not take
+    from it), analytics off, output unbuffered."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRYON_"))}
+    for key in drop:
+        env.pop(key, None)
+    return {**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def clean_up(
+    tmp: Path, *, keep: bool, children: Iterable[Any], say: Callable[[str], None] = log
+) -> None:
+    """Stop the long-lived children (those started: None is skipped), then remove the work
+    dir ``tmp`` unless it is to be kept (``say`` logs that)."""
+    for child in children:
+        if child is not None:
+            procs.stop(child.proc)
+    if keep:
+        say(f"kept {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def code_digest() -> str:
     """A digest of the product code (what the subprocesses import), to detect edits mid-run."""
     digest = hashlib.sha256()
@@ -597,10 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="tryon-bench-"))
     log(f"work dir {tmp}")
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRYON_"))}
-    base_env.pop("CHANGECLOTHES_API_KEY", None)
-    base_env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    base_env["PYTHONUNBUFFERED"] = "1"
+    base_env = child_env(drop=("CHANGECLOTHES_API_KEY",))
     emulator: Emulator | None = None
     server: PrefectServer | None = None
     results: dict[str, Any] = {}
@@ -671,13 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             "emulator_ready_s": round(emulator.ready_s, 1),
         }
     finally:
-        for child in (server, emulator):
-            if child is not None:
-                procs.stop(child.proc)
-        if args.keep_tmp:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        clean_up(tmp, keep=args.keep_tmp, children=(server, emulator))
 
     if quick:
         # Rename the sized keys so a quick run is never mistaken for the real figures.

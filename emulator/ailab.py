@@ -21,9 +21,7 @@ like the injected rate limit).
 
 from __future__ import annotations
 
-import hmac
 import io
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,14 +40,17 @@ from starlette.routing import Route
 from emulator import common, composite
 from emulator.common import (
     FORM_LIMITS,
+    INJECTED,
+    Admitted,
+    Credit,
     GatewayAnswers,
+    VendorApi,
     cache_key,
     is_multipart,
-    pass_gateway,
 )
 from emulator.jobs import EmulatedJob, JobPhase
 from emulator.keys import accepted_key
-from emulator.state import EmulatorState, QuotaError, QuotaTicket
+from emulator.state import EmulatorState, QuotaError
 
 PROVIDER = "ailab"
 API_KEY_ENV = "AILAB_API_KEY"
@@ -154,8 +155,6 @@ RATE_LIMIT_MESSAGE = "Too Many Requests"
 # "MB" in the docs read as MiB.
 # ------------------------------------------------------------------------------------------------
 
-_log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True, slots=True)
 class ImageRule:
@@ -206,11 +205,12 @@ def envelope(status: int, code: str = "", detail: str = "") -> dict[str, Any]:
     }
 
 
-class _AILabApi:
+class _AILabApi(VendorApi[str]):
+    error_type = VendorError
+    internal_error = "SERVICE_INTERNAL_ERROR"
+
     def __init__(self, state: EmulatorState) -> None:
-        self.state = state
-        self.provider = state.provider(PROVIDER)
-        self.api_key = accepted_key(API_KEY_ENV)
+        super().__init__(state, PROVIDER, accepted_key(API_KEY_ENV))
         self.gateway = GatewayAnswers(
             # A hang ends in the vendor's AI_SERVICE_TIMEOUT (504), counted as that code too.
             timed_out=partial(self._error, "AI_SERVICE_TIMEOUT", "upstream timed out"),
@@ -219,66 +219,40 @@ class _AILabApi:
         )
 
     async def try_on(self, request: Request) -> Response:
-        return await self._call(request, self._try_on, charge=True)
+        return await self._call(request, partial(self._account_call, self._try_on, charge=True))
 
     async def refine(self, request: Request) -> Response:
-        return await self._call(request, self._refine, charge=True)
+        return await self._call(request, partial(self._account_call, self._refine, charge=True))
 
     async def query(self, request: Request) -> Response:
-        return await self._call(request, self._query, charge=False)
+        return await self._call(request, partial(self._account_call, self._query, charge=False))
 
     # -- one call, in the order a real gateway + service would answer --------------------------
 
-    async def _call(
+    async def _account_call(
         self,
-        request: Request,
         process: Callable[[Request], Awaitable[Response]],
+        request: Request,
+        admitted: Admitted,
+        credit: Credit,
         *,
         charge: bool,
     ) -> Response:
-        ps = self.provider
-        admitted = await pass_gateway(request, ps, self.gateway)
-        if isinstance(admitted, Response):
-            return admitted
-        try:
-            ticket: QuotaTicket | None = None
+        token = self._authenticate(request)
+        if charge:
             try:
-                token = self._authenticate(request)
-                if charge:
-                    try:
-                        ticket = ps.take_quota(token, self.state.config.trial_keys.get(token))
-                    except QuotaError:
-                        raise VendorError("ERROR_NOT_ENOUGH_CREDITS") from None
-                response = await process(request)
-            except VendorError as exc:
-                if ticket is not None:
-                    ticket.refund()
-                return self._error(exc.code, exc.detail)
-            except Exception:
-                if ticket is not None:
-                    ticket.refund()
-                _log.exception("emulator: ailab call failed")
-                return self._error("SERVICE_INTERNAL_ERROR", "unexpected emulator failure")
-            if ticket is not None:
-                ticket.commit()
-            ps.record(response.status_code)
-            return response
-        finally:
-            await admitted.answer_at_deadline(request)
+                credit.take(token, self.state.config.trial_keys.get(token))
+            except QuotaError:
+                raise VendorError("ERROR_NOT_ENOUGH_CREDITS") from None
+        return await process(request)
 
     def _authenticate(self, request: Request) -> str:
         token = request.headers.get(KEY_HEADER)
         if not token:
             raise VendorError(MISSING_KEY_CODE, f"header {KEY_HEADER} is missing")
-        if hmac.compare_digest(token.encode(), self.api_key.encode()):
-            return token
-        config = self.state.config
-        if token in config.deleted_user_keys:
-            raise VendorError("ERROR_USER_NOT_EXISTS")
-        if token in config.trial_keys:
-            return token
-        echo = common.echoed(config.echo_credentials, KEY_HEADER, token)
-        raise VendorError("ERROR_APPLICATIONS_NOT_EXISTS", echo)
+        if not self._known_key(token, deleted="ERROR_USER_NOT_EXISTS"):
+            raise VendorError("ERROR_APPLICATIONS_NOT_EXISTS", self._echo(KEY_HEADER, token))
+        return token
 
     # -- the endpoints ------------------------------------------------------------------------
 
@@ -289,13 +263,7 @@ class _AILabApi:
             person = await self._image(form, "person_image", TRYON_RULE)
             garment = await self._image(form, "clothes_image", TRYON_RULE)
         region = CLOTHES_TYPES[clothes_type]
-        max_side = self.state.config.composite_max_side
-        if self.state.config.fast_mode:
-            key = f"fast|ailab|{region}|{max_side}"
-            compute = partial(composite.prerendered, "garment", region, max_side)
-        else:
-            key = cache_key("ailab-tryon", region, str(max_side), person, garment)
-            compute = partial(composite.render_garment, person, garment, region, max_side=max_side)
+        key, compute = common.garment_render(self.state, person, garment, region, label="ailab")
 
         async def render() -> bytes:
             rendered = await self.state.composites.get_or_compute(key, compute)
@@ -331,11 +299,10 @@ class _AILabApi:
         plan = self.provider.plan
         # Always draw, so the failure rate's setting never shifts later draws.
         will_fail = self.provider.seed_rng.random() < plan.async_failure_rate
-        base = str(request.base_url).rstrip("/")
+        base = common.base_url(request)
 
         async def stored() -> str:
-            token = self.state.results.put(await render(), "image/webp")
-            return f"{base}/files/{token}.webp"
+            return common.store_result(self.state, base, await render())
 
         job = self.state.jobs.submit(
             provider=PROVIDER,
@@ -428,19 +395,15 @@ class _AILabApi:
         return data
 
     def _forced(self, forced: int | str) -> Response:
-        if isinstance(forced, int):
-            if forced == 429:
-                return self._rate_limited()
+        if isinstance(forced, int):  # a bare status (a 429 is the gateway's, see pass_gateway)
             self.provider.record(forced)
             return JSONResponse(envelope(forced, "", "injected status"), status_code=forced)
-        return self._error(forced, "injected by the emulator's fault plan")
+        return self._error(forced, INJECTED)
 
     def _rate_limited(self) -> Response:
-        self.provider.record(429)
         body = envelope(429)
         body["error_msg"] = body["error_detail"]["code_message"] = RATE_LIMIT_MESSAGE
-        headers = {"Retry-After": str(self.provider.plan.retry_after_s)}
-        return JSONResponse(body, status_code=429, headers=headers)
+        return common.rate_limited(self.provider, body)
 
     def _error(self, code: str, detail: str | None = None) -> Response:
         self.provider.record(code)

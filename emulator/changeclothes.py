@@ -14,8 +14,6 @@ Requests"}``; a 5xx is an HTML 503 from "the load balancer".
 
 from __future__ import annotations
 
-import hmac
-import logging
 import math
 import re
 from collections.abc import Awaitable, Callable
@@ -31,16 +29,19 @@ from starlette.routing import Route
 from emulator import common, composite
 from emulator.common import (
     FORM_LIMITS,
+    INJECTED,
+    Admitted,
+    Credit,
     GatewayAnswers,
     InputError,
+    VendorApi,
     cache_key,
     is_multipart,
-    pass_gateway,
     read_image_field,
     text_field,
 )
 from emulator.keys import accepted_key
-from emulator.state import EmulatorState, QuotaError, QuotaTicket
+from emulator.state import EmulatorState, QuotaError
 
 PROVIDER = "changeclothes"
 API_KEY_ENV = "CHANGECLOTHES_API_KEY"
@@ -66,9 +67,6 @@ CODES: dict[int, tuple[str, int]] = {
     30002: ("INVALID_SIGNATURE", 401),
 }
 
-_BEARER = re.compile(r"^Bearer (\S+)$", re.IGNORECASE)  # RFC 7235: the scheme is case-blind
-_log = logging.getLogger(__name__)
-
 
 class VendorError(common.VendorError[int]):
     """Ends a call with one of the vendor's codes (see ``CODES``)."""
@@ -83,85 +81,60 @@ def routes(state: EmulatorState) -> list[Route]:
     ]
 
 
-class _ChangeClothesApi:
+_Process = Callable[[Request, FormData], Awaitable[dict[str, Any]]]
+
+
+class _ChangeClothesApi(VendorApi[int]):
+    error_type = VendorError
+    internal_error = 500
+
     def __init__(self, state: EmulatorState) -> None:
-        self.state = state
-        self.provider = state.provider(PROVIDER)
-        self.api_key = accepted_key(API_KEY_ENV)
+        super().__init__(state, PROVIDER, accepted_key(API_KEY_ENV))
         self.gateway = GatewayAnswers(
             # A hang ends in the service's own code 500 (counted once, as the timeout).
             timed_out=partial(self._json, 500, "SERVER_ERROR: upstream timed out"),
             rate_limited=self._rate_limited,
-            forced=partial(self._error, detail="injected by the emulator's fault plan"),
+            forced=partial(self._error, detail=INJECTED),
         )
 
     async def garment(self, request: Request) -> Response:
-        return await self._call(request, self._garment)
+        return await self._call(request, partial(self._form_call, self._garment))
 
     async def prompt(self, request: Request) -> Response:
-        return await self._call(request, self._prompt)
+        return await self._call(request, partial(self._form_call, self._prompt))
 
-    # -- one call, in the order a real gateway + service would answer --------------------------
+    # -- one call, in the order a real service would answer ----------------------------------
 
-    async def _call(
-        self, request: Request, process: Callable[[Request, FormData], Awaitable[dict[str, Any]]]
+    async def _form_call(
+        self, process: _Process, request: Request, admitted: Admitted, credit: Credit
     ) -> Response:
-        ps = self.provider
-        admitted = await pass_gateway(request, ps, self.gateway)
-        if isinstance(admitted, Response):
-            return admitted
+        token = self._authenticate(request)
         try:
-            ticket: QuotaTicket | None = None
-            try:
-                token = self._authenticate(request)
-                try:
-                    ticket = ps.take_quota(token, self.state.config.trial_keys.get(token))
-                except QuotaError as exc:
-                    echo = common.echoed(self.state.config.echo_credentials, "API key", token)
-                    raise VendorError(10006 if exc.reason == "trial" else 10003, echo) from None
-                if not is_multipart(request):
-                    raise VendorError(10004, "content-type must be multipart/form-data")
-                try:
-                    async with request.form(**FORM_LIMITS) as form:
-                        data = await process(request, form)
-                except MultiPartException as exc:
-                    raise VendorError(10004, f"malformed multipart body: {exc.message}") from None
-                except InputError as exc:
-                    raise VendorError(10004, str(exc)) from None
-                except composite.UndecodableImage as exc:
-                    raise VendorError(10004, f"image could not be decoded: {exc}") from None
-            except VendorError as exc:
-                if ticket is not None:
-                    ticket.refund()
-                return self._error(exc.code, exc.detail)
-            except Exception:
-                if ticket is not None:
-                    ticket.refund()
-                _log.exception("emulator: changeclothes call failed")
-                return self._error(500, "unexpected emulator failure")
-            assert ticket is not None  # every path without one returned above
-            ticket.commit()
-            ps.record(200)
-            return JSONResponse(data)
-        finally:
-            await admitted.answer_at_deadline(request)
+            credit.take(token, self.state.config.trial_keys.get(token))
+        except QuotaError as exc:
+            echo = self._echo("API key", token)
+            raise VendorError(10006 if exc.reason == "trial" else 10003, echo) from None
+        if not is_multipart(request):
+            raise VendorError(10004, "content-type must be multipart/form-data")
+        try:
+            async with request.form(**FORM_LIMITS) as form:
+                return JSONResponse(await process(request, form))
+        except MultiPartException as exc:
+            raise VendorError(10004, f"malformed multipart body: {exc.message}") from None
+        except InputError as exc:
+            raise VendorError(10004, str(exc)) from None
+        except composite.UndecodableImage as exc:
+            raise VendorError(10004, f"image could not be decoded: {exc}") from None
 
     def _authenticate(self, request: Request) -> str:
-        header = request.headers.get("authorization")
-        if header is None:
-            raise VendorError(10001)
-        match = _BEARER.match(header)
-        if match is None:
-            raise VendorError(30002, "authorization must be 'Bearer <api key>'")
-        token = match[1]
-        if hmac.compare_digest(token.encode(), self.api_key.encode()):
-            return token
-        config = self.state.config
-        if token in config.deleted_user_keys:
-            raise VendorError(10002)
-        if token in config.trial_keys:
-            return token
-        raise VendorError(30001, common.echoed(config.echo_credentials, "API key", token))
+        token = self._bearer_token(
+            request,
+            missing=VendorError(10001),
+            malformed=VendorError(30002, "authorization must be 'Bearer <api key>'"),
+        )
+        if not self._known_key(token, deleted=10002):
+            raise VendorError(30001, self._echo("API key", token))
+        return token
 
     # -- the two endpoints ------------------------------------------------------------------
 
@@ -173,15 +146,7 @@ class _ChangeClothesApi:
         self._check_harmful(description, "garmentDesc")
         person = await self._image(form, "modelImg")
         garment = await self._image(form, "garmentImg")
-        max_side = self.state.config.composite_max_side
-        if self.state.config.fast_mode:
-            key = f"fast|garment|{category}|{max_side}"
-            compute = partial(composite.prerendered, "garment", category, max_side)
-        else:
-            key = cache_key("garment", category, str(max_side), person, garment)
-            compute = partial(
-                composite.render_garment, person, garment, category, max_side=max_side
-            )
+        key, compute = common.garment_render(self.state, person, garment, category, label="garment")
         rendered = await self.state.composites.get_or_compute(key, compute)
         return {
             "code": 200,
@@ -247,21 +212,12 @@ class _ChangeClothesApi:
                 raise VendorError(10005, f"{field} contains blocked content")
 
     def _store(self, request: Request, data: bytes) -> str:
-        token = self.state.results.put(data, "image/webp")
-        return f"{str(request.base_url).rstrip('/')}/files/{token}.webp"
+        return common.store_result(self.state, common.base_url(request), data)
 
     def _rate_limited(self) -> Response:
-        """The gateway's 429 (not a vendor code), with Retry-After."""
-        self.provider.record(429)
-        return JSONResponse(
-            {"code": 429, "msg": "Too Many Requests"},
-            status_code=429,
-            headers={"Retry-After": str(self.provider.plan.retry_after_s)},
-        )
+        return common.rate_limited(self.provider, {"code": 429, "msg": "Too Many Requests"})
 
     def _error(self, code: int, detail: str | None = None) -> Response:
-        if code == 429:  # a forced 429 looks like the gateway's
-            return self._rate_limited()
         self.provider.record(code)
         name, _ = CODES.get(code, ("UNKNOWN", 400))
         return self._json(code, f"{name}: {detail}" if detail else name)

@@ -1,5 +1,5 @@
-"""Wire-level helpers every emulated provider shares: the gateway's injected faults, image
-inputs, waiting, cache keys."""
+"""Wire-level helpers every emulated provider shares: the gateway's injected faults, the course
+of one call (``VendorApi``), image inputs, waiting, cache keys, stored results."""
 
 from __future__ import annotations
 
@@ -7,22 +7,31 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import hmac
+import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from functools import partial
+from typing import Any, ClassVar, Generic, TypeVar
 
 import httpx
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
-from emulator.state import ProviderState
+from emulator import composite
+from emulator.state import EmulatorState, ProviderState, QuotaTicket
 
 # Starlette's default caps a non-file part at 1 MB; a data: URI of a few-MB image is bigger.
 FORM_LIMITS: dict[str, int] = {"max_files": 16, "max_fields": 64, "max_part_size": 64 * 1024**2}
 
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)(?P<params>(;[^;,]*)*?);base64,", re.I)
+_BEARER = re.compile(r"^Bearer (\S+)$", re.IGNORECASE)  # RFC 7235: the scheme is case-blind
+# The detail of an error answered because the fault plan forced its code.
+INJECTED = "injected by the emulator's fault plan"
+
+_log = logging.getLogger(__name__)
 
 
 CodeT = TypeVar("CodeT", int, str)
@@ -85,9 +94,10 @@ class GatewayAnswers:
 
     Each callable builds that vendor's response; ``timed_out`` and ``rate_limited`` record in
     the stats what the vendor counts (the hang itself is counted as "timeout", a 5xx as 503).
-    ``forced``: the answer to a forced code popped after the latency; None where the vendor
-    takes forced codes itself (HiDream holds ``task_status:N`` for a submission, Tencent
-    answers them only after authentication).
+    ``forced``: the answer to a forced code popped after the latency (a forced 429 is the
+    gateway's own, ``rate_limited``); None where the vendor takes forced codes itself
+    (HiDream holds ``task_status:N`` for a submission, Tencent answers them only after
+    authentication).
     """
 
     timed_out: Callable[[], Response]
@@ -150,8 +160,134 @@ async def pass_gateway(
         forced = provider.pop_forced()
         if forced is not None:
             await sleep_unless_disconnected(request, decision.latency_s)
-            return answers.forced(forced)
+            return answers.rate_limited() if forced == 429 else answers.forced(forced)
     return Admitted(body, 0.0, deadline=arrived + decision.latency_s)
+
+
+def rate_limited(provider: ProviderState, body: dict[str, Any]) -> JSONResponse:
+    """The gateway's 429 (not a vendor code): ``body``, with the plan's ``Retry-After``."""
+    provider.record(429)
+    headers = {"Retry-After": str(provider.plan.retry_after_s)}
+    return JSONResponse(body, status_code=429, headers=headers)
+
+
+class Credit:
+    """The account credit one call takes (``ProviderState.take_quota``): given back unless the
+    call succeeds, so failures cost nothing."""
+
+    def __init__(self, provider: ProviderState) -> None:
+        self._provider = provider
+        self._ticket: QuotaTicket | None = None
+
+    def take(self, token: str, trial_limit: int | None) -> None:
+        """Reserve the call; raises ``QuotaError`` when the account (or trial key) has none left."""
+        self._ticket = self._provider.take_quota(token, trial_limit)
+
+    def refund(self) -> None:
+        if self._ticket is not None:
+            self._ticket.refund()
+
+    def commit(self) -> None:
+        if self._ticket is not None:
+            self._ticket.commit()
+
+
+# A route's own handling of an admitted call: the answer, or a ``VendorError``.
+Handler = Callable[[Request, Admitted, Credit], Awaitable[Response]]
+
+
+class VendorApi(Generic[CodeT]):
+    """One emulated account and the course of a call to it, shared by the route modules:
+    ``pass_gateway`` draws the plan's faults, then the route's handler runs; a credit it took
+    is given back unless the call succeeds, and the answer goes out at the plan's deadline.
+
+    A subclass sets ``gateway`` and names its ``VendorError`` subclass (``error_type``: only
+    that vendor's codes are caught), the code an emulator failure answers (``internal_error``)
+    and how a code is answered (``_error``, which counts it in the stats).
+    """
+
+    error_type: ClassVar[type[VendorError[Any]]]
+    internal_error: ClassVar[int | str]
+    gateway: GatewayAnswers
+
+    def __init__(self, state: EmulatorState, name: str, api_key: str) -> None:
+        self.state = state
+        self.provider = state.provider(name)
+        self.api_key = api_key
+
+    async def _call(self, request: Request, handle: Handler) -> Response:
+        admitted = await pass_gateway(request, self.provider, self.gateway)
+        if isinstance(admitted, Response):
+            return admitted
+        credit = Credit(self.provider)
+        try:
+            try:
+                response = await handle(request, admitted, credit)
+            except self.error_type as exc:
+                credit.refund()
+                return self._error(exc.code, exc.detail)
+            except Exception:
+                credit.refund()
+                _log.exception("emulator: %s call failed", self.provider.name)
+                return self._error(self.internal_error, "unexpected emulator failure")
+            credit.commit()
+            self.provider.record(response.status_code)
+            return response
+        finally:
+            await admitted.answer_at_deadline(request)
+
+    def _error(self, code: Any, detail: str | None = None) -> Response:
+        raise NotImplementedError
+
+    def _bearer_token(
+        self, request: Request, *, missing: VendorError[Any], malformed: VendorError[Any]
+    ) -> str:
+        """The token of an ``Authorization: Bearer <token>`` header; raises ``missing`` without
+        the header, ``malformed`` with another shape."""
+        header = request.headers.get("authorization")
+        if header is None:
+            raise missing
+        match = _BEARER.match(header)
+        if match is None:
+            raise malformed
+        return match[1]
+
+    def _known_key(self, token: str, *, deleted: CodeT) -> bool:
+        """Whether ``token`` is the account's key or a trial key (``EmulatorConfig.trial_keys``);
+        a deleted user's key raises the code ``deleted``."""
+        if hmac.compare_digest(token.encode(), self.api_key.encode()):
+            return True
+        config = self.state.config
+        if token in config.deleted_user_keys:
+            raise self.error_type(deleted)
+        return token in config.trial_keys
+
+    def _echo(self, what: str, value: str) -> str | None:
+        return echoed(self.state.config.echo_credentials, what, value)
+
+
+def garment_render(
+    state: EmulatorState, person: bytes, garment: bytes, category: str, *, label: str
+) -> tuple[str, Callable[[], composite.Rendered]]:
+    """The composite-cache key and the render of ``garment`` worn on ``person``: in fast mode
+    the category's prerendered picture, else the real composite. ``label`` keeps one route's
+    entries apart from another's."""
+    max_side = state.config.composite_max_side
+    if state.config.fast_mode:
+        fast = partial(composite.prerendered, "garment", category, max_side)
+        return f"fast|{label}|{category}|{max_side}", fast
+    key = cache_key(label, category, str(max_side), person, garment)
+    return key, partial(composite.render_garment, person, garment, category, max_side=max_side)
+
+
+def store_result(state: EmulatorState, base_url: str, data: bytes) -> str:
+    """Keep a rendered result (WEBP) for download; its URL under ``base_url``."""
+    token = state.results.put(data, "image/webp")
+    return f"{base_url}/files/{token}.webp"
+
+
+def base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
 
 
 def cache_key(*parts: str | bytes) -> str:

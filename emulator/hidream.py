@@ -37,16 +37,19 @@ from starlette.routing import Route
 
 from emulator import common, composite
 from emulator.common import (
+    INJECTED,
+    Admitted,
+    Credit,
     GatewayAnswers,
     InputError,
+    VendorApi,
     cache_key,
     decode_data_uri,
     fetch_url,
-    pass_gateway,
 )
 from emulator.jobs import EmulatedJob, JobPhase
 from emulator.keys import accepted_key
-from emulator.state import EmulatorState, QuotaError, QuotaTicket
+from emulator.state import EmulatorState, QuotaError
 
 PROVIDER = "hidream"
 API_KEY_ENV = "HIDREAM_API_KEY"
@@ -88,7 +91,6 @@ CODES: dict[int, tuple[str, int]] = {
 # ---- end of UNVERIFIED ------------------------------------------------------------------------
 
 FORCED_STATUS = re.compile(r"^task_status:(-?\d+)$")
-_BEARER = re.compile(r"^Bearer (\S+)$", re.IGNORECASE)  # RFC 7235: the scheme is case-blind
 _FAILURE_TEXT = {
     STATUS_FAILED: "generation failed (emulated)",
     STATUS_MODERATED: "the result did not pass moderation (emulated)",
@@ -130,71 +132,52 @@ class _JobRender:
         compute, self._compute = self._compute, None
         assert compute is not None
         data = await self.state.composites.get_or_compute(self.key, compute)
-        token = self.state.results.put(data, "image/webp")
-        return f"{self.base_url}/files/{token}.webp"
+        return common.store_result(self.state, self.base_url, data)
 
 
-class _HiDreamApi:
+_Process = Callable[[Request, bytes, int | None], Awaitable[dict[str, Any]]]
+
+
+class _HiDreamApi(VendorApi[int]):
+    error_type = VendorError
+    internal_error = 50000
+
     def __init__(self, state: EmulatorState) -> None:
-        self.state = state
-        self.provider = state.provider(PROVIDER)
-        self.api_key = accepted_key(API_KEY_ENV)
+        super().__init__(state, PROVIDER, accepted_key(API_KEY_ENV))
         self._background: set[asyncio.Task[None]] = set()
-        # Forced codes are taken in _call: a task_status:N entry waits for a submission.
+        # Forced codes are taken in _job_call: a task_status:N entry waits for a submission.
         self.gateway = GatewayAnswers(timed_out=_gateway_timeout, rate_limited=self._rate_limited)
 
-    # -- the gateway, in the order a real one answers -------------------------------------------
+    # -- one call, in the order a real gateway + service would answer --------------------------
 
     async def submit(self, request: Request) -> Response:
-        return await self._call(request, self._submit, submission=True)
+        return await self._call(request, partial(self._job_call, self._submit, submission=True))
 
     async def results(self, request: Request) -> Response:
-        return await self._call(request, self._results, submission=False)
+        return await self._call(request, partial(self._job_call, self._results, submission=False))
 
-    async def _call(
+    async def _job_call(
         self,
+        process: _Process,
         request: Request,
-        process: Callable[[Request, bytes, int | None], Awaitable[dict[str, Any]]],
+        admitted: Admitted,
+        credit: Credit,
         *,
         submission: bool,
     ) -> Response:
-        ps = self.provider
-        admitted = await pass_gateway(request, ps, self.gateway)
-        if isinstance(admitted, Response):
-            return admitted
-
-        try:
-            final_status: int | None = None
-            forced = self._pop_forced(submission)
-            if isinstance(forced, int):
-                return self._forced(forced)
-            if isinstance(forced, str):
-                final_status = int(FORCED_STATUS.match(forced)[1])  # type: ignore[index]
-
-            ticket: QuotaTicket | None = None
+        final_status: int | None = None
+        forced = self._pop_forced(submission)
+        if isinstance(forced, int):
+            raise VendorError(forced, INJECTED)
+        if isinstance(forced, str):
+            final_status = int(FORCED_STATUS.match(forced)[1])  # type: ignore[index]
+        self._authenticate(request)
+        if submission:
             try:
-                self._authenticate(request)
-                if submission:
-                    try:
-                        ticket = ps.take_quota(self.api_key, None)
-                    except QuotaError:
-                        raise VendorError(40201) from None
-                data = await process(request, admitted.body, final_status)
-            except VendorError as exc:
-                if ticket is not None:
-                    ticket.refund()
-                return self._error(exc.code, exc.detail)
-            except Exception:
-                if ticket is not None:
-                    ticket.refund()
-                _log.exception("emulator: hidream call failed")
-                return self._error(50000, "unexpected emulator failure")
-            if ticket is not None:
-                ticket.commit()
-            ps.record(200)
-            return JSONResponse(data)
-        finally:
-            await admitted.answer_at_deadline(request)
+                credit.take(self.api_key, None)
+            except QuotaError:
+                raise VendorError(40201) from None
+        return JSONResponse(await process(request, admitted.body, final_status))
 
     def _pop_forced(self, submission: bool) -> int | str | None:
         """The next forced code; a ``task_status:N`` waits in the queue for a submission."""
@@ -215,16 +198,14 @@ class _HiDreamApi:
         return head
 
     def _authenticate(self, request: Request) -> None:
-        header = request.headers.get("authorization")
-        if header is None:
-            raise VendorError(40101, "no Authorization header")
-        match = _BEARER.match(header)
-        if match is None:
-            raise VendorError(40102, "authorization must be 'Bearer <token>'")
-        if not hmac.compare_digest(match[1].encode(), self.api_key.encode()):
-            raise VendorError(
-                40102, common.echoed(self.state.config.echo_credentials, "token", match[1])
-            )
+        token = self._bearer_token(
+            request,
+            missing=VendorError(40101, "no Authorization header"),
+            malformed=VendorError(40102, "authorization must be 'Bearer <token>'"),
+        )
+        # No trial or deleted users here: the one account's key.
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            raise VendorError(40102, self._echo("token", token))
 
     # -- submit ---------------------------------------------------------------------------------
 
@@ -406,23 +387,14 @@ class _HiDreamApi:
     # -- answers --------------------------------------------------------------------------------
 
     def _rate_limited(self) -> Response:
-        self.provider.record(429)
-        return JSONResponse(
-            {"code": 429, "message": "Too Many Requests"},
-            status_code=429,
-            headers={"Retry-After": str(self.provider.plan.retry_after_s)},
-        )
-
-    def _forced(self, code: int) -> Response:
-        if code == 429:
-            return self._rate_limited()
-        if code not in CODES and 500 <= code < 600:
-            self.provider.record(code)
-            return Response(f"<html><body>{code}</body></html>", code, media_type="text/html")
-        return self._error(code, "injected by the emulator's fault plan")
+        return common.rate_limited(self.provider, {"code": 429, "message": "Too Many Requests"})
 
     def _error(self, code: int, detail: str | None = None) -> Response:
+        if code == 429:  # a forced 429 looks like the gateway's
+            return self._rate_limited()
         self.provider.record(code)
+        if code not in CODES and 500 <= code < 600:  # a forced unknown 5xx: the proxy's page
+            return Response(f"<html><body>{code}</body></html>", code, media_type="text/html")
         name, status = CODES.get(code, ("UNKNOWN", 200))
         message = f"{name}: {detail}" if detail else name
         return JSONResponse({"code": code, "message": message, "request_id": ""}, status)

@@ -171,8 +171,7 @@ class TencentApi:
         ticket.commit()
         ps.record(200)
         if call.rsp_img_type == "url":
-            token = self.state.results.put(result, "image/webp")
-            image = f"{str(request.base_url).rstrip('/')}/files/{token}.webp"
+            image = common.store_result(self.state, common.base_url(request), result)
         else:
             image = base64.b64encode(result).decode("ascii")
         return JSONResponse({"Response": {"ResultImage": image, "RequestId": request_id}})

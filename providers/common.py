@@ -2,25 +2,28 @@
 
 Credentials (held as ``SecretStr``, a missing one is run-fatal), redaction of secrets from
 messages, the mapping of httpx transport failures and of bare HTTP statuses to
-``ProviderError`` kinds, and ``ErrorSpec``, the row type of every vendor's error table (each
-table lives in its provider package's ``errors.py``).
+``ProviderError`` kinds, ``ResponseContext`` (what an error raised while reading one answer
+carries), the errors for requests a provider cannot take, and ``ErrorSpec``, the row type of
+every vendor's error table (each table lives in its provider package's ``errors.py``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Collection, Iterable
+from collections.abc import Awaitable, Collection, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, NoReturn
 from urllib.parse import quote, quote_plus
 
 import httpx
 from pydantic import SecretStr
 
 from providers import settings
-from providers.base import ProviderError
+from providers.base import PreparedImage, ProviderError, parse_retry_after
 from schemas.results import ErrorKind
 
 MISSING_API_KEY = "MISSING_API_KEY"
+UNSUPPORTED_REQUEST = "UNSUPPORTED_REQUEST"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,119 @@ def classify_status(status: int, *, fatal: Collection[int] = (401, 403)) -> tupl
     if status in fatal:
         return ErrorKind.FATAL, f"HTTP_{status}"
     return ErrorKind.PERMANENT, f"HTTP_{status}"
+
+
+def body_snippet(body: bytes) -> str:
+    """The start of a body that is not the vendor's JSON, for an error message."""
+    return " ".join(body[:160].decode("utf-8", "replace").split())
+
+
+def as_int(value: object) -> int | None:
+    """A vendor's numeric code, sent as a number or a string of digits; None otherwise."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return None
+
+
+def json_with_code(body: bytes) -> dict[str, Any] | None:
+    """The body as ``{code: int, ...}`` (a vendor whose JSON answers carry a numeric ``code``),
+    or None when it is not such JSON."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(payload, dict):
+        return None
+    code = as_int(payload.get("code"))
+    return None if code is None else {**payload, "code": code}
+
+
+class ResponseContext:
+    """What every error raised while reading one answer carries: the provider, the HTTP
+    status, the request id (``request_id`` when given, else the first of
+    ``request_id_headers`` present), the ``Retry-After`` delay, and ``redact``'s secrets
+    blanked out of its message. Parsing stays pure: any answer, also one made by hand, can be
+    checked."""
+
+    def __init__(
+        self,
+        provider: str,
+        status: int,
+        headers: Mapping[str, str],
+        *,
+        redact: Iterable[str] = (),
+        request_id_headers: Iterable[str] = (),
+        request_id: str | None = None,
+        read_retry_after: bool = True,
+    ) -> None:
+        lowered = {k.lower(): v for k, v in headers.items()}
+        self.provider = provider
+        self.status = status
+        self.secrets = [s for s in redact if s]
+        header_id = next((lowered[h] for h in request_id_headers if lowered.get(h)), None)
+        self.request_id = request_id or header_id
+        retry_after = lowered.get("retry-after") if read_retry_after else None
+        self.retry_after = parse_retry_after(retry_after)
+
+    def error(self, kind: ErrorKind, code: str, message: str) -> ProviderError:
+        return ProviderError(
+            kind=kind,
+            code=code,
+            message=redact_secrets(message, self.secrets),
+            provider=self.provider,
+            http_status=self.status,
+            request_id=self.request_id,
+            retry_after=self.retry_after,
+        )
+
+    def fail(self, kind: ErrorKind, code: str, message: str) -> NoReturn:
+        raise self.error(kind, code, message)
+
+    def fail_without_json(self, body: bytes, *, fatal: Collection[int] = (401, 403)) -> NoReturn:
+        """An answer without the vendor's JSON: malformed (permanent) with a 2xx; otherwise the
+        HTTP status alone classifies it (a gateway's or proxy's answer, see
+        ``classify_status``)."""
+        status = self.status
+        if 200 <= status < 300:
+            self.fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", f"HTTP {status} without JSON code")
+        kind, name = classify_status(status, fatal=fatal)
+        self.fail(
+            kind, name, f"HTTP {status} without the vendor's JSON body: {body_snippet(body)!r}"
+        )
+
+    def fail_code(self, code: int, spec: ErrorSpec, message: str) -> NoReturn:
+        """A numeric vendor code found in the vendor's error table: its kind, its name."""
+        name = spec.name or f"CODE_{code}"
+        self.fail(spec.kind, name, f"code {code} {name} ({spec.meaning}): {message}")
+
+
+def unsupported_request(provider: str, message: str) -> ProviderError:
+    """PERMANENT ``UNSUPPORTED_REQUEST``: a row this provider cannot take, refused before
+    anything is sent."""
+    return ProviderError(
+        kind=ErrorKind.PERMANENT, code=UNSUPPORTED_REQUEST, message=message, provider=provider
+    )
+
+
+def unsupported_category(provider: str, category: str | None) -> ProviderError:
+    return unsupported_request(
+        provider, f"category must be upper_body, lower_body or dresses: {category!r}"
+    )
+
+
+def staged_url(image: PreparedImage, *, provider: str) -> str:
+    """The URL the provider fetches ``image`` from; PERMANENT ``NO_IMAGE_URL`` when the image
+    was not staged."""
+    if not image.url:
+        raise ProviderError(
+            kind=ErrorKind.PERMANENT,
+            code="NO_IMAGE_URL",
+            message=f"{provider} takes images by URL: stage {image.source_uri} and set its url",
+            provider=provider,
+        )
+    return image.url
 
 
 def as_secret(value: SecretStr | str) -> SecretStr:
@@ -132,3 +248,26 @@ async def guard_transport(
     # Raised outside the except block: httpx's exception holds the request and its auth
     # headers, so it must not ride along as __context__.
     raise error
+
+
+async def send(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    provider: str,
+    timeout: float,
+    secrets: Iterable[str],
+    request_id: str | None = None,
+    **request: Any,
+) -> httpx.Response:
+    """``http.request(method, url, **request)`` within ``timeout``, through
+    ``guard_transport`` (``secrets``: the credentials the request carries)."""
+    return await guard_transport(
+        http.request(method, url, timeout=timeout, **request),
+        provider=provider,
+        url=url,
+        timeout=timeout,
+        secrets=secrets,
+        request_id=request_id,
+    )

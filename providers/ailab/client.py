@@ -30,26 +30,20 @@ from providers.base import (
     OnSubmitted,
     PollPolicy,
     PreparedImage,
-    ProviderError,
     RefinerClient,
     RefineRequest,
     TryOnRequest,
     TryOnResult,
     wait_for_job,
 )
-from providers.common import key_from_env
+from providers.common import key_from_env, unsupported_category, unsupported_request
 from schemas.image_profile import ImageProfile
-from schemas.results import ErrorKind
 
 TRYON_PATH = "/api/portrait/editing/try-on-clothes"
 REFINER_PATH = "/api/portrait/enhance/try-on-clothes-refiner"
 GENDERS = ("woman", "man")
 # The doc recommends querying about every 5 s; ten minutes covers a slow queue.
 DEFAULT_POLL_POLICY = PollPolicy(initial_s=5.0, max_interval_s=5.0, factor=1.0, deadline_s=600.0)
-
-
-def _error(provider: str, kind: ErrorKind, code: str, message: str) -> ProviderError:
-    return ProviderError(kind=kind, code=code, message=message, provider=provider)
 
 
 def _file(image: PreparedImage) -> tuple[str, bytes, str]:
@@ -145,20 +139,12 @@ class AILabTryOnClient(_AILabAccount, AsyncJobClient):
     async def submit(self, request: TryOnRequest) -> str:
         """Upload person and garment; returns the task id (the job is paid for from here)."""
         if request.garment is None or request.lower_garment is not None:
-            raise _error(
-                NAME,
-                ErrorKind.PERMANENT,
-                "UNSUPPORTED_REQUEST",
-                "needs exactly one garment (no separate lower garment, no prompt)",
+            raise unsupported_request(
+                NAME, "needs exactly one garment (no separate lower garment, no prompt)"
             )
         clothes_type = CLOTHES_TYPES.get(request.category or "")
         if clothes_type is None:
-            raise _error(
-                NAME,
-                ErrorKind.PERMANENT,
-                "UNSUPPORTED_REQUEST",
-                f"category must be upper_body, lower_body or dresses: {request.category!r}",
-            )
+            raise unsupported_category(NAME, request.category)
         parts = [
             ("person_image", _file(request.person)),
             ("clothes_image", _file(request.garment)),
@@ -177,11 +163,8 @@ class AILabRefinerClient(_AILabAccount, RefinerClient):
     async def submit(self, request: RefineRequest) -> str:
         """Upload the inputs and the coarse result; returns the task id."""
         if request.gender not in GENDERS:
-            raise _error(
-                REFINER_NAME,
-                ErrorKind.PERMANENT,
-                "UNSUPPORTED_REQUEST",
-                f"gender must be woman or man: {request.gender!r}",
+            raise unsupported_request(
+                REFINER_NAME, f"gender must be woman or man: {request.gender!r}"
             )
         parts: list[tuple[str, Any]] = [
             ("person_image", _file(request.person)),

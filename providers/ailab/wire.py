@@ -46,7 +46,7 @@ from pydantic import SecretStr
 from providers.ailab.errors import ERROR_TABLE, classify
 from providers.ailab.settings import NAME
 from providers.base import JobState, JobStatus, ProviderError, TryOnResult, parse_retry_after
-from providers.common import guard_transport, redact_secrets, require_key
+from providers.common import body_snippet, redact_secrets, require_key, send
 from schemas.results import ErrorKind
 
 KEY_HEADER = "ailabapi-api-key"
@@ -109,7 +109,7 @@ def _error_from(
     env: _Envelope, body: bytes, provider: str, secrets: list[str], *, request_id: str | None
 ) -> ProviderError:
     if env.payload is None:
-        snippet = " ".join(body[:160].decode("utf-8", "replace").split())
+        snippet = body_snippet(body)
         if env.status == 200:
             kind, code = ErrorKind.PERMANENT, "MALFORMED_RESPONSE"
             message = f"HTTP 200 without the vendor's JSON: {snippet!r}"
@@ -305,18 +305,14 @@ class Wire:
         params: dict[str, str] | None = None,
     ) -> httpx.Response:
         key = self._api_key.get_secret_value()
-        url = self.base_url + path
-        return await guard_transport(
-            self.http.request(
-                method,
-                url,
-                files=files,
-                params=params,
-                headers={KEY_HEADER: key},
-                timeout=self.timeout,
-            ),
+        return await send(
+            self.http,
+            method,
+            self.base_url + path,
             provider=self.provider,
-            url=url,
             timeout=self.timeout,
             secrets=[key],
+            files=files,
+            params=params,
+            headers={KEY_HEADER: key},
         )

@@ -10,10 +10,9 @@ and falls back to the HTTP status only when the body is not the vendor's JSON.
 from __future__ import annotations
 
 import base64
-import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar, Literal, NoReturn
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -23,11 +22,9 @@ from providers.base import (
     Capabilities,
     OnSubmitted,
     PreparedImage,
-    ProviderError,
     TryOnClient,
     TryOnRequest,
     TryOnResult,
-    parse_retry_after,
 )
 from providers.changeclothes.errors import ERROR_TABLE
 from providers.changeclothes.settings import (
@@ -38,11 +35,15 @@ from providers.changeclothes.settings import (
     PROFILE,
 )
 from providers.common import (
+    ResponseContext,
     classify_status,
-    guard_transport,
+    json_with_code,
     key_from_env,
-    redact_secrets,
     require_key,
+    send,
+    staged_url,
+    unsupported_category,
+    unsupported_request,
 )
 from schemas.image_profile import ImageProfile
 from schemas.results import ErrorKind
@@ -93,69 +94,31 @@ def parse_response(
     Pure (no IO), so any response, also one made by hand, can be checked. ``redact``: secrets
     to blank out of any text taken from the response.
     """
-    secrets = [s for s in redact if s]
-    lowered = {k.lower(): v for k, v in headers.items()}
-    request_id = next((lowered[h] for h in REQUEST_ID_HEADERS if lowered.get(h)), None)
-    retry_after = parse_retry_after(lowered.get("retry-after"))
-
-    def fail(kind: ErrorKind, code: str, message: str) -> NoReturn:
-        raise ProviderError(
-            kind=kind,
-            code=code,
-            message=redact_secrets(message, secrets),
-            provider=NAME,
-            http_status=status,
-            request_id=request_id,
-            retry_after=retry_after,
-        )
-
-    payload = _vendor_json(body)
+    ctx = ResponseContext(
+        NAME, status, headers, redact=redact, request_id_headers=REQUEST_ID_HEADERS
+    )
+    payload = json_with_code(body)
     if payload is None:
-        snippet = " ".join(body[:160].decode("utf-8", "replace").split())
-        if 200 <= status < 300:
-            fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", f"HTTP {status} without JSON code")
-        kind, name = classify_status(status)
-        fail(kind, name, f"HTTP {status} without the vendor's JSON body: {snippet!r}")
-
+        ctx.fail_without_json(body)
     code: int = payload["code"]
     msg = str(payload.get("msg") or "")[:500]
     if code == 200:
-        return _success(payload, request_id, fail)
+        return _success(payload, ctx)
     spec = ERROR_TABLE.get(code)
     if spec is not None:
-        name = spec.name or f"CODE_{code}"
-        fail(spec.kind, name, f"code {code} {name} ({spec.meaning}): {msg}")
+        ctx.fail_code(code, spec, msg)
     # Not a vendor code; a gateway in front may still be saying "slow down" or "try later".
     kind, name = classify_status(status)
     if status == 429 or status >= 500 or status in (401, 403):
-        fail(kind, name, f"code {code} with HTTP {status}: {msg}")
-    fail(ErrorKind.PERMANENT, "UNKNOWN_CODE", f"unknown code {code} (HTTP {status}): {msg}")
+        ctx.fail(kind, name, f"code {code} with HTTP {status}: {msg}")
+    ctx.fail(ErrorKind.PERMANENT, "UNKNOWN_CODE", f"unknown code {code} (HTTP {status}): {msg}")
 
 
-def _vendor_json(body: bytes) -> dict[str, Any] | None:
-    """The body as ``{code: int, ...}``, or None when it is not the vendor's JSON."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(payload, dict):
-        return None
-    code = payload.get("code")
-    if isinstance(code, str) and code.strip().isdigit():
-        code = int(code)
-    if not isinstance(code, int) or isinstance(code, bool):
-        return None
-    return {**payload, "code": code}
-
-
-_Fail = Callable[[ErrorKind, str, str], NoReturn]
-
-
-def _success(payload: dict[str, Any], request_id: str | None, fail: _Fail) -> TryOnResult:
+def _success(payload: dict[str, Any], ctx: ResponseContext) -> TryOnResult:
     data = payload.get("data")
     result_url = data.get("resultImgUrl") if isinstance(data, dict) else None
     if not isinstance(result_url, str) or not result_url:
-        fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", "code 200 without data.resultImgUrl")
+        ctx.fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", "code 200 without data.resultImgUrl")
     assert isinstance(data, dict)
     mask_url = data.get("maskImgUrl")
     cache_hit = data.get("cacheHit")
@@ -165,7 +128,7 @@ def _success(payload: dict[str, Any], request_id: str | None, fail: _Fail) -> Tr
     return TryOnResult(
         result_url=result_url,
         mask_url=mask_url if isinstance(mask_url, str) and mask_url else None,
-        request_id=request_id,
+        request_id=ctx.request_id,
         cache_hit=cache_hit if isinstance(cache_hit, bool) else None,
         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
     )
@@ -233,15 +196,11 @@ class ChangeClothesClient(TryOnClient):
         The API is synchronous: there is no job id to report, so ``on_submitted`` is unused.
         """
         if request.lower_garment is not None:
-            raise _error(ErrorKind.PERMANENT, "UNSUPPORTED_REQUEST", "no separate lower garment")
+            raise unsupported_request(NAME, "no separate lower garment")
         parts: list[tuple[str, Any]]
         if request.garment is not None:
             if request.category not in self.capabilities.categories:
-                raise _error(
-                    ErrorKind.PERMANENT,
-                    "UNSUPPORTED_REQUEST",
-                    f"category must be upper_body, lower_body or dresses: {request.category!r}",
-                )
+                raise unsupported_category(NAME, request.category)
             path = GARMENT_PATH
             parts = [
                 ("modelImg", self._image_part(request.person)),
@@ -259,7 +218,7 @@ class ChangeClothesClient(TryOnClient):
             ]
             parts += [(k, (None, v)) for k, v in self.prompt_options.form_fields()]
         else:
-            raise _error(ErrorKind.PERMANENT, "UNSUPPORTED_REQUEST", "needs a garment or a prompt")
+            raise unsupported_request(NAME, "needs a garment or a prompt")
         return await self._post(path, parts)
 
     def _image_part(self, image: PreparedImage) -> tuple[str | None, bytes | str, str] | Any:
@@ -269,35 +228,22 @@ class ChangeClothesClient(TryOnClient):
         if self.image_transport == "data_uri":
             encoded = base64.b64encode(image.data).decode("ascii")
             return (None, f"data:{image.mime};base64,{encoded}")
-        if not image.url:
-            raise _error(
-                ErrorKind.PERMANENT,
-                "NO_IMAGE_URL",
-                f"URL transport needs a staged URL for {image.source_uri}",
-            )
-        return (None, image.url)
+        return (None, staged_url(image, provider=NAME))
 
     async def _post(self, path: str, parts: list[tuple[str, Any]]) -> TryOnResult:
         key = self._api_key.get_secret_value()
-        url = self.base_url + path
         # Always multipart (the doc requires it): httpx sends (None, str) parts as fields.
-        response = await guard_transport(
-            self.http.post(
-                url,
-                files=parts,
-                headers={"Authorization": f"Bearer {key}"},
-                timeout=self.timeout,
-            ),
+        response = await send(
+            self.http,
+            "POST",
+            self.base_url + path,
             provider=NAME,
-            url=url,
             timeout=self.timeout,
             secrets=[key],
+            files=parts,
+            headers={"Authorization": f"Bearer {key}"},
         )
         _log.debug("changeclothes %s -> HTTP %s", path, response.status_code)
         return parse_response(
             response.status_code, response.headers, response.content, redact=[key]
         )
-
-
-def _error(kind: ErrorKind, code: str, message: str) -> ProviderError:
-    return ProviderError(kind=kind, code=code, message=message, provider=NAME)

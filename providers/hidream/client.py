@@ -13,11 +13,10 @@ DESIGN.md and HiDream's sibling APIs as third parties call them (``<submit path>
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, Literal, NoReturn
+from typing import Any, ClassVar, Literal
 
 import httpx
 from pydantic import SecretStr
@@ -30,18 +29,21 @@ from providers.base import (
     JobStatus,
     PollPolicy,
     PreparedImage,
-    ProviderError,
     TryOnRequest,
     TryOnResult,
-    parse_retry_after,
 )
 from providers.common import (
     ErrorSpec,
+    ResponseContext,
+    as_int,
     classify_status,
-    guard_transport,
+    json_with_code,
     key_from_env,
-    redact_secrets,
     require_key,
+    send,
+    staged_url,
+    unsupported_category,
+    unsupported_request,
 )
 from providers.hidream.errors import ERROR_TABLE
 from providers.hidream.settings import API_KEY_ENV, CAPABILITIES, DEFAULT_BASE_URL, NAME, PROFILE
@@ -85,55 +87,31 @@ DEFAULT_POLL_POLICY = PollPolicy(initial_s=2.0, max_interval_s=10.0, factor=1.5,
 # -- pure parsing: a response (status, headers, body) -> value or classified ProviderError -----
 
 
-class _Context:
-    """What every error raised while parsing one response carries."""
-
-    def __init__(
-        self,
-        status: int,
-        headers: Mapping[str, str],
-        redact: Iterable[str],
-        request_id: str | None,
-    ) -> None:
-        lowered = {k.lower(): v for k, v in headers.items()}
-        self.status = status
-        self.secrets = [s for s in redact if s]
-        self.retry_after = parse_retry_after(lowered.get("retry-after"))
-        header_id = next((lowered[h] for h in REQUEST_ID_HEADERS if lowered.get(h)), None)
-        self.request_id = request_id or header_id
-
-    def error(self, kind: ErrorKind, code: str, message: str) -> ProviderError:
-        return ProviderError(
-            kind=kind,
-            code=code,
-            message=redact_secrets(message, self.secrets),
-            provider=NAME,
-            http_status=self.status,
-            request_id=self.request_id,
-            retry_after=self.retry_after,
-        )
-
-    def fail(self, kind: ErrorKind, code: str, message: str) -> NoReturn:
-        raise self.error(kind, code, message)
+def _context(
+    status: int, headers: Mapping[str, str], redact: Iterable[str], request_id: str | None
+) -> ResponseContext:
+    return ResponseContext(
+        NAME,
+        status,
+        headers,
+        redact=redact,
+        request_id_headers=REQUEST_ID_HEADERS,
+        request_id=request_id,
+    )
 
 
 def _checked_payload(
-    ctx: _Context, body: bytes, error_table: Mapping[int, ErrorSpec]
+    ctx: ResponseContext, body: bytes, error_table: Mapping[int, ErrorSpec]
 ) -> dict[str, Any]:
     """The vendor JSON of a successful (code 0, 2xx) answer; anything else raises."""
-    payload = _vendor_json(body)
-    status = ctx.status
-    is_error_status = not 200 <= status < 300
+    payload = json_with_code(body)
     if payload is None:
-        if not is_error_status:
-            ctx.fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", f"HTTP {status} without JSON code")
-        snippet = " ".join(body[:160].decode("utf-8", "replace").split())
-        kind, name = classify_status(status, fatal=FATAL_STATUSES)
-        ctx.fail(kind, name, f"HTTP {status} without the vendor's JSON body: {snippet!r}")
+        ctx.fail_without_json(body, fatal=FATAL_STATUSES)
+    status = ctx.status
     code: int = payload["code"]
     message = str(payload.get("message") or "")[:500]
     spec = error_table.get(code)
-    if is_error_status:
+    if not 200 <= status < 300:
         kind, name = classify_status(status, fatal=FATAL_STATUSES)
         if spec is not None and status != 429:
             name = spec.name or name
@@ -141,8 +119,7 @@ def _checked_payload(
     if code == 0:
         return payload
     if spec is not None:
-        name = spec.name or f"CODE_{code}"
-        ctx.fail(spec.kind, name, f"code {code} {name} ({spec.meaning}): {message}")
+        ctx.fail_code(code, spec, message)
     ctx.fail(ErrorKind.PERMANENT, "UNKNOWN_CODE", f"unknown code {code} (HTTP {status}): {message}")
 
 
@@ -159,7 +136,7 @@ def parse_submit_response(
 
     ``request_id``: the id we sent; a different non-empty echo means the answer is not ours.
     """
-    ctx = _Context(status, headers, redact, request_id)
+    ctx = _context(status, headers, redact, request_id)
     payload = _checked_payload(ctx, body, error_table)
     echoed = payload.get("request_id")
     if request_id and isinstance(echoed, str) and echoed and echoed != request_id:
@@ -192,7 +169,7 @@ def parse_result_response(
     task_status, image, description?}]}}``. The job is unfinished while any sub-task is; once
     all are finished it succeeded if one did (its ``image`` is the result URL).
     """
-    ctx = _Context(status, headers, redact, task_id)
+    ctx = _context(status, headers, redact, task_id)
     payload = _checked_payload(ctx, body, error_table)
     result = payload.get("result")
     if not isinstance(result, dict):
@@ -208,7 +185,7 @@ def parse_result_response(
 
     states: list[tuple[JobState, int, dict[str, Any]]] = []
     for sub in subs:
-        value = _as_int(sub.get("task_status"))
+        value = as_int(sub.get("task_status"))
         if value is None:
             ctx.fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", "sub-task without task_status")
         state = status_map.get(value)
@@ -244,30 +221,6 @@ def parse_result_response(
         f": {description}" if description else ""
     )
     return JobStatus(state=JobState.FAILED, error=ctx.error(ErrorKind.PERMANENT, code, message))
-
-
-def _vendor_json(body: bytes) -> dict[str, Any] | None:
-    """The body as ``{code: int, ...}``, or None when it is not the vendor's JSON."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(payload, dict):
-        return None
-    code = _as_int(payload.get("code"))
-    return None if code is None else {**payload, "code": code}
-
-
-def _as_int(value: object) -> int | None:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    return None
-
-
-def _error(kind: ErrorKind, code: str, message: str) -> ProviderError:
-    return ProviderError(kind=kind, code=code, message=message, provider=NAME)
 
 
 # -- the client ---------------------------------------------------------------------------------
@@ -348,7 +301,7 @@ class HiDreamClient(AsyncJobClient):
         """The JSON body for ``request``; unsupported shapes raise before anything is sent."""
         garment, lower = request.garment, request.lower_garment
         if garment is None:
-            raise _error(ErrorKind.PERMANENT, "UNSUPPORTED_REQUEST", "needs a garment image")
+            raise unsupported_request(NAME, "needs a garment image")
         body = {"person": self._image(request.person)}
         if request.category == "upper_body":
             body["upper_clothes"] = self._image(garment)
@@ -356,26 +309,14 @@ class HiDreamClient(AsyncJobClient):
                 body["lower_clothes"] = self._image(lower)
         elif request.category == "lower_body":
             if lower is not None:
-                raise _error(
-                    ErrorKind.PERMANENT,
-                    "UNSUPPORTED_REQUEST",
-                    "category lower_body with a second lower garment",
-                )
+                raise unsupported_request(NAME, "category lower_body with a second lower garment")
             body["lower_clothes"] = self._image(garment)
         elif request.category == "dresses":
             if lower is not None:  # the doc: dress is exclusive with upper/lower clothes
-                raise _error(
-                    ErrorKind.PERMANENT,
-                    "UNSUPPORTED_REQUEST",
-                    "a dress cannot be combined with a lower garment",
-                )
+                raise unsupported_request(NAME, "a dress cannot be combined with a lower garment")
             body["dress"] = self._image(garment)
         else:
-            raise _error(
-                ErrorKind.PERMANENT,
-                "UNSUPPORTED_REQUEST",
-                f"category must be upper_body, lower_body or dresses: {request.category!r}",
-            )
+            raise unsupported_category(NAME, request.category)
         body["request_id"] = request_id
         if self.notify_url:
             body["notify_url"] = self.notify_url
@@ -421,13 +362,7 @@ class HiDreamClient(AsyncJobClient):
 
     def _image(self, image: PreparedImage) -> str:
         if self.image_transport == "url":
-            if not image.url:
-                raise _error(
-                    ErrorKind.PERMANENT,
-                    "NO_IMAGE_URL",
-                    f"URL transport needs a staged URL for {image.source_uri}",
-                )
-            return image.url
+            return staged_url(image, provider=NAME)
         encoded = base64.b64encode(image.data).decode("ascii")
         return f"data:{image.mime};base64,{encoded}" if self.base64_prefix else encoded
 
@@ -435,18 +370,14 @@ class HiDreamClient(AsyncJobClient):
         self, method: str, path: str, *, request_id: str, **kwargs: Any
     ) -> httpx.Response:
         key = self._api_key.get_secret_value()
-        url = self.base_url + path
-        return await guard_transport(
-            self.http.request(
-                method,
-                url,
-                headers={"Authorization": f"Bearer {key}"},
-                timeout=self.timeout,
-                **kwargs,
-            ),
+        return await send(
+            self.http,
+            method,
+            self.base_url + path,
             provider=NAME,
-            url=url,
             timeout=self.timeout,
             secrets=[key],
             request_id=request_id,
+            headers={"Authorization": f"Bearer {key}"},
+            **kwargs,
         )

@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal, NoReturn
+from typing import Any, ClassVar, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -37,18 +37,20 @@ from providers import settings
 from providers.base import (
     Capabilities,
     OnSubmitted,
-    PreparedImage,
-    ProviderError,
     TryOnClient,
     TryOnRequest,
     TryOnResult,
 )
 from providers.common import (
+    ResponseContext,
     as_secret,
+    body_snippet,
     classify_status,
-    guard_transport,
     missing_key,
-    redact_secrets,
+    send,
+    staged_url,
+    unsupported_category,
+    unsupported_request,
 )
 from providers.tencent.errors import ERROR_TABLE, classify_code
 from providers.tencent.settings import (
@@ -227,38 +229,31 @@ def parse_response(
     Pure (no IO). ``rsp_img_type`` says how to read ``ResultImage``; ``redact``: secrets to
     blank out of any text taken from the response.
     """
-    secrets = [s for s in redact if s]
-    lowered = {k.lower(): v for k, v in headers.items()}
-    header_id = next((lowered[h] for h in REQUEST_ID_HEADERS if lowered.get(h)), None)
     response = _vendor_response(body)
-    request_id = header_id
-    if response is not None and isinstance(response.get("RequestId"), str):
-        request_id = response["RequestId"] or header_id
-
-    def fail(kind: ErrorKind, code: str, message: str) -> NoReturn:
-        raise ProviderError(
-            kind=kind,
-            code=code,
-            message=redact_secrets(message, secrets),
-            provider=NAME,
-            http_status=status,
-            request_id=request_id,
-        )
-
+    body_id = response.get("RequestId") if response is not None else None
+    ctx = ResponseContext(
+        NAME,
+        status,
+        headers,
+        redact=redact,
+        request_id_headers=REQUEST_ID_HEADERS,
+        request_id=body_id if isinstance(body_id, str) else None,
+        read_retry_after=False,  # Tencent sends none, even with RequestLimitExceeded
+    )
     if response is None:
-        snippet = " ".join(body[:160].decode("utf-8", "replace").split())
         kind, code = _classify_status(status)
-        fail(kind, code, f"HTTP {status} without Tencent's JSON Response: {snippet!r}")
+        snippet = body_snippet(body)
+        ctx.fail(kind, code, f"HTTP {status} without Tencent's JSON Response: {snippet!r}")
     error = response.get("Error")
     if error is not None:
         code, message = _error_fields(error)
         spec = ERROR_TABLE.get(code)
         meaning = f" ({spec.meaning})" if spec else ""
-        fail(classify_code(code), code, f"{code}{meaning}: {message}")
+        ctx.fail(classify_code(code), code, f"{code}{meaning}: {message}")
     if status != 200:
         kind, code = _classify_status(status)
-        fail(kind, code, f"HTTP {status} with a Response but no Error")
-    return _success(response, request_id, rsp_img_type, fail)
+        ctx.fail(kind, code, f"HTTP {status} with a Response but no Error")
+    return _success(response, ctx, rsp_img_type)
 
 
 def _vendor_response(body: bytes) -> dict[str, Any] | None:
@@ -289,28 +284,25 @@ def _classify_status(status: int) -> tuple[ErrorKind, str]:
     return classify_status(status)
 
 
-_Fail = Callable[[ErrorKind, str, str], NoReturn]
-
-
 def _success(
-    response: dict[str, Any], request_id: str | None, rsp_img_type: RspImgType, fail: _Fail
+    response: dict[str, Any], ctx: ResponseContext, rsp_img_type: RspImgType
 ) -> TryOnResult:
     image = response.get("ResultImage")
     if not isinstance(image, str) or not image:
-        fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", "success without Response.ResultImage")
+        ctx.fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", "success without Response.ResultImage")
     assert isinstance(image, str)
     if rsp_img_type == "url":
         if not image.lower().startswith(("http://", "https://")):
-            fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", "ResultImage is not a URL")
-        return TryOnResult(result_url=image, request_id=request_id)
+            ctx.fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", "ResultImage is not a URL")
+        return TryOnResult(result_url=image, request_id=ctx.request_id)
     encoded = image.split(",", 1)[1] if image.startswith("data:") else image  # tolerate a data URI
     try:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
-        fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", "ResultImage is not valid base64")
+        ctx.fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", "ResultImage is not valid base64")
     if not data:
-        fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", "ResultImage decodes to no bytes")
-    return TryOnResult(result_data=data, request_id=request_id)
+        ctx.fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", "ResultImage decodes to no bytes")
+    return TryOnResult(result_data=data, request_id=ctx.request_id)
 
 
 # -- the client --------------------------------------------------------------------------------
@@ -398,19 +390,15 @@ class TencentClient(TryOnClient):
     def request_body(self, request: TryOnRequest) -> dict[str, Any]:
         """The JSON body for ``request``; raises ``ProviderError`` for shapes Tencent lacks."""
         if request.garment is None:
-            raise _error(ErrorKind.PERMANENT, "UNSUPPORTED_REQUEST", "needs a garment image")
+            raise unsupported_request(NAME, "needs a garment image")
         if request.lower_garment is not None:
-            raise _error(ErrorKind.PERMANENT, "UNSUPPORTED_REQUEST", "no separate lower garment")
+            raise unsupported_request(NAME, "no separate lower garment")
         clothes_type = CLOTHES_TYPES.get(request.category or "")
         if clothes_type is None:
-            raise _error(
-                ErrorKind.PERMANENT,
-                "UNSUPPORTED_REQUEST",
-                f"category must be upper_body, lower_body or dresses: {request.category!r}",
-            )
+            raise unsupported_category(NAME, request.category)
         return {
-            "ModelUrl": _url(request.person),
-            "ClothesUrl": _url(request.garment),
+            "ModelUrl": staged_url(request.person, provider=NAME),
+            "ClothesUrl": staged_url(request.garment, provider=NAME),
             "ClothesType": clothes_type,
             **self.options.body_fields(),
         }
@@ -444,17 +432,15 @@ class TencentClient(TryOnClient):
         """One synchronous call (no job id exists, so ``on_submitted`` is unused)."""
         payload = json.dumps(self.request_body(request), separators=(",", ":")).encode()
         secrets = self._secrets()
-        response = await guard_transport(
-            self.http.post(
-                self.endpoint,
-                content=payload,
-                headers=self.signed_headers(payload),
-                timeout=self.timeout,
-            ),
+        response = await send(
+            self.http,
+            "POST",
+            self.endpoint,
             provider=NAME,
-            url=self.endpoint,
             timeout=self.timeout,
             secrets=secrets,
+            content=payload,
+            headers=self.signed_headers(payload),
         )
         _log.debug("tencent %s -> HTTP %s", ACTION, response.status_code)
         return parse_response(
@@ -468,17 +454,3 @@ class TencentClient(TryOnClient):
     def _secrets(self) -> list[str]:
         values = [self._secret_key, self._secret_id, self._token]
         return [v.get_secret_value() for v in values if v is not None]
-
-
-def _url(image: PreparedImage) -> str:
-    if not image.url:
-        raise _error(
-            ErrorKind.PERMANENT,
-            "NO_IMAGE_URL",
-            f"Tencent takes image URLs only: stage {image.source_uri} and set its url",
-        )
-    return image.url
-
-
-def _error(kind: ErrorKind, code: str, message: str) -> ProviderError:
-    return ProviderError(kind=kind, code=code, message=message, provider=NAME)
