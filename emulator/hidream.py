@@ -191,7 +191,7 @@ class _HiDreamApi(VendorApi[int]):
             forced.popleft()
             return head.strip()
         forced.popleft()
-        if isinstance(head, str) and head.strip().lstrip("-").isdigit():
+        if isinstance(head, str) and head.strip().lstrip("-").isdecimal():
             return int(head)
         if isinstance(head, str):
             return 50000  # not a code we know how to answer: the emulator's own misuse

@@ -192,7 +192,7 @@ class TencentApi:
                     "MissingParameter", f"The request is missing a required parameter `{param}`."
                 )
         raw_ts = headers["x-tc-timestamp"].strip()
-        if not raw_ts.isdigit():
+        if not raw_ts.isdecimal():
             raise VendorError("InvalidParameter", "`Timestamp` must be a Unix time in seconds.")
         timestamp = int(raw_ts)
         secret_id, date, service, signed, signature = parse_authorization(headers["authorization"])

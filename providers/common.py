@@ -79,7 +79,7 @@ def body_snippet(body: bytes) -> str:
 
 def as_int(value: object) -> int | None:
     """A vendor's numeric code, sent as a number or a string of digits; None otherwise."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and value.strip().lstrip("-").isdecimal():
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return value

@@ -123,7 +123,7 @@ def _success(payload: dict[str, Any], ctx: ResponseContext) -> TryOnResult:
     mask_url = data.get("maskImgUrl")
     cache_hit = data.get("cacheHit")
     seed = data.get("seed")
-    if isinstance(seed, str) and seed.strip().isdigit():
+    if isinstance(seed, str) and seed.strip().isdecimal():
         seed = int(seed)
     return TryOnResult(
         result_url=result_url,
