@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
-from flows.params import BatchParams, ProviderLimits, public_params
+from flows.params import BatchParams, ProviderLimits, public_params, run_name
 from flows.progress import watchers
 from flows.runners import dask_worker_threads, task_runner_from_env
 from providers.registry import PROVIDERS
@@ -39,6 +39,14 @@ __all__ = [
     "RunSummary",
     "tryon_batch",
 ]
+
+
+def name_of_this_run(kind: str = "") -> str:
+    """This flow run's name, from its ``params`` (see ``flows.params.run_name``)."""
+    params = flow_run.parameters.get("params")
+    if not isinstance(params, BatchParams):  # validated before naming; a dict if not
+        params = BatchParams.model_validate(params)
+    return run_name(params, at=datetime.now(UTC), kind=kind)
 
 
 def run_id_of_this_run() -> str:
@@ -88,9 +96,21 @@ def chunk_executor(params: BatchParams, sink: ProgressSink) -> ChunkExecutor:
     )
 
 
-@flow(name="tryon-batch", log_prints=True, task_runner=task_runner_from_env())
+@flow(
+    name="tryon-batch",
+    description="Try on every row of a manifest with one provider and write the results, "
+    "their metadata and a contact sheet to the lake.",
+    flow_run_name=name_of_this_run,
+    log_prints=True,
+    task_runner=task_runner_from_env(),
+)
 async def tryon_batch(params: BatchParams) -> RunSummary:
-    """Manifest -> validated rows -> chunked try-on at the provider's limits -> lake."""
+    """Validate the manifest, plan its rows by provider, try them on in chunks at the
+    providers' leased limits, and commit the results and metadata to the lake.
+
+    Args:
+        params: What to run: the manifest, the lake, the provider and its limits.
+    """
     started, run_id = time.perf_counter(), run_id_of_this_run()
     provider = params.provider  # a registered name: BatchParams checks it
     lake, report = await open_lake_and_manifest(params, run_id)
@@ -98,7 +118,7 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
         report,
         default_provider=provider,
         refine=params.refine,
-        refine_gender=params.refine_gender,
+        refine_gender=params.gender_for_refiner,
     )
     # The caller's sinks (the CLI's progress bar) and a Prefect progress artifact.
     progress = RunProgressArtifact()

@@ -1,74 +1,156 @@
-"""The flow's parameters: what a user sets in the Prefect UI, a deployment or the CLI."""
+"""The flow's parameters: what a user sets in the Prefect UI, a deployment or the CLI.
+
+Prefect builds the deployment's parameter form from these models' JSON schema, so every field
+has a title and a description written as help for the person filling the form (plain text: the
+UI renders descriptions as Markdown, which swallows anything in angle brackets), and nothing
+the form would show as an optional "None" type: a limit of 0 takes the provider's own, and the
+refiner's gender is a choice with an explicit "unset".
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from providers.registry import provider_spec
+from providers.registry import PROVIDERS, provider_spec
 from tasks.context import ChunkSettings
 from tasks.fetch_guard import parse_allow_entry
 
+# The form's choice list: every registered provider, plugins included (computed when this
+# module is imported, so at deploy time on the machine that deploys).
+PROVIDER_NAMES: Final[list[str]] = sorted(PROVIDERS)
+
+Gender = Literal["woman", "man"]
+RefineGender = Literal["unset", "woman", "man"]
+
 
 class ProviderLimits(BaseModel):
-    """Per-provider limits for one run. ``None`` takes the provider's documented default."""
+    """Limits on the calls to one provider. A limit left at 0 keeps the provider's default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", title="Provider limits")
 
-    max_in_flight: int | None = Field(
-        default=None, ge=1, le=1024, description="Calls in flight for this run."
+    max_in_flight: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        title="Calls in flight",
+        description="Calls this run makes at the same time. "
+        "0 (default): the provider's own limit, as listed in the README.",
     )
-    requests_per_second: float | None = Field(
-        default=None, gt=0, description="Calls per second for this run."
+    requests_per_second: float = Field(
+        default=0,
+        ge=0,
+        title="Calls per second",
+        description="Most calls per second this run makes. 0 (default): the provider's own "
+        "rate limit, if it has one (the built-in providers have none).",
     )
-    global_max_in_flight: int | None = Field(
-        default=None,
-        ge=1,
+    global_max_in_flight: int = Field(
+        default=0,
+        ge=0,
         le=4096,
-        description="Set the account-wide limit shared by all runs and workers "
-        "(a Prefect global concurrency limit 'tryon-<provider>'); unset: keep it as it is.",
+        title="Calls in flight, whole account",
+        description="Sets the limit shared by every run and worker on this provider account "
+        "(the Prefect global concurrency limit named after it, e.g. tryon-changeclothes). "
+        "0 (default): leave that limit as it is.",
     )
+
+    @field_validator("max_in_flight", "requests_per_second", "global_max_in_flight", mode="before")
+    @classmethod
+    def _none_is_default(cls, value: object) -> object:
+        """Callers written when these were optional pass None for the default."""
+        return 0 if value is None else value
 
 
 class BatchParams(BaseModel):
-    """Parameters of a batch run (the Prefect UI renders them as a form)."""
+    """A try-on batch: which manifest, which lake, which provider, and how hard to call it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", title="Try-on batch")
 
     manifest: str = Field(
-        description="Manifest URI: CSV or Parquet, a local path or any fsspec URL."
+        title="Manifest",
+        description="The manifest to run: a CSV or Parquet file, as a path (relative paths "
+        "start from the worker's working folder) or a URL such as "
+        "s3://bucket/manifests/today.parquet.",
     )
-    lake: str = Field(default="./lake", description="Lake root: a local folder or an fsspec URL.")
-    provider: str = Field(default="changeclothes", description="Provider for rows that name none.")
-    chunk_size: int = Field(default=100, ge=1, le=10_000, description="Rows per Prefect task.")
-    limits: ProviderLimits = Field(default_factory=ProviderLimits)
+    lake: str = Field(
+        default="./lake",
+        title="Lake",
+        description="Where results and metadata are written: a folder, or a URL such as "
+        "s3://bucket/lake.",
+    )
+    provider: str = Field(
+        default="changeclothes",
+        title="Provider",
+        description="The try-on provider for every row whose provider column is empty.",
+        json_schema_extra={"enum": PROVIDER_NAMES},
+    )
+    chunk_size: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        title="Rows per chunk",
+        description="Rows handled by one Prefect task run.",
+    )
+    limits: ProviderLimits = Field(
+        default_factory=ProviderLimits,
+        title="Limits",
+        description="Limits on the calls to the try-on provider.",
+    )
     max_attempts: int = Field(
-        default=4, ge=1, le=20, description="Provider calls per row, at most."
+        default=4,
+        ge=1,
+        le=20,
+        title="Attempts per row",
+        description="Most calls made for one row, retries included.",
     )
     refine: bool = Field(
-        default=False, description="Chain the AILabTools refiner onto every coarse result."
+        default=False,
+        title="Refine",
+        description="Also run the AILabTools refiner on every try-on result.",
     )
-    refine_gender: Literal["woman", "man"] | None = Field(
-        default=None, description="Gender for rows without one (the refiner requires it)."
+    refine_gender: RefineGender = Field(
+        default="unset",
+        title="Gender for the refiner",
+        description="The gender the refiner uses for rows whose gender column is empty. "
+        "unset (default): such rows are invalid when refining.",
     )
-    refine_limits: ProviderLimits = Field(default_factory=ProviderLimits)
+    refine_limits: ProviderLimits = Field(
+        default_factory=ProviderLimits,
+        title="Refiner limits",
+        description="Limits on the calls to the refiner.",
+    )
     storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options for the lake, manifest and inputs."
+        default_factory=dict,
+        title="Storage options",
+        description="fsspec options for the lake, the manifest and the input images, such as "
+        "endpoint_url. Never credentials: the worker's environment holds those.",
     )
     fetch_allow: list[str] = Field(
         default_factory=list,
-        description="Non-public destinations input image URLs may reach: CIDR networks "
-        "(10.0.0.0/8, fd00::/8), single addresses or exact host names. Empty (default): "
-        "loopback, private, CGNAT, link-local (cloud metadata), multicast and reserved "
-        "addresses are refused, after DNS and on every redirect (FETCH_BLOCKED_ADDRESS).",
+        title="Private image hosts allowed",
+        description="Non-public places input image URLs may reach: networks (10.0.0.0/8, "
+        "fd00::/8), single addresses or exact host names. Empty (default): loopback, "
+        "private, shared (CGNAT), link-local (cloud metadata), multicast and reserved "
+        "addresses are refused, after DNS and on every redirect.",
     )
     fetch_timeout_s: float = Field(
         default=30.0,
         gt=0,
         le=600,
-        description="Read timeout of an input image fetch in seconds (connect: at most 10).",
+        title="Image fetch timeout (seconds)",
+        description="How long an input image URL may go without sending data (connecting "
+        "takes at most 10 seconds).",
     )
+
+    @property
+    def gender_for_refiner(self) -> Gender | None:
+        """The refiner's gender for rows without one, or None."""
+        return None if self.refine_gender == "unset" else self.refine_gender
 
     def chunk_settings(self) -> ChunkSettings:
         """The run-wide part of what a chunk in another process needs (its share of slots,
@@ -78,7 +160,7 @@ class BatchParams(BaseModel):
             storage_options=self.storage_options,
             max_in_flight=1,
             refine=self.refine,
-            refine_gender=self.refine_gender,
+            refine_gender=self.gender_for_refiner,
             max_attempts=self.max_attempts,
             fetch_allow=self.fetch_allow,
             fetch_timeout_s=self.fetch_timeout_s,
@@ -93,6 +175,12 @@ class BatchParams(BaseModel):
     @classmethod
     def _known_provider(cls, value: str) -> str:
         return provider_spec(value).name
+
+    @field_validator("refine_gender", mode="before")
+    @classmethod
+    def _unset_for_none(cls, value: object) -> object:
+        """Callers written when this was optional pass None for unset."""
+        return "unset" if value is None else value
 
     @field_validator("storage_options")
     @classmethod
@@ -132,3 +220,19 @@ def public_params(params: BatchParams) -> dict[str, Any]:
     data = params.model_dump(mode="json")
     data["storage_options"] = sorted(params.storage_options)
     return data
+
+
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def run_name(params: BatchParams, *, at: datetime, kind: str = "") -> str:
+    """A flow run's name people can tell apart in the UI: the manifest's file name without its
+    extension, the provider (and the refiner), an optional kind, and the UTC start time, e.g.
+    ``manifest-changeclothes-20250601T140322Z``."""
+    stem = PurePosixPath(urlsplit(params.manifest).path).stem
+    stem = _NAME_UNSAFE.sub("-", stem).strip("-")[:40] or "manifest"
+    parts = [stem, params.provider + ("+refine" if params.refine else "")]
+    if kind:
+        parts.append(kind)
+    parts.append(at.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ"))
+    return "-".join(parts)

@@ -15,9 +15,10 @@ from typing import Any
 import polars as pl
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from flows.batch import BatchParams, RunNotStarted, run_id_of_this_run
+from flows.batch import BatchParams, RunNotStarted, name_of_this_run, run_id_of_this_run
 from providers.registry import PROVIDERS, provider_spec
 from schemas.manifest import KNOWN_COLUMNS, ManifestError, ManifestRow
 from tasks.lake import Lake
@@ -65,14 +66,32 @@ def shard_frame(rows: list[ManifestRow]) -> pl.DataFrame:
     return pl.DataFrame(data, schema={c: pl.String for c in data})
 
 
-@flow(name="tryon-sharded", log_prints=True)
+def name_of_this_sharded_run() -> str:
+    """E.g. ``manifest-changeclothes-3-shards-20250601T140322Z``; its shards' runs are named
+    after their shard manifests (``shard-0000-changeclothes-...``)."""
+    return name_of_this_run(f"{flow_run.parameters.get('shards', 2)}-shards")
+
+
+@flow(
+    name="tryon-sharded",
+    description="Split a manifest into shards and run each as a tryon-batch flow run, on "
+    "whichever workers are free, within the provider's account-wide limit.",
+    flow_run_name=name_of_this_sharded_run,
+    log_prints=True,
+)
 async def tryon_sharded(
     params: BatchParams,
     shards: int = 2,
     shard_deployment: str = "tryon-batch/adhoc",
 ) -> ShardedSummary:
     """Validate the manifest, write one shard manifest per shard to the lake, run each as a
-    ``shard_deployment`` flow run with a share of the provider's global limit, and wait."""
+    ``shard_deployment`` flow run with a share of the provider's global limit, and wait.
+
+    Args:
+        params: What to run: the manifest, the lake, the provider and its limits.
+        shards: How many flow runs to split the manifest into.
+        shard_deployment: The deployment that runs each shard.
+    """
     logger = get_run_logger()
     run_id = run_id_of_this_run()
     if not 1 <= shards <= 256:

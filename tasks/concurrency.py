@@ -1,12 +1,13 @@
 """Provider limits across runs and workers: Prefect global concurrency limits, leased per run.
 
 Every provider account has a global concurrency limit ``tryon-<provider>`` on the Prefect
-server (created at the first run with the provider's default, then the operator's to change in
-the UI or with ``global_max_in_flight``). A run leases its ``max_in_flight`` slots once, for as
-long as it calls that provider, and enforces them locally with a semaphore: one server round
-trip per run and provider, none per request (a per-request acquire would cost the throughput
-of fast providers). Runs and workers therefore share the account: the sum of leases never
-exceeds the limit; a run that finds no free slots waits for them.
+server (the refiner's: ``tryon-ailab-refiner``), created at the first run with the provider's
+default, then the operator's to change in the UI or with ``global_max_in_flight``. A run leases
+its ``max_in_flight`` slots once, for as long as it calls that provider, and enforces them
+locally with a semaphore: one server round trip per run and provider, none per request (a
+per-request acquire would cost the throughput of fast providers). Runs and workers therefore
+share the account: the sum of leases never exceeds the limit; a run that finds no free slots
+waits for them.
 
 A run killed outright (``kill -9``, a lost machine) cannot hand its slots back. The server's
 repossessor takes them back once the lease expires, but only ``prefect server start`` runs
@@ -60,7 +61,9 @@ logger = get_logger("tryon.limits")
 
 
 def global_limit_name(provider: str) -> str:
-    return f"{PREFIX}{provider}"
+    """``tryon-<provider>``, with dashes for underscores as in every Prefect name we make (the
+    refiner, ``ailab_refiner``: ``tryon-ailab-refiner``)."""
+    return PREFIX + provider.replace("_", "-")
 
 
 async def ensure_global_limit(provider: str, *, default: int, override: int | None) -> int:

@@ -168,7 +168,8 @@ def split_slots(total: int, parts: int) -> list[int]:
 
 
 class LaneLimits(Protocol):
-    """One provider's limits for a run (``flows.params.ProviderLimits``)."""
+    """One provider's limits for a run (``flows.params.ProviderLimits``); 0 or None: the
+    provider's default (the global limit: left as it is)."""
 
     @property
     def max_in_flight(self) -> int | None: ...
@@ -187,7 +188,7 @@ async def open_leased_lane(stack: AsyncExitStack, spec: ProviderSpec, limits: La
             spec.name,
             wanted=wanted,
             default_limit=spec.max_in_flight,
-            override=limits.global_max_in_flight,
+            override=limits.global_max_in_flight or None,
         )
     )
     if in_flight < wanted:

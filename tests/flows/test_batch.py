@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
+from uuid import UUID
 
 import polars as pl
 import pytest
@@ -85,6 +87,13 @@ async def test_sample_run_records_every_row(use_emulator: EmulatorServer, tmp_pa
     assert summary.exit_code == 1
     saved = json.loads((lake / "runs" / summary.run_id / "summary.json").read_text())
     assert saved["counts"] == summary.counts
+
+    # The flow run is named after what it ran, not "tall-hyena".
+    from prefect import get_client
+
+    async with get_client() as client:
+        flow_run = await client.read_flow_run(UUID(summary.run_id))
+    assert re.fullmatch(r"manifest-changeclothes-\d{8}T\d{6}Z", flow_run.name), flow_run.name
 
 
 async def test_permanent_error_is_recorded_and_run_goes_on(

@@ -4,11 +4,13 @@ from prefect.yaml, process workers, runs with parameters, retries and shards."""
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -131,6 +133,7 @@ async def test_deployment_runs_with_parameters_into_the_lake(
 async def test_parameters_are_checked_against_the_schema(deployed: Deployed, client: Any) -> None:
     """enforce_parameter_schema: a bad parameter is refused when the run is created."""
     from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.states import Scheduled
 
     deployment = await client.read_deployment_by_name("tryon-batch/adhoc")
     assert deployment.enforce_parameter_schema
@@ -139,6 +142,21 @@ async def test_parameters_are_checked_against_the_schema(deployed: Deployed, cli
         await client.create_flow_run_from_deployment(
             deployment.id, parameters={"params": {"manifest": "m.csv", "chunk_size": "many"}}
         )
+    # The provider is a choice (the UI's select), so a name nobody registered never reaches
+    # a worker.
+    with pytest.raises(PrefectHTTPStatusError) as refused:
+        await client.create_flow_run_from_deployment(
+            deployment.id, parameters={"params": {"manifest": "m.csv", "provider": "nope"}}
+        )
+    assert "nope" in refused.value.response.text
+    # What the form submits for limits and the refiner's gender is accepted as it is.
+    defaults = {"limits": {"max_in_flight": 0}, "refine_gender": "unset"}
+    accepted = await client.create_flow_run_from_deployment(
+        deployment.id,
+        parameters={"params": {"manifest": "m.csv", **defaults}},
+        state=Scheduled(scheduled_time=datetime.now(UTC) + timedelta(days=365)),
+    )
+    await client.delete_flow_run(accepted.id)
 
 
 async def test_retrying_a_failed_run_redoes_only_its_unfinished_rows(
@@ -188,6 +206,10 @@ async def test_shards_on_two_workers_hold_the_global_limit(
     assert meta.filter(pl.col("status") == "succeeded").height == 24
     shard_runs = meta["run_id"].unique().to_list()
     assert len(shard_runs) == 3  # three separate flow runs, each its own run id and commit
+    assert re.fullmatch(r"m-changeclothes-3-shards-\d{8}T\d{6}Z", flow_run.name), flow_run.name
+    for run in shard_runs:  # each named after its shard manifest
+        shard_run = await client.read_flow_run(UUID(run))
+        assert re.fullmatch(r"shard-\d{4}-changeclothes-\d{8}T\d{6}Z", shard_run.name)
     for run in shard_runs:
         assert (lake / "runs" / run / "_COMMITTED").is_file()
     # Which worker took which shard is Prefect's choice (the first to poll may take all).

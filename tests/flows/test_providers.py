@@ -92,6 +92,13 @@ async def test_refine_chains_onto_any_provider(
     assert summary.unfinished == 0
     routes = use_emulator.control.stats().requests
     assert routes["POST /api/portrait/enhance/try-on-clothes-refiner"] == len(REFINABLE)
+    # The accounts' global limits, named as the README says: tryon-<provider>, with dashes.
+    from prefect import get_client
+
+    async with get_client() as client:
+        names = {limit.name for limit in await client.read_global_concurrency_limits(limit=200)}
+    assert {f"tryon-{provider}", "tryon-ailab-refiner"} <= names
+    assert not any("_" in name for name in names if name.startswith("tryon-"))
 
 
 async def test_refine_without_gender_makes_rows_invalid_before_any_call(
