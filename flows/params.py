@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from providers.registry import provider_spec
-from tasks.context import ChunkSettings
+from tasks.chunk_settings import ChunkSettings
 from tasks.fetch_guard import parse_allow_entry
 
 
