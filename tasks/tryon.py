@@ -1,4 +1,4 @@
-"""Prefect tasks: thin wrappers over the pure functions in ``tasks.manifest``/``tasks.process``.
+"""Prefect tasks: thin wrappers over the pure functions in ``tasks.process``.
 
 A task per chunk, not per row: a Prefect task run costs ~15 ms of CPU here, too dear per row
 for fast providers; rows run concurrently inside a chunk on the flow's event loop. Objects a
@@ -19,13 +19,12 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 
-from schemas.manifest import InvalidRow, ManifestRow, ValidationReport
+from schemas.manifest import InvalidRow, ManifestRow
 from schemas.results import ErrorKind, RowRecord, Stage, Status, is_unfinished
 from schemas.summary import ErrorCount
 from tasks.context import ChunkSettings, error_fields, standalone_context
 from tasks.lake import Lake
 from tasks.ledger import WorkLedger, work_key
-from tasks.manifest import load_manifest
 from tasks.process import RunContext, process_rows
 from tasks.report import write_report_records
 from tasks.summary import count_errors
@@ -54,15 +53,6 @@ class ChunkOutcome(BaseModel):
     refine_fatal: dict[str, Any] | None = None
     process: str = ""  # host:pid that ran the chunk
     errors: list[ErrorCount] = Field(default_factory=list)  # why records did not succeed
-
-
-@task(name="load-manifest", cache_policy=NONE, retries=2, retry_delay_seconds=2)
-def load_manifest_task(
-    uri: str, storage_options: dict[str, Any], known_providers: list[str]
-) -> ValidationReport:
-    report = load_manifest(uri, storage_options=storage_options, known_providers=known_providers)
-    get_run_logger().info(report.summary())
-    return report
 
 
 @task(name="process-chunk", cache_policy=NONE, task_run_name="{provider}-chunk-{chunk_index}")
