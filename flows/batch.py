@@ -1,6 +1,7 @@
 """The ``tryon_batch`` flow: wiring only. The work is in ``tasks`` and ``providers``.
 
-manifest -> plan (rows by provider; rows no provider can take are invalid) -> chunks, at each
+checks (manifest, providers, credentials, lake: ``flows.preflight``; nothing is written before
+they pass) -> plan (rows by provider; rows no provider can take are invalid) -> chunks, at each
 provider's leased limits -> summary -> commit -> contact sheet and Prefect artifacts.
 """
 
@@ -17,19 +18,18 @@ from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
 from flows.params import BatchParams, ProviderLimits, public_params, run_name
+from flows.preflight import run_checks
 from flows.progress import watchers
 from flows.runners import dask_worker_threads, task_runner_from_env
-from providers.registry import PROVIDERS
-from schemas.manifest import ManifestError, ValidationReport
-from schemas.summary import BatchIncomplete, RunNotStarted, RunSummary
+from schemas.summary import BatchIncomplete, ErrorCount, RunNotStarted, RunSummary
 from tasks.artifacts import ProgressTee, RunProgressArtifact, publish_run_outputs
 from tasks.context import open_run_contexts
 from tasks.execute import ChunkExecutor, DaskChunks, InProcessChunks
 from tasks.lake import Lake
-from tasks.plan import RunPlan, plan_run
+from tasks.plan import RunPlan
 from tasks.process import ProgressSink
-from tasks.summary import commit_run, first_fatal, summarize
-from tasks.tryon import invalid_records, load_manifest_task, record_invalid_rows
+from tasks.summary import commit_run, count_errors, first_fatal, summarize
+from tasks.tryon import invalid_records, record_invalid_rows
 
 __all__ = [
     "BatchIncomplete",
@@ -54,32 +54,44 @@ def run_id_of_this_run() -> str:
     return str(current) if current else str(uuid.uuid4())
 
 
-async def open_lake_and_manifest(params: BatchParams, run_id: str) -> tuple[Lake, ValidationReport]:
-    """The lake (marked with this run's start) and the validated manifest; ``RunNotStarted``
-    when either is unusable."""
+async def start_run(params: BatchParams, run_id: str) -> tuple[Lake, RunPlan]:
+    """The run's checks (``flows.preflight``; ``RunNotStarted`` when one fails, with nothing
+    written), then the lake marked with this run's start, and the run's plan."""
+    checks = await run_checks(params)
+    get_run_logger().info(checks.report.summary())
     try:
         lake = Lake.open(params.lake, storage_options=params.storage_options)
-        lake.write_json(
+        await asyncio.to_thread(
+            lake.write_json,
             lake.path("runs", run_id, "started.json"),
             {"run_id": run_id, "started_at": datetime.now(UTC), "params": public_params(params)},
         )
-        report = await asyncio.to_thread(
-            load_manifest_task, params.manifest, params.storage_options, sorted(PROVIDERS)
-        )
-    except (ManifestError, ValueError, OSError) as exc:
-        raise RunNotStarted(str(exc)) from None
-    return lake, report
+    except (ValueError, OSError) as exc:
+        raise RunNotStarted(f"the lake {params.lake} did not take the run's start: {exc}") from None
+    return lake, checks.plan
 
 
 async def record_invalid(
     lake: Lake, run_id: str, params: BatchParams, plan: RunPlan, sink: ProgressSink
-) -> None:
-    """Invalid rows into the lake (nothing is attempted for them), and onto the progress."""
+) -> list[ErrorCount]:
+    """Invalid rows into the lake (nothing is attempted for them), and onto the progress;
+    returns why they are invalid, counted for the summary."""
     records = invalid_records(run_id, params.provider, plan.invalid, manifest=params.manifest)
     if records:  # a task run costs a few API round trips: none when there is nothing to record
         await record_invalid_rows(lake, run_id, records)
     for record in records:
         sink.row_done(record)
+    return count_errors(records)
+
+
+def prompts_of(plan: RunPlan) -> dict[int, str]:
+    """Prompt rows' texts by row index, for the contact sheet (the metadata does not hold them)."""
+    return {
+        row.row_index: row.prompt
+        for rows in plan.rows_by_provider.values()
+        for row in rows
+        if row.is_prompt_row and row.prompt
+    }
 
 
 def chunk_executor(params: BatchParams, sink: ProgressSink) -> ChunkExecutor:
@@ -113,18 +125,12 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
     """
     started, run_id = time.perf_counter(), run_id_of_this_run()
     provider = params.provider  # a registered name: BatchParams checks it
-    lake, report = await open_lake_and_manifest(params, run_id)
-    plan = plan_run(
-        report,
-        default_provider=provider,
-        refine=params.refine,
-        refine_gender=params.gender_for_refiner,
-    )
+    lake, plan = await start_run(params, run_id)
     # The caller's sinks (the CLI's progress bar) and a Prefect progress artifact.
     progress = RunProgressArtifact()
     sink = ProgressTee(*watchers(), progress)
     sink.started(plan.total_rows)
-    await record_invalid(lake, run_id, params, plan, sink)
+    invalid_errors = await record_invalid(lake, run_id, params, plan, sink)
 
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(progress)  # 0 % now, 100 % (or where it stopped) at exit
@@ -154,13 +160,14 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
         refine=params.refine,
         stopped=stopped,
         duration_s=time.perf_counter() - started,
+        errors=invalid_errors,
     )
     # Last: readers and reruns trust this run's metadata from here on.
     await asyncio.to_thread(commit_run, lake, summary)
     logger = get_run_logger()
     logger.info("run %s: %s", run_id, summary.one_line())
     # For people: the contact sheet in the lake, a summary table and a report in Prefect.
-    await publish_run_outputs(lake, summary, bank=run.thumbnails)
+    await publish_run_outputs(lake, summary, bank=run.thumbnails, prompts=prompts_of(plan))
     if summary.fatal_error is not None:
         logger.error("stopped submitting after a run-fatal error: %s", summary.fatal_error)
     if summary.unfinished:

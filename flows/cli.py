@@ -1,18 +1,22 @@
 """`tryon`: run a batch, validate a manifest, or serve the emulator, from the shell.
 
-Exit status (for schedulers): 0 every valid row succeeded; 1 some rows failed, were skipped or
-were invalid; 2 the run could not start (bad manifest, unknown provider, missing key, lake).
+Exit status (for schedulers): 0 every row succeeded (a row the refiner cannot take counts as
+done); 1 some rows failed, were invalid or were skipped by a run-fatal error; 2 the run could
+not start (bad manifest, unknown provider, missing key, lake): one line says why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import platform
 import sys
 import time
 from collections.abc import Mapping
 from contextlib import ExitStack
-from typing import Annotated, Any
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -24,6 +28,10 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from schemas.summary import RunSummary
 
 # Before Prefect is imported: its telemetry heartbeat races the ephemeral server's first SQLite
 # migrations ("database is locked") and is useless offline.
@@ -39,6 +47,36 @@ out = Console()
 EXIT_OK, EXIT_ROWS, EXIT_NOT_STARTED = 0, 1, 2
 # 128 + SIGINT, as shells report a command stopped by Ctrl-C.
 EXIT_INTERRUPTED = 130
+TOP_ERRORS_SHOWN = 5  # error codes explained at the end of a run (summary.json keeps more)
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        out.print(
+            f"tryon-flows {_package_version('tryon-flows')} "
+            f"(prefect {_package_version('prefect')}, Python {platform.python_version()})",
+            highlight=False,
+        )
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Options before the command (``tryon --version``)."""
 
 
 class RichProgress:
@@ -63,14 +101,46 @@ class RichProgress:
         self.progress.update(self.task, advance=1, ok=self.ok, bad=self.bad, rate=rate)
 
 
+def _cannot_start(reason: str) -> NoReturn:
+    """One line on stderr naming what is wrong and the fix; exit status 2."""
+    text = " ".join(reason.split())  # one line, whatever the message held
+    err.print(Text.assemble(("cannot start:", "red"), " ", text), soft_wrap=True, highlight=False)
+    raise typer.Exit(EXIT_NOT_STARTED)
+
+
+class _DropTracebacksOf(logging.Filter):
+    """Drops records carrying one of ``types``' exceptions (Prefect's "Encountered exception
+    during execution" record and its traceback)."""
+
+    def __init__(self, types: tuple[type[BaseException], ...]) -> None:
+        super().__init__()
+        self.types = types
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, self.types)
+
+
+def _quiet_console_tracebacks(stack: ExitStack, types: tuple[type[BaseException], ...]) -> None:
+    """Keep the tracebacks of ``types`` off the terminal, for this command: Prefect's console
+    handlers drop them; its API log handler still sends them to the flow run's logs."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    quiet = _DropTracebacksOf(types)
+    names = ["", *logging.root.manager.loggerDict]
+    for logger in map(logging.getLogger, names):
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(quiet)
+                stack.callback(handler.removeFilter, quiet)
+
+
 def _route_prefect_console_logs(stack: ExitStack, console: Console) -> None:
     """Print Prefect's console logs above the live progress bar instead of through it.
 
     rich keeps a bar at the bottom only for output printed through the bar's own Console, so
     Prefect's console handlers print through it while the bar is shown.
     """
-    import logging
-
     from prefect.logging.handlers import PrefectConsoleHandler
 
     names = ["", *logging.root.manager.loggerDict]
@@ -146,10 +216,15 @@ def run(
     ] = None,
 ) -> None:
     """Run a try-on batch and write results and metadata to the lake."""
-    from flows.batch import BatchIncomplete, BatchParams, RunNotStarted
-    from flows.progress import watching
+    from pydantic import ValidationError
+
+    from flows.params import BatchParams
+    from flows.preflight import check_run, check_secret_blocks, describe_invalid_params
+    from schemas.summary import RunNotStarted
     from tasks.fetch_guard import LOOPBACK
 
+    # Every check that needs no Prefect API, before Prefect is even imported: a run that
+    # cannot start says why in one line, at once, and leaves nothing behind.
     try:
         params = BatchParams(
             manifest=manifest,
@@ -164,11 +239,15 @@ def run(
             fetch_allow=[*(fetch_allow or []), *(LOOPBACK if emulator else ())],
             fetch_timeout_s=fetch_timeout,
         )
-    except ValueError as exc:
-        err.print(f"[red]cannot start:[/] {exc}")
-        raise typer.Exit(EXIT_NOT_STARTED) from None
+        checks = check_run(params, emulator=emulator)
+    except ValidationError as exc:
+        _cannot_start(describe_invalid_params(exc))
+    except RunNotStarted as exc:
+        _cannot_start(str(exc))
 
+    from flows.batch import BatchIncomplete
     from flows.local_server import TemporaryServerError, prefect_api
+    from flows.progress import watching
 
     show_progress = sys.stderr.isatty() if progress is None else progress
     with ExitStack() as stack:
@@ -177,6 +256,11 @@ def run(
         except TemporaryServerError as exc:
             err.print(f"[red]cannot start:[/] {exc}")
             raise typer.Exit(EXIT_NOT_STARTED) from None
+        if checks.missing_credentials:  # a Prefect Secret block may hold them: one read each
+            try:
+                asyncio.run(check_secret_blocks(checks, cli=True))
+            except RunNotStarted as exc:
+                _cannot_start(str(exc))
         if emulator:
             err.print(f"emulator: serving every provider at {_start_emulator(stack)}")
         if show_progress:
@@ -194,11 +278,13 @@ def run(
             stack.enter_context(watching(RichProgress(bar)))
         from flows.batch import tryon_batch
 
+        # The flow run still ends Failed in Prefect, with its traceback in its logs; the
+        # terminal gets the explanation below instead.
+        _quiet_console_tracebacks(stack, (BatchIncomplete, RunNotStarted))
         try:
             summary = asyncio.run(tryon_batch(params=params))
         except RunNotStarted as exc:
-            err.print(f"[red]cannot start:[/] {exc}")
-            raise typer.Exit(EXIT_NOT_STARTED) from None
+            _cannot_start(str(exc))
         except BatchIncomplete as exc:
             summary = exc.summary
         except KeyboardInterrupt:
@@ -210,16 +296,32 @@ def run(
             )
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
-    out.print(f"Results:  {summary.results_uri}")
-    out.print(f"Metadata: {summary.metadata_uri}  (read with polars.scan_parquet)")
-    out.print(f"Summary:  {summary.summary_uri}")
-    if summary.contact_sheet_uri:
-        out.print(f"Contact sheet: {summary.contact_sheet_uri}")
+    _print_outcome(summary)
+    raise typer.Exit(EXIT_OK if allow_row_errors else summary.exit_code)
+
+
+def _print_outcome(summary: RunSummary) -> None:
+    """Where everything is, the counts, and why rows did not succeed (top error codes)."""
+
+    def line(text: str | Text) -> None:  # paths and messages are copied: never wrapped
+        out.print(text, soft_wrap=True, highlight=False, markup=False)
+
+    line(f"Results:  {summary.results_uri}")
+    line(f"Metadata: {summary.metadata_uri}  (read with polars.scan_parquet)")
+    line(f"Summary:  {summary.summary_uri}")
     if summary.fatal_error:
-        out.print(f"[red]Stopped early:[/] {summary.fatal_error}")
-    out.print(f"[bold]{summary.one_line()}[/]")
-    code = summary.exit_code
-    raise typer.Exit(EXIT_OK if allow_row_errors else code)
+        line(Text.assemble(("Stopped early: ", "red"), summary.fatal_error))
+    line(Text(summary.one_line(), style="bold"))
+    if summary.top_errors:
+        line("Why rows did not succeed (top error codes, one example each):")
+        for error in summary.top_errors[:TOP_ERRORS_SHOWN]:
+            line(Text.assemble("  ", error.describe()))
+        more = len(summary.top_errors) - TOP_ERRORS_SHOWN
+        if more > 0:
+            line(f"  ... and {more} more error codes (summary.json)")
+    if summary.contact_sheet_uri:
+        every_row = " (every row, with its message)" if summary.top_errors else ""
+        line(f"Contact sheet{every_row}: {summary.contact_sheet_uri}")
 
 
 @app.command()

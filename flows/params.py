@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from providers.registry import PROVIDERS, provider_spec
-from tasks.context import ChunkSettings
+from tasks.chunk_settings import ChunkSettings
 from tasks.fetch_guard import parse_allow_entry
 
 # The form's choice list: every registered provider, plugins included (computed when this

@@ -61,7 +61,7 @@ def provider_spec(name: str) -> ProviderSpec:
         return PROVIDERS[name]
     except KeyError:
         known = ", ".join(sorted(PROVIDERS))
-        raise ValueError(f"unknown provider {name!r} (expected one of: {known})") from None
+        raise ValueError(f"unknown provider {name!r} (known: {known})") from None
 
 
 def all_specs() -> list[ProviderSpec]:

@@ -8,6 +8,27 @@ from pydantic import BaseModel, Field
 
 from schemas.results import Status
 
+EXAMPLE_CHARS = 500  # an example message is cut here in the summary; the metadata has it whole
+
+
+class ErrorCount(BaseModel):
+    """Records of one run that did not succeed for one reason: a stage and an error code.
+
+    Only the records that keep the run from succeeding: failed, invalid, and skipped by a
+    run-fatal error (not rows the refiner cannot take, which are done)."""
+
+    stage: str
+    code: str
+    count: int
+    source: str = ""  # "manifest", "input fetch", "input image", or the provider's name
+    example: str = ""  # one record's message, cut at EXAMPLE_CHARS
+    example_row: str | None = None  # that record's row id
+
+    def describe(self) -> str:
+        """``8 × FETCH_NOT_FOUND  (input fetch) sample/x.jpg: no such file``"""
+        where = f"({self.source}) " if self.source else ""
+        return f"{self.count} × {self.code}  {where}{self.example}".rstrip()
+
 
 class RunSummary(BaseModel):
     run_id: str
@@ -27,10 +48,18 @@ class RunSummary(BaseModel):
     fatal_error: str | None = None
     fatal_at: datetime | None = None  # when the run learned of it: no call started after
     chunk_processes: list[str] = Field(default_factory=list)  # host:pid that ran chunks
+    # Why rows did not succeed: the most frequent (stage, error code) pairs, largest first.
+    # Absent from summaries written before it (it defaults to empty).
+    top_errors: list[ErrorCount] = Field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        """0: every row succeeded (every stage that applies); 1: anything else."""
+        """0: every row succeeded, at every stage that applies to it; 1: anything else (a
+        failed row, an invalid row, a row a run-fatal error skipped).
+
+        A row the refiner cannot take (a prompt row, a ``lower_body`` row: refine ``skipped``
+        with ``REFINE_NOT_APPLICABLE``) is not a failure of the run: its try-on succeeded and
+        there was nothing more to do, so it does not make the exit status 1."""
         done = self.counts.get(Status.SUCCEEDED, 0) == self.total_rows
         return 0 if done and not self.unfinished else 1
 

@@ -18,7 +18,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Protocol
@@ -382,11 +382,13 @@ async def publish_run_outputs(
     *,
     records: Sequence[RowRecord] | None = None,
     bank: ThumbnailBank | None = None,
+    prompts: Mapping[int, str] | None = None,
 ) -> ContactSheetUris | None:
     """At the end of a run: the contact sheet in the lake and the table and report artifacts.
 
     Reads the run's records back from the lake (``read_run_records``) unless given. The sheet
-    shows inputs only from ``bank`` (what the run held) and fetches nothing.
+    shows inputs only from ``bank`` (what the run held) and fetches nothing; ``prompts``: the
+    prompt rows' texts by row index, which the records do not hold.
     Reporting never changes the run's outcome: a failure is logged and the rest still
     published. Returns the contact sheet's URIs, or None if it could not be written.
     """
@@ -403,6 +405,7 @@ async def publish_run_outputs(
                 records,
                 bank=bank,
                 manifest_rows=run.total_rows,
+                prompts=prompts,
             )
         # Reporting must not fail a run whose results are already safe in the lake.
         except Exception as exc:

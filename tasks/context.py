@@ -11,17 +11,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sized
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import httpx
 from prefect.logging import get_run_logger
-from pydantic import BaseModel, ConfigDict, Field
 
 from providers.base import ProviderError
 from providers.registry import PROVIDERS, REFINER, ProviderSpec
 from providers.transport import provider_http_client
 from schemas.results import ErrorKind
 from schemas.summary import RunNotStarted
+from tasks.chunk_settings import ChunkSettings
 from tasks.concurrency import global_limit_name, leased_slots
 from tasks.credentials import load_secret_blocks
 from tasks.fetch_guard import inputs_client_for
@@ -69,30 +69,6 @@ def open_stager(stack: AsyncExitStack, lake: Lake, lane: Lane) -> InputStager | 
     stager = InputStager(lake, provider_base_url=lane.client.base_url)
     stack.callback(stager.close)
     return stager
-
-
-class ChunkSettings(BaseModel):
-    """What a chunk needs to rebuild its run's context in another process. Plain data: it
-    travels as a task parameter (never credentials: those come from the worker's environment
-    or Prefect Secret blocks)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    lake: str
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    max_in_flight: int = Field(ge=1, description="This chunk's share of the run's slots.")
-    requests_per_second: float | None = Field(default=None, gt=0)
-    refine: bool = False
-    refine_max_in_flight: int = Field(default=1, ge=1)
-    refine_requests_per_second: float | None = Field(default=None, gt=0)
-    refine_gender: Literal["woman", "man"] | None = None
-    max_attempts: int = Field(default=4, ge=1)
-    fetch_allow: list[str] = Field(default_factory=list)  # BatchParams.fetch_allow, checked
-    fetch_timeout_s: float = Field(default=30.0, gt=0)
-    # A run-fatal error another chunk already hit: this chunk records its rows as not
-    # attempted instead of calling the provider again.
-    fatal: dict[str, Any] | None = None
-    refine_fatal: dict[str, Any] | None = None
 
 
 def error_fields(error: ProviderError | None) -> dict[str, Any] | None:

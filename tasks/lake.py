@@ -8,8 +8,10 @@ Layout:
     inputs/<sha256>.<ext>                   prepared inputs staged for URL-only providers
     metadata/run_id=<run_id>/<part>.parquet one record per row and stage, committed runs only
     runs/<run_id>/parts/<part>.parquet      a run's parts until it commits
-    runs/<run_id>/{started,summary}.json    parameters, counts, timings
+    runs/<run_id>/{started,summary}.json    parameters, counts, timings, top error codes
     runs/<run_id>/_COMMITTED                the commit marker, written last
+    runs/<run_id>/contact_sheet.{html,jpg}  every row's images and outcome (tasks/report)
+    runs/<run_id>/report/<part>.parquet     records of rows earlier runs recorded, for the sheet
     work/, jobs/                            the work ledger (tasks/ledger.py)
 
 Commit protocol (dlt's filesystem pattern): a run writes its metadata parts under its own
@@ -22,9 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
+import os
 import posixpath
 import re
+import tempfile
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +44,30 @@ from schemas.results import RowRecord, records_to_frame
 
 class LakePathError(ValueError):
     """A path would leave the lake root."""
+
+
+class LakeNotUsable(OSError):
+    """The lake cannot take this run's files (``Lake.probe_writable``). ``is_file``: its path,
+    or a folder on it, is a file."""
+
+    def __init__(self, message: str, *, is_file: bool = False) -> None:
+        super().__init__(message)
+        self.is_file = is_file
+
+
+def _reason(exc: BaseException) -> str:
+    """An OS or storage error in a few words, on one line: "permission denied", "no such
+    file or folder", else its type and first line."""
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, FileNotFoundError):
+        return "not found (no such folder or bucket)"
+    if isinstance(exc, NotADirectoryError):
+        return "a part of its path is a file"
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+        return "read-only file system"
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
 # Control characters (NUL above all: C APIs stop there, so "a\x00/../../x" may name another
@@ -186,6 +216,58 @@ class Lake:
         except FileExistsError:  # ...unless the same run is retried: then it recommits
             self.fs.pipe_file(marker, data.encode())
         return self.full_uri(marker)
+
+    # -- checks ---------------------------------------------------------------------------------
+    def probe_writable(self) -> None:
+        """Write an empty probe object under the root and delete it again (blocking).
+
+        Raises ``LakeNotUsable`` saying what is wrong (the root is a file, permission denied,
+        no such bucket...). Leaves nothing behind either way: on a local lake, the folders the
+        probe had to create (the root and missing parents) are removed with it, so a run
+        refused later for another reason has not created its lake.
+        """
+        if isinstance(self.fs, LocalFileSystem):
+            self._probe_local()
+            return
+        probe = self.path(f".tryon-write-probe-{uuid.uuid4().hex}")
+        try:
+            self.fs.pipe_file(probe, b"")
+        except Exception as exc:  # every backend raises its own types
+            raise LakeNotUsable(f"the lake {self.uri} is not writable: {_reason(exc)}") from None
+        try:
+            self.fs.rm_file(probe)
+        except Exception as exc:
+            raise LakeNotUsable(
+                f"the lake {self.uri} is writable but its probe {probe} could not be deleted: "
+                f"{_reason(exc)}"
+            ) from None
+
+    def _probe_local(self) -> None:
+        root, created = self.root, []
+        existing = root
+        while not os.path.lexists(existing):
+            created.append(existing)
+            parent = os.path.dirname(existing)
+            if parent == existing:
+                break
+            existing = parent
+        if not os.path.isdir(existing):
+            if existing == root:
+                raise LakeNotUsable(f"the lake {root} is a file, not a folder", is_file=True)
+            raise LakeNotUsable(
+                f"the lake {root} cannot be created: {existing} is a file", is_file=True
+            )
+        try:
+            for folder in reversed(created):
+                os.mkdir(folder)
+            with tempfile.TemporaryFile(dir=root):
+                pass  # created and removed: the folder takes new files
+        except OSError as exc:
+            raise LakeNotUsable(f"the lake {root} is not writable: {_reason(exc)}") from None
+        finally:
+            for folder in created:  # deepest first
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
 
     def read_uri(self, uri: str) -> bytes:
         """Bytes of an object this lake wrote (``full_uri`` form), guarded to the root."""

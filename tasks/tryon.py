@@ -1,4 +1,4 @@
-"""Prefect tasks: thin wrappers over the pure functions in ``tasks.manifest``/``tasks.process``.
+"""Prefect tasks: thin wrappers over the pure functions in ``tasks.process``.
 
 A task per chunk, not per row: a Prefect task run costs ~15 ms of CPU here, too dear per row
 for fast providers; rows run concurrently inside a chunk on the flow's event loop. Objects a
@@ -17,16 +17,17 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from schemas.manifest import InvalidRow, ManifestRow, ValidationReport
+from schemas.manifest import InvalidRow, ManifestRow
 from schemas.results import ErrorKind, RowRecord, Stage, Status, is_unfinished
+from schemas.summary import ErrorCount
 from tasks.context import ChunkSettings, error_fields, standalone_context
 from tasks.lake import Lake
 from tasks.ledger import WorkLedger, work_key
-from tasks.manifest import load_manifest
 from tasks.process import RunContext, process_rows
 from tasks.report import write_report_records
+from tasks.summary import count_errors
 
 _CONTEXTS: dict[tuple[str, str], RunContext] = {}
 
@@ -51,15 +52,7 @@ class ChunkOutcome(BaseModel):
     fatal: dict[str, Any] | None = None
     refine_fatal: dict[str, Any] | None = None
     process: str = ""  # host:pid that ran the chunk
-
-
-@task(name="load-manifest", cache_policy=NONE, retries=2, retry_delay_seconds=2)
-def load_manifest_task(
-    uri: str, storage_options: dict[str, Any], known_providers: list[str]
-) -> ValidationReport:
-    report = load_manifest(uri, storage_options=storage_options, known_providers=known_providers)
-    get_run_logger().info(report.summary())
-    return report
+    errors: list[ErrorCount] = Field(default_factory=list)  # why records did not succeed
 
 
 @task(name="process-chunk", cache_policy=NONE, task_run_name="{provider}-chunk-{chunk_index}")
@@ -98,7 +91,7 @@ async def _process_chunk(
     counts: dict[str, dict[str, int]] = {}
     for stage in sorted({str(r.stage) for r in records}):
         counts[stage] = dict(Counter(str(r.status) for r in records if str(r.stage) == stage))
-    get_run_logger().info("chunk %s/%d: %s", provider, chunk_index, counts)
+    get_run_logger().info("chunk %s/%d: %s", provider, chunk_index, describe_counts(counts))
     return ChunkOutcome(
         chunk=part,
         provider=provider,
@@ -112,7 +105,18 @@ async def _process_chunk(
         fatal=error_fields(ctx.lane.state.fatal),
         refine_fatal=error_fields(ctx.refine.state.fatal) if ctx.refine else None,
         process=f"{socket.gethostname()}:{os.getpid()}",
+        errors=count_errors(records),
     )
+
+
+def describe_counts(counts: dict[str, dict[str, int]]) -> str:
+    """A chunk's counts for its log line: "try-on 2 failed, 8 succeeded; refine 8 skipped"."""
+    stages = []
+    for stage, by_status in counts.items():
+        label = "try-on" if stage == Stage.TRYON else stage
+        tally = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items()))
+        stages.append(f"{label} {tally or 'nothing'}")
+    return "; ".join(stages) or "no rows"
 
 
 def invalid_records(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -51,6 +54,36 @@ def real_prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pr
 
     with run_prefect_server(tmp_path_factory.mktemp("prefect-server")) as server:
         yield server
+
+
+@pytest.fixture
+def read_only_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """An empty folder nobody can create anything in, root included: mode 0o555, and for a
+    process that ignores modes (root) the immutable attribute too; skipped where neither
+    works."""
+    folder = tmp_path_factory.mktemp("read-only")
+    folder.chmod(0o555)
+    immutable = False
+    if _can_create_in(folder) and shutil.which("chattr"):
+        done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False)
+        immutable = done.returncode == 0
+    try:
+        if _can_create_in(folder):
+            pytest.skip("no way to make a folder read-only for this user here")
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=False)
+        folder.chmod(0o755)
+
+
+def _can_create_in(folder: Path) -> bool:
+    try:
+        (folder / "probe").mkdir()
+    except OSError:
+        return False
+    (folder / "probe").rmdir()
+    return True
 
 
 @pytest.fixture

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Final
 
 from schemas.manifest import is_safe_id
 from schemas.results import RowRecord, Status
 from tasks.lake import Lake, LakePathError
-from tasks.report.page import PageRow, page_row, render_page
+from tasks.report.page import PageRow, earlier_note, page_row, render_page
 from tasks.report.records import SheetRow, group_rows, read_run_records
 from tasks.report.sheet import SheetImage, SheetLayout
 from tasks.report.thumbnails import (
@@ -76,6 +76,7 @@ async def build_contact_sheet(
     max_listed_rows: int = DEFAULT_MAX_LISTED_ROWS,
     refined: bool | None = None,
     manifest_rows: int | None = None,
+    prompts: Mapping[int, str] | None = None,
 ) -> ContactSheet:
     """The contact sheet of a run's records (both stages), rows in manifest order.
 
@@ -87,8 +88,12 @@ async def build_contact_sheet(
     canvas, at most ``max_image_rows`` high, and a few thumbnails.
     ``refined``: show the refined column; by default, when any record is a refine record.
     ``manifest_rows``: the manifest's row count, so rows missing from ``records`` are noted.
+    ``prompts``: prompt rows' texts by row index (the records do not hold them), shown where
+    the garment image would be.
     """
     rows = group_rows(records)
+    if prompts:
+        rows = [replace(row, prompt=prompts.get(row.row_index)) for row in rows]
     if refined is None:
         refined = any(row.refine is not None for row in rows)
     if run_id is None:
@@ -134,8 +139,11 @@ async def build_contact_sheet(
 
 def _headline(rows: Sequence[SheetRow]) -> str:
     def tally(records: Iterable[RowRecord | None]) -> str:
-        counts = Counter(r.status for r in records if r is not None)
-        return ", ".join(f"{counts[s]} {s}" for s in Status if counts[s]) or "none"
+        present = [r for r in records if r is not None]
+        counts = Counter(r.status for r in present)
+        text = ", ".join(f"{counts[s]} {s}" for s in Status if counts[s]) or "none"
+        earlier = sum(bool(earlier_note(r)) for r in present)
+        return f"{text} ({earlier} from earlier runs)" if earlier else text
 
     text = f"{len(rows)} rows; try-on: {tally(r.tryon for r in rows)}"
     if any(r.refine is not None for r in rows):
@@ -169,6 +177,7 @@ async def write_contact_sheet(
     max_image_rows: int = DEFAULT_MAX_IMAGE_ROWS,
     max_listed_rows: int = DEFAULT_MAX_LISTED_ROWS,
     manifest_rows: int | None = None,
+    prompts: Mapping[int, str] | None = None,
 ) -> ContactSheetUris:
     """Build the run's contact sheet and write ``runs/<run_id>/contact_sheet.{html,jpg}``.
 
@@ -190,6 +199,7 @@ async def write_contact_sheet(
         max_image_rows=max_image_rows,
         max_listed_rows=max_listed_rows,
         manifest_rows=manifest_rows,
+        prompts=prompts,
     )
     jpeg_uri = await lake.awrite_bytes(lake.path("runs", run_id, CONTACT_SHEET_JPEG), sheet.jpeg)
     html_uri = await lake.awrite_bytes(

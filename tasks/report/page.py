@@ -20,13 +20,13 @@ from functools import cache
 
 import jinja2
 
-from schemas.results import RowRecord
+from schemas.results import RowRecord, Status
 from tasks.images import display_uri
-from tasks.report.records import MESSAGE_CHARS, SheetRow
+from tasks.report.records import SheetRow
 from tasks.report.sheet import SheetLayout
 from tasks.report.thumbnails import Cell
 
-__all__ = ["PageImage", "PageRow", "PageStage", "page_row", "render_page"]
+__all__ = ["PageImage", "PageRow", "PageStage", "earlier_note", "page_row", "render_page"]
 
 _TEMPLATE = "contact_sheet.html.j2"
 
@@ -52,8 +52,9 @@ class PageStage:
     provider: str = ""
     attempts: int = 0
     error: str = ""  # "<kind> <code>", either part may be missing
-    message: str = ""
+    message: str = ""  # whole: the page wraps it
     output: str = ""  # the output's URI, redacted
+    earlier: str = ""  # set when an earlier run had already done (or recorded) this stage
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,8 @@ class PageRow:
     status: str
     images: tuple[PageImage, ...] | None  # None: a row past those shown with images
     stages: tuple[PageStage, ...]
+    prompt: str = ""  # a prompt row's text, whole
+    earlier: bool = False  # every stage that ran was already done by an earlier run
 
 
 def page_row(row: SheetRow, layout: SheetLayout, cells: Sequence[Cell] | None) -> PageRow:
@@ -75,12 +78,15 @@ def page_row(row: SheetRow, layout: SheetLayout, cells: Sequence[Cell] | None) -
     stages = [_page_stage("try-on", row.tryon)]
     if layout.refined:
         stages.append(_page_stage("refine", row.refine))
+    ran = [stage for stage in stages if stage.status is not None]
     return PageRow(
         number=row.row_index + 1,
         row_id=row.row_id if row.row_id is not None else "(no id)",
         status=str(row.status),
         images=images,
         stages=tuple(stages),
+        prompt=row.prompt or "",
+        earlier=bool(ran) and all(stage.earlier for stage in ran),
     )
 
 
@@ -132,6 +138,18 @@ def _page_stage(label: str, record: RowRecord | None) -> PageStage:
         provider=record.provider,
         attempts=record.attempts,
         error=error,
-        message=(record.error_message or "")[:MESSAGE_CHARS],
+        message=record.error_message or "",
         output=display_uri(record.output_uri) if record.output_uri else "",
+        earlier=earlier_note(record),
     )
+
+
+def earlier_note(record: RowRecord) -> str:
+    """Why this run did no work for the stage: an earlier run had done it (a rerun), or had
+    recorded the same outcome; "" when this run did the work."""
+    if not (record.already_recorded or record.reused_from_run):
+        return ""
+    by = f"run {record.reused_from_run}" if record.reused_from_run else "an earlier run"
+    if record.status == Status.SUCCEEDED:
+        return f"already done by {by}: no new provider call"
+    return f"already recorded by {by}"

@@ -32,7 +32,7 @@ __all__ = [
     "write_report_records",
 ]
 
-# Error messages are cut here on the sheet and its page: the metadata has them whole.
+# Error messages are cut here on the sheet's image (the page and the metadata have them whole).
 MESSAGE_CHARS: Final = 300
 
 
@@ -43,6 +43,7 @@ class SheetRow:
     row_index: int
     tryon: RowRecord | None
     refine: RowRecord | None
+    prompt: str | None = None  # a prompt row's text (not in the records: from the manifest)
 
     @property
     def row_id(self) -> str | None:
@@ -92,7 +93,10 @@ def read_run_records(lake: Lake, run_id: str) -> list[RowRecord]:
         metadata = lake.path("metadata", f"run_id={run_id}")
     else:
         metadata = lake.path("runs", run_id, "parts")
-    return _read_records(lake, metadata) + _read_records(lake, _report_dir(lake, run_id))
+    held = _read_records(lake, _report_dir(lake, run_id))
+    for record in held:  # kept only for the report: an earlier run's metadata holds them
+        record.mark_already_recorded()
+    return _read_records(lake, metadata) + held
 
 
 def write_report_records(lake: Lake, run_id: str, part: str, records: list[RowRecord]) -> str:

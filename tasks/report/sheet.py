@@ -233,6 +233,12 @@ def _status_lines(row: SheetRow, refined: bool) -> list[tuple[str, tuple[int, in
         text = f"{label}: {record.status} ({record.provider})"
         if record.error_code:
             text += f" {record.error_code}"
+        if record.already_recorded or record.reused_from_run:
+            text += (
+                ", already done earlier"
+                if record.status == Status.SUCCEEDED
+                else ", recorded earlier"
+            )
         lines.append((text, _STATUS_RGB[record.status]))
         if record.error_message:
             messages.append(f"{label}: {record.error_message[:MESSAGE_CHARS]}")

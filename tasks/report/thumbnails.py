@@ -51,6 +51,7 @@ DEFAULT_THUMB_PX: Final = 128
 DEFAULT_MAX_IMAGE_ROWS: Final = 100
 _THUMB_JPEG_QUALITY: Final = 80
 _INPUT_UNAVAILABLE: Final = "input unavailable"
+PROMPT_NOTE_CHARS: Final = 120  # of a prompt in its placeholder; the page shows it whole
 
 
 def make_thumbnail(
@@ -123,6 +124,7 @@ class CellSpec:
     uri: str | None
     note: str  # the placeholder when there is no image: no uri, or nothing held for it
     output: bool  # a result in the run's lake, which may be read back; inputs never are
+    title: str = ""  # the placeholder's whole text when its note is cut (a long prompt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +154,7 @@ class CellReader:
 
     async def cell(self, spec: CellSpec) -> Cell:
         if spec.uri is None:
-            return Cell(note=spec.note)
+            return Cell(note=spec.note, title=spec.title)
         held = self._bank.get(spec.uri) if self._bank is not None else None
         if held is not None:
             return self._fit(spec.uri, held)
@@ -281,16 +283,22 @@ def cell_specs(row: SheetRow, columns: Sequence[str]) -> list[CellSpec]:
     tryon = row.tryon
     invalid = tryon is not None and tryon.status == Status.INVALID
 
-    def input_spec(uri: str | None, absent: str) -> CellSpec:
+    def input_spec(uri: str | None, absent: str, title: str = "") -> CellSpec:
         if invalid:  # nothing was attempted for the row
             return CellSpec(uri=None, note="invalid row", output=False)
         if uri is None:
-            return CellSpec(uri=None, note=absent, output=False)
+            return CellSpec(uri=None, note=absent, output=False, title=title)
         return CellSpec(uri=uri, note=_input_note(tryon, uri), output=False)
 
+    garment = tryon.garment_image if tryon else None
+    prompt = " ".join((row.prompt or "").split())
+    if garment is None and prompt:  # a prompt row: its text where the garment would be
+        garment_spec = input_spec(None, f"prompt: {_cut(prompt, PROMPT_NOTE_CHARS)}", prompt)
+    else:
+        garment_spec = input_spec(garment, "no garment image (prompt)")
     specs = {
         "person": input_spec(tryon.person_image if tryon else None, "no image"),
-        "garment": input_spec(tryon.garment_image if tryon else None, "no garment image (prompt)"),
+        "garment": garment_spec,
     }
     for column, record in (("coarse", tryon), ("refined", row.refine)):
         succeeded = record is not None and record.status == Status.SUCCEEDED
@@ -305,6 +313,10 @@ def cell_specs(row: SheetRow, columns: Sequence[str]) -> list[CellSpec]:
             output=True,
         )
     return [specs[c] for c in columns]
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 def lake_output_reader(lake: Lake) -> OutputReader:

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -363,14 +364,17 @@ def test_cli_fetch_options_reach_the_run(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
     monkeypatch.setattr(flows.batch, "tryon_batch", capture)
     monkeypatch.setattr(flows.cli, "_start_emulator", lambda stack: "http://127.0.0.1:9")
+    # A run that can start (the preflight reads the manifest, probes the lake, wants a key).
+    monkeypatch.setenv("CHANGECLOTHES_API_KEY", "k")
     runner = CliRunner()
-    manifest = str(tmp_path / "m.csv")
+    manifest = str(Path(__file__).resolve().parents[2] / "sample" / "manifest.csv")
+    lake = ["--lake", str(tmp_path / "lake")]
 
-    result = runner.invoke(flows.cli.app, ["run", manifest, "--no-progress"])
+    result = runner.invoke(flows.cli.app, ["run", manifest, *lake, "--no-progress"])
     assert result.exit_code == 2 and seen[-1].fetch_allow == []
     assert seen[-1].fetch_timeout_s == 30.0
 
-    args = ["run", manifest, "--no-progress", "--emulator", "--fetch-allow", "10.20.0.0/16"]
+    args = ["run", manifest, *lake, "--no-progress", "--emulator", "--fetch-allow", "10.20.0.0/16"]
     result = runner.invoke(flows.cli.app, [*args, "--fetch-timeout", "5"])
     assert result.exit_code == 2
     assert seen[-1].fetch_allow == ["10.20.0.0/16", "127.0.0.0/8", "::1/128"]

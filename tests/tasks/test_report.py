@@ -389,12 +389,67 @@ async def test_write_contact_sheet_reads_the_run_back_from_the_lake(run: RunFixt
     assert "1 of the manifest&#39;s 7 rows have no record" in staged
     with Image.open(uris.jpeg) as grid:
         assert grid.height == 44 + 22 + 6 * 140
+    # The rows an earlier run had done are marked so, stage by stage, and counted.
+    rows = {cells[1]: cells[-1] for cells in parse_html(staged).rows}
+    for row_id in ("missing-out", "skip-refine", "prompt-row"):
+        assert "already done by an earlier run: no new provider call" in rows[row_id]
+    assert "already recorded by an earlier run" in rows["skip-refine"]  # its refine stage
+    assert not any("already" in rows[row_id] for row_id in ("ok-1", "fail-1"))
+    assert staged.count(" earlier'>") == 3  # the row marker
+    assert "try-on: 4 succeeded, 1 failed, 1 invalid (3 from earlier runs)" in staged
 
     # Once committed, the published metadata is read (the staged parts may be gone).
     run.lake.commit_run(RUN_ID, {"run_id": RUN_ID})
     for part in run.lake.fs.glob(run.lake.path("runs", RUN_ID, "parts") + "/*.parquet"):
         run.lake.fs.rm_file(part)
     assert [r.row_index for r in group_rows(read_run_records(run.lake, RUN_ID))] == list(range(6))
+
+
+async def test_prompt_rows_show_their_prompt_escaped_and_messages_are_whole(
+    run: RunFixture,
+) -> None:
+    prompt = "Help <b>her</b> into a 'blue' & \"striped\" <script>alert(1)</script> shirt"
+    prompt += ", very long" * 20
+    message = "the provider explains: " + "a long reason, " * 60 + "THE END"
+    run.add(6, "long-msg", Status.FAILED, error_kind=ErrorKind.PERMANENT, error_code="X_Y")
+    run.records[-1].error_message = message
+    sheet = await build_contact_sheet(
+        run.records,
+        bank=await run.held(),
+        read_output=lake_output_reader(run.lake),
+        prompts={5: prompt},
+    )
+    page = parse(sheet)
+    cells = {cells[1]: cells for cells in page.rows}
+
+    # Where the garment would be: the prompt, cut to fit (whole in its tooltip); whole beside.
+    placeholder = cells["prompt-row"][3]
+    assert placeholder.startswith("prompt: Help <b>her</b> into a 'blue'")
+    assert placeholder.endswith("...") and len(placeholder) < len(prompt)
+    assert prompt in cells["prompt-row"][-1]
+    assert page.scripts == 0 and "<script>" not in sheet.html and "<b>her" not in sheet.html
+    assert "&lt;b&gt;her&lt;/b&gt;" in sheet.html
+    assert "title='Help &lt;b&gt;her&lt;/b&gt; into a &#39;blue&#39; &amp; &#34;striped" in (
+        sheet.html
+    )
+    # A message is shown whole on the page (wrapped by the page, not cut).
+    assert message in cells["long-msg"][-1]
+    # Without the manifest's prompts the placeholder still says what the row is.
+    plain = parse(await build_contact_sheet(run.records))
+    assert {c[1]: c for c in plain.rows}["prompt-row"][3] == "no garment image (prompt)"
+
+
+async def test_a_stage_done_by_an_earlier_run_names_it() -> None:
+    done = RowRecord(
+        run_id=RUN_ID,
+        row_id="r",
+        row_index=0,
+        provider="changeclothes",
+        status=Status.SUCCEEDED,
+        reused_from_run="run-3",
+    )
+    sheet = await build_contact_sheet([done])
+    assert "already done by run run-3: no new provider call" in parse(sheet).rows[0][-1]
 
 
 async def test_write_contact_sheet_refuses_an_unsafe_run_id(run: RunFixture) -> None:

@@ -1,0 +1,36 @@
+"""``ChunkSettings``: what a chunk running in another process needs to rebuild its run's
+context. Plain data, Prefect-free, so the flow's parameters (``flows.params``) can be built and
+checked without importing Prefect (``tryon run`` answers a run that cannot start at once).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ChunkSettings"]
+
+
+class ChunkSettings(BaseModel):
+    """What a chunk needs to rebuild its run's context in another process. Plain data: it
+    travels as a task parameter (never credentials: those come from the worker's environment
+    or Prefect Secret blocks)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lake: str
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    max_in_flight: int = Field(ge=1, description="This chunk's share of the run's slots.")
+    requests_per_second: float | None = Field(default=None, gt=0)
+    refine: bool = False
+    refine_max_in_flight: int = Field(default=1, ge=1)
+    refine_requests_per_second: float | None = Field(default=None, gt=0)
+    refine_gender: Literal["woman", "man"] | None = None
+    max_attempts: int = Field(default=4, ge=1)
+    fetch_allow: list[str] = Field(default_factory=list)  # BatchParams.fetch_allow, checked
+    fetch_timeout_s: float = Field(default=30.0, gt=0)
+    # A run-fatal error another chunk already hit: this chunk records its rows as not
+    # attempted instead of calling the provider again.
+    fatal: dict[str, Any] | None = None
+    refine_fatal: dict[str, Any] | None = None
