@@ -22,7 +22,6 @@ like the injected rate limit).
 from __future__ import annotations
 
 import io
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -343,7 +342,7 @@ class _AILabApi(VendorApi[str]):
 
     def _expired(self, job: EmulatedJob) -> bool:
         ended = job.submitted + job.queued_s + job.running_s
-        return time.monotonic() > ended + self.state.config.result_ttl_s
+        return self.state.clock() > ended + self.state.config.result_ttl_s
 
     def _task_failed(self, kind: object, detail: str) -> Response:
         body = envelope(CODES[FAILED_TASK_CODE], FAILED_TASK_CODE, detail)

@@ -8,6 +8,7 @@ routes are wrapped here so stats and in-flight counts are uniform. Control endpo
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from emulator import changeclothes
 from emulator import hidream as hidream_routes
 from emulator import tencent as tencent_routes
 from emulator.config import EmulatorConfig, FaultPlan
+from emulator.jobs import Clock, Sleep
 from emulator.keys import PLUGINS
 from emulator.state import EmulatorState
 from emulator.stats import CALLS_PATH, FAULTS_PATH, RESET_PATH, STATS_PATH
@@ -75,7 +77,7 @@ def _tracked(route: Route, state: EmulatorState, provider: str | None) -> Route:
 
     async def tracked(request: Request) -> Response:
         route_key = f"{request.method} {path}"
-        arrived, status = time.monotonic(), 500
+        arrived, status = state.clock(), 500
         try:
             with state.track(route_key, provider):
                 response: Response = await endpoint(request)
@@ -88,13 +90,21 @@ def _tracked(route: Route, state: EmulatorState, provider: str | None) -> Route:
     return Route(path, tracked, methods=list(route.methods or ()), name=route.name)
 
 
-def build_app(config: EmulatorConfig | None = None) -> Starlette:
-    """A fresh emulator app with its own state (reachable as ``app.state.emulator``)."""
+def build_app(
+    config: EmulatorConfig | None = None,
+    *,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = asyncio.sleep,
+) -> Starlette:
+    """A fresh emulator app with its own state (reachable as ``app.state.emulator``).
+
+    ``clock``/``sleep``: the time its jobs, result lifetimes and call log run on (real time by
+    default; tests pass a fake one to run job lifecycles without waiting)."""
     config = config or EmulatorConfig()
     unknown = sorted(set(config.faults) - set(PROVIDER_ROUTES))
     if unknown:
         raise ValueError(f"fault plans for unknown providers: {unknown}")
-    state = EmulatorState(config, list(PROVIDER_ROUTES))
+    state = EmulatorState(config, list(PROVIDER_ROUTES), clock=clock, sleep=sleep)
 
     async def result_file(request: Request) -> Response:
         # Expired and unknown tokens look alike: 404, as for an object deleted from a bucket.

@@ -377,7 +377,7 @@ class _HiDreamApi(VendorApi[int]):
 
     async def _notify(self, job: EmulatedJob, url: str) -> None:
         """POST the task result to ``url`` once the job has ended (best effort, like a vendor)."""
-        await asyncio.sleep(job.queued_s + job.running_s)
+        await self.state.sleep(job.queued_s + job.running_s)
         try:
             body = await self._task_result(job, "")
             await self.state.http.post(url, json=body)

@@ -18,6 +18,11 @@ from typing import Any
 
 from emulator.stats import JobContents
 
+Clock = Callable[[], float]
+"""The emulator's time in seconds (``time.monotonic`` unless a test gives a fake one)."""
+Sleep = Callable[[float], Awaitable[None]]
+"""How the emulator waits on its clock (``asyncio.sleep`` unless a test gives a fake one)."""
+
 JOB_LIMIT = 100_000  # oldest jobs are forgotten past this (as vendors expire task results)
 
 
@@ -41,9 +46,10 @@ class EmulatedJob:
     result: Any = None
     polls: int = 0
     content: str | None = None  # a digest of what was asked (see ``JobStore.submit``)
+    clock: Clock = time.monotonic  # the store's (``submitted`` is on it)
 
     def phase(self, now: float | None = None) -> JobPhase:
-        elapsed = (time.monotonic() if now is None else now) - self.submitted
+        elapsed = (self.clock() if now is None else now) - self.submitted
         if elapsed < self.queued_s:
             return JobPhase.QUEUED
         if elapsed < self.queued_s + self.running_s:
@@ -58,7 +64,8 @@ class EmulatedJob:
 
 
 class JobStore:
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
         self._jobs: OrderedDict[str, EmulatedJob] = OrderedDict()
         self.submitted = 0
         # Submissions by request content (a provider's digest of the inputs that shape the
@@ -86,13 +93,14 @@ class JobStore:
         job = EmulatedJob(
             job_id=str(uuid.uuid4()),
             provider=provider,
-            submitted=time.monotonic(),
+            submitted=self._clock(),
             queued_s=queued_s,
             running_s=running_s,
             will_fail=will_fail,
             render=render,
             meta=meta or {},
             content=content,
+            clock=self._clock,
         )
         if content is not None:
             key = f"{provider}|{content}"

@@ -20,7 +20,7 @@ from urllib.parse import unquote
 import httpx
 
 from emulator.config import EmulatorConfig, FaultPlan
-from emulator.jobs import JobStore
+from emulator.jobs import Clock, JobStore, Sleep
 from emulator.stats import CacheStats, EmulatorStats, ProviderStats
 
 CALL_LOG_LIMIT = 200_000
@@ -153,8 +153,11 @@ class ProviderState:
 class ResultStore:
     """Result files by token, each expiring ``ttl_s`` after it was stored."""
 
-    def __init__(self, ttl_s: float, max_items: int, name_prefix: str = "") -> None:
+    def __init__(
+        self, ttl_s: float, max_items: int, name_prefix: str = "", clock: Clock = time.monotonic
+    ) -> None:
         self.ttl_s = ttl_s
+        self._clock = clock
         self.max_items = max_items
         # Goes into the URL as given (percent-encoded); the server sees it decoded.
         self.name_prefix = name_prefix
@@ -165,14 +168,14 @@ class ResultStore:
         self._purge()
         token = f"{time.time_ns()}{secrets.randbelow(10**6):06d}"
         key = unquote(self.name_prefix) + token
-        self._items[key] = (time.monotonic() + self.ttl_s, data, media_type)
+        self._items[key] = (self._clock() + self.ttl_s, data, media_type)
         while len(self._items) > self.max_items:
             self._items.popitem(last=False)
         return self.name_prefix + token
 
     def get(self, token: str) -> tuple[bytes, str] | None:
         item = self._items.get(token)
-        if item is None or item[0] <= time.monotonic():
+        if item is None or item[0] <= self._clock():
             return None
         return item[1], item[2]
 
@@ -180,7 +183,7 @@ class ResultStore:
         return len(self._items)
 
     def _purge(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         while self._items:
             expires = next(iter(self._items.values()))[0]
             if expires > now:
@@ -230,22 +233,35 @@ class CompositeCache:
 
 
 class EmulatorState:
-    """Shared by the app, its control endpoints and every provider's routes."""
+    """Shared by the app, its control endpoints and every provider's routes.
 
-    def __init__(self, config: EmulatorConfig, provider_names: list[str]) -> None:
+    ``clock`` and ``sleep``: the time that jobs, result lifetimes, the call log and deferred
+    work (HiDream's callbacks) run on; real time unless a test drives a fake one.
+    """
+
+    def __init__(
+        self,
+        config: EmulatorConfig,
+        provider_names: list[str],
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
         self.config = config
+        self.clock = clock
+        self.sleep = sleep
         self.providers = {
             name: ProviderState(name, config.fault_plan(name), config.seed)
             for name in provider_names
         }
         self.results = ResultStore(
-            config.result_ttl_s, config.max_stored_results, config.result_name_prefix
+            config.result_ttl_s, config.max_stored_results, config.result_name_prefix, clock
         )
         self.composites = CompositeCache(config.composite_cache_size)
-        self.jobs = JobStore()  # submit-then-poll providers' jobs
+        self.jobs = JobStore(clock)  # submit-then-poll providers' jobs
         self._http: httpx.AsyncClient | None = None
         self.in_flight = 0
-        self._clock0 = time.monotonic()
+        self._clock0 = clock()
         self.reset_stats()
 
     def provider(self, name: str) -> ProviderState:
@@ -286,7 +302,7 @@ class EmulatorState:
 
     def clock_s(self) -> float:
         """The call log's clock: monotonic seconds since the emulator started."""
-        return round(time.monotonic() - self._clock0, 6)
+        return round(self.clock() - self._clock0, 6)
 
     def log_call(
         self,

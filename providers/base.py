@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
-from typing import ClassVar, Literal, Self
+from typing import ClassVar, Literal, Protocol, Self
 
 import httpx
 
@@ -260,6 +260,31 @@ class JobStatus:
     error: ProviderError | None = None  # set when FAILED (moderation, processing failure...)
 
 
+class Clock(Protocol):
+    """The time a polling loop reads and waits on: ``REAL_TIME``, or a test's fake clock."""
+
+    def now(self) -> float:
+        """Seconds on a monotonic clock."""
+        ...
+
+    def sleep(self, seconds: float) -> Awaitable[None]:
+        """Wait ``seconds`` on this clock."""
+        ...
+
+
+class RealTime:
+    """``time.monotonic`` and ``asyncio.sleep``: what every client polls with in a run."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> Awaitable[None]:
+        return asyncio.sleep(seconds)
+
+
+REAL_TIME: Clock = RealTime()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PollPolicy:
     """Poll with exponential backoff (and a little jitter) until a deadline."""
@@ -283,6 +308,7 @@ class AsyncJobClient(TryOnClient):
     """A provider whose try-on is a job: ``submit`` returns its id, ``poll`` reports on it."""
 
     poll_policy: PollPolicy = PollPolicy()
+    poll_clock: Clock = REAL_TIME  # what ``wait`` sleeps and reads the deadline on
 
     @abc.abstractmethod
     async def submit(self, request: TryOnRequest) -> str:
@@ -295,7 +321,9 @@ class AsyncJobClient(TryOnClient):
     async def wait(self, job_id: str) -> TryOnResult:
         """Poll ``job_id`` until it ends or the deadline passes (then a transient TIMEOUT:
         the job may still finish, and a rerun resumes polling it)."""
-        return await wait_for_job(self.poll, job_id, self.poll_policy, provider=self.name)
+        return await wait_for_job(
+            self.poll, job_id, self.poll_policy, provider=self.name, clock=self.poll_clock
+        )
 
     async def try_on(
         self, request: TryOnRequest, *, on_submitted: OnSubmitted | None = None
@@ -312,12 +340,14 @@ async def wait_for_job(
     policy: PollPolicy,
     *,
     provider: str,
+    clock: Clock = REAL_TIME,
 ) -> TryOnResult:
-    """The polling loop shared by every async provider (try-on and refiner alike)."""
-    started = time.monotonic()
+    """The polling loop shared by every async provider (try-on and refiner alike); it waits
+    and reads its deadline on ``clock``."""
+    started = clock.now()
     for wait in [0.0, *policy.intervals()]:
         if wait:
-            await asyncio.sleep(wait * random.uniform(0.9, 1.1))
+            await clock.sleep(wait * random.uniform(0.9, 1.1))
         try:
             status = await poll(job_id)
         except ProviderError as exc:
@@ -337,7 +367,7 @@ async def wait_for_job(
     raise ProviderError(
         kind=ErrorKind.TRANSIENT,
         code="POLL_DEADLINE",
-        message=f"job {job_id} not finished after {time.monotonic() - started:.0f} s",
+        message=f"job {job_id} not finished after {clock.now() - started:.0f} s",
         provider=provider,
         request_id=job_id,
     )
@@ -360,6 +390,7 @@ class RefinerClient(abc.ABC):
     """A refiner (AILabTools try-on-clothes-refiner): one refine call to completion."""
 
     name: ClassVar[str]
+    poll_clock: Clock = REAL_TIME  # what a polling refiner sleeps and reads its deadline on
 
     def __init__(self, *, http: httpx.AsyncClient, profile: ImageProfile) -> None:
         self.http = http

@@ -178,7 +178,9 @@ class AILabRefinerClient(_AILabAccount, RefinerClient):
 
     async def wait(self, job_id: str) -> TryOnResult:
         """Poll until the task ends or the deadline passes (transient POLL_DEADLINE)."""
-        return await wait_for_job(self.poll, job_id, self.poll_policy, provider=self.name)
+        return await wait_for_job(
+            self.poll, job_id, self.poll_policy, provider=self.name, clock=self.poll_clock
+        )
 
     async def refine(
         self, request: RefineRequest, *, on_submitted: OnSubmitted | None = None
