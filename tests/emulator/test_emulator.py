@@ -1,4 +1,8 @@
-"""The emulator itself: determinism, stats, in-flight accounting, control endpoints, composites."""
+"""The emulator itself: determinism, stats, in-flight accounting, control endpoints, composites.
+
+In-process (tests/contract.py) but for ``test_client_timeout_frees_the_in_flight_slot`` on
+loopback: a client timeout and its hang-up need a real socket.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from emulator import AsyncEmulatorControl, EmulatorConfig, EmulatorServer, FaultPlan, build_app
+from emulator import AsyncEmulatorControl, EmulatorConfig, FaultPlan, build_app
 from emulator.composite import (
     REGIONS,
     render_garment,
@@ -19,37 +23,20 @@ from emulator.composite import (
 )
 from emulator.keys import accepted_key
 from emulator.stats import CacheStats, ProviderStats
-from providers.base import TryOnRequest
 from providers.changeclothes.client import GARMENT_PATH, PROMPT_PATH, ChangeClothesClient
-from tests.contract import (
-    RawPost,
+from tests.contract import Cc, Emulators, FakeClock, RawPost, bearer, garment_fields
+from tests.images import (
+    CATEGORY_BANDS,
+    assert_dressed,
     band_diff,
     decode,
     garment_jpeg,
+    garment_request,
     person_jpeg,
-    prepared,
 )
 
 GARMENT_STATS_KEY = f"POST {GARMENT_PATH}"
 CC = "changeclothes"
-
-
-def garment_request(person: bytes, garment: bytes, category: str = "upper_body") -> TryOnRequest:
-    return TryOnRequest(
-        row_id="r",
-        person=prepared(person),
-        garment=prepared(garment),
-        category=category,  # type: ignore[arg-type]
-    )
-
-
-def garment_fields(person: bytes, garment: bytes, **extra: str) -> dict[str, object]:
-    return {
-        "modelImg": ("p.jpg", person, "image/jpeg"),
-        "garmentImg": ("g.jpg", garment, "image/jpeg"),
-        "category": "upper_body",
-        **extra,
-    }
 
 
 # -- composites ------------------------------------------------------------------------------
@@ -63,25 +50,12 @@ def test_composite_is_deterministic(person: bytes, garment: bytes) -> None:
     assert render_prompt(person, "red coat").result != render_prompt(person, "blue coat").result
 
 
-@pytest.mark.parametrize(
-    ("category", "changed", "unchanged"),
-    [
-        ("upper_body", (0.25, 0.50), (0.62, 0.90)),
-        ("lower_body", (0.60, 0.85), (0.20, 0.45)),
-        ("dresses", (0.25, 0.85), (0.00, 0.15)),
-    ],
-)
+@pytest.mark.parametrize("category", CATEGORY_BANDS)
 def test_composite_changes_the_category_region_only(
-    category: str,
-    changed: tuple[float, float],
-    unchanged: tuple[float, float],
-    person: bytes,
-    garment: bytes,
+    category: str, person: bytes, garment: bytes
 ) -> None:
     rendered = render_garment(person, garment, category)
-    output, original = decode(rendered.result), decode(person)
-    assert band_diff(output, original, *changed) > 40
-    assert band_diff(output, original, *unchanged) < 6
+    assert_dressed(decode(rendered.result), decode(person), category)
     mask = decode(rendered.mask)
     top, bottom = REGIONS[category][1], REGIONS[category][3]
     assert band_diff(mask, mask * 0, top + 0.02, bottom - 0.02) > 250  # white inside
@@ -109,12 +83,9 @@ async def test_same_inputs_give_identical_result_bytes(
 
 
 async def test_stats_count_routes_outcomes_and_downloads(
-    client: ChangeClothesClient,
-    control: AsyncEmulatorControl,
-    raw_post: RawPost,
-    person: bytes,
-    garment: bytes,
+    cc: Cc, person: bytes, garment: bytes
 ) -> None:
+    client, control, raw_post = cc.client(), cc.control, cc.raw_post
     results = [await client.try_on(garment_request(person, garment)) for _ in range(3)]
     await client.download(results[0].result_url)
     await raw_post(GARMENT_PATH, garment_fields(person, garment, category="hats"))
@@ -172,20 +143,13 @@ async def test_reset_zeroes_stats_and_optionally_faults(
 
 
 async def test_client_timeout_frees_the_in_flight_slot(
-    http: httpx.AsyncClient,
-    emulator: EmulatorServer,
-    api_key: SecretStr,
-    control: AsyncEmulatorControl,
-    person: bytes,
-    garment: bytes,
+    cc_loopback: Cc, person: bytes, garment: bytes
 ) -> None:
-    await control.set_faults(CC, timeout_rate=1.0, timeout_s=60)
-    client = ChangeClothesClient(
-        http=http, api_key=api_key, base_url=emulator.base_url, timeout=0.3
-    )
+    await cc_loopback.faults(timeout_rate=1.0, timeout_s=60)
+    client = cc_loopback.client(timeout=0.3)
     with pytest.raises(Exception, match="TIMEOUT"):
         await client.try_on(garment_request(person, garment))
-    stats = await control.wait_idle(timeout_s=3)
+    stats = await cc_loopback.control.wait_idle(timeout_s=3)
     assert stats.provider(CC).errors == {"timeout": 1}
 
 
@@ -193,10 +157,7 @@ async def test_client_timeout_frees_the_in_flight_slot(
 
 
 async def test_faults_endpoint_changes_behaviour_at_runtime(
-    control: AsyncEmulatorControl,
-    raw_post: RawPost,
-    person: bytes,
-    garment: bytes,
+    control: AsyncEmulatorControl, raw_post: RawPost, person: bytes, garment: bytes
 ) -> None:
     plans = await control.set_faults(CC, error_rate_429=1.0, retry_after_s=3)
     assert plans[CC].error_rate_429 == 1.0
@@ -223,20 +184,18 @@ async def test_faults_endpoint_changes_behaviour_at_runtime(
 
 
 async def test_fault_draws_are_deterministic_per_seed(
-    http: httpx.AsyncClient, api_key: SecretStr, person: bytes, garment: bytes
+    emulators: Emulators, api_key: SecretStr, person: bytes, garment: bytes
 ) -> None:
     fields = garment_fields(person, garment)
     files = [(k, v if isinstance(v, tuple) else (None, v)) for k, v in fields.items()]
-    headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"}
+    headers = bearer(api_key)
 
     async def outcomes(seed: int) -> list[int]:
         plan = FaultPlan(error_rate_429=0.5)
         config = EmulatorConfig(seed=seed, faults={"changeclothes": plan}, fast_mode=True)
-        with EmulatorServer.start(config) as server:
-            url = server.base_url + GARMENT_PATH
-            return [
-                (await http.post(url, files=files, headers=headers)).status_code for _ in range(12)
-            ]
+        url = emulators.start(config).base_url + GARMENT_PATH
+        http = emulators.http
+        return [(await http.post(url, files=files, headers=headers)).status_code for _ in range(12)]
 
     first, again, other = await outcomes(3), await outcomes(3), await outcomes(4)
     assert first == again
@@ -252,20 +211,13 @@ def test_config_rejects_faults_for_unknown_providers() -> None:
 # -- wire protocol details -------------------------------------------------------------------
 
 
-async def test_every_response_has_a_request_id(
-    http: httpx.AsyncClient,
-    client: ChangeClothesClient,
-    emulator: EmulatorServer,
-    raw_post: RawPost,
-    person: bytes,
-    garment: bytes,
-) -> None:
-    result = await client.try_on(garment_request(person, garment))
+async def test_every_response_has_a_request_id(cc: Cc, person: bytes, garment: bytes) -> None:
+    result = await cc.client().try_on(garment_request(person, garment))
     responses = [
-        await http.get(result.result_url),
-        await http.get(f"{emulator.base_url}/files/nope.webp"),
-        await http.get(f"{emulator.base_url}/_emulator/stats"),
-        await raw_post(GARMENT_PATH, garment_fields(person, garment), authorization=None),
+        await cc.http.get(result.result_url),
+        await cc.http.get(f"{cc.base_url}/files/nope.webp"),
+        await cc.http.get(f"{cc.base_url}/_emulator/stats"),
+        await cc.raw_post(GARMENT_PATH, garment_fields(person, garment), authorization=None),
     ]
     ids = [r.headers.get("x-request-id") for r in responses]
     assert all(ids) and len(set(ids)) == len(ids)
@@ -328,30 +280,23 @@ async def test_bad_image_strings_are_invalid_params(
     assert fragment in response.json()["msg"]
 
 
-async def test_non_multipart_body_is_an_invalid_param(
-    http: httpx.AsyncClient, emulator: EmulatorServer, api_key: SecretStr
-) -> None:
-    response = await http.post(
-        emulator.base_url + GARMENT_PATH,
+async def test_non_multipart_body_is_an_invalid_param(cc: Cc) -> None:
+    response = await cc.http.post(
+        cc.base_url + GARMENT_PATH,
         data={
             "modelImg": "https://x/p.jpg",
             "garmentImg": "https://x/g.jpg",
             "category": "dresses",
         },
-        headers={"Authorization": f"Bearer {api_key.get_secret_value()}"},
+        headers=bearer(cc.key),
     )
     assert (response.status_code, response.json()["code"]) == (400, 10004)
     assert "multipart/form-data" in response.json()["msg"]
 
 
-async def test_failed_calls_do_not_use_credits(
-    client: ChangeClothesClient,
-    control: AsyncEmulatorControl,
-    raw_post: RawPost,
-    person: bytes,
-    garment: bytes,
-) -> None:
-    await control.set_faults(CC, credits=1)
+async def test_failed_calls_do_not_use_credits(cc: Cc, person: bytes, garment: bytes) -> None:
+    await cc.faults(credits=1)
+    client, raw_post = cc.client(), cc.raw_post
     bad = await raw_post(GARMENT_PATH, garment_fields(person, garment, category="hats"))
     assert bad.json()["code"] == 10004
     assert (await client.try_on(garment_request(person, garment))).result_url
@@ -360,34 +305,33 @@ async def test_failed_calls_do_not_use_credits(
 
 
 async def test_fast_mode_returns_prerendered_results(
-    http: httpx.AsyncClient, api_key: SecretStr, garment: bytes
+    emulators: Emulators, api_key: SecretStr, garment: bytes
 ) -> None:
-    with EmulatorServer.start(EmulatorConfig(fast_mode=True)) as server:
-        client = ChangeClothesClient(http=http, api_key=api_key, base_url=server.base_url)
-        first = await client.try_on(garment_request(person_jpeg(), garment))
-        second = await client.try_on(garment_request(person_jpeg((0, 90, 0)), garment_jpeg()))
-        one, two = [await client.download(r.result_url) for r in (first, second)]
-        assert one == two  # inputs are not decoded in fast mode
-        assert decode(one).shape[0] > 0
-        expected = render_garment(synthetic_person(), synthetic_garment(), "upper_body")
-        assert one == expected.result
-        with pytest.raises(Exception, match="INVALID_PARAM"):
-            await client.try_on(garment_request(b"plain text, not an image", garment))
+    server = emulators.start(EmulatorConfig(fast_mode=True))
+    client = ChangeClothesClient(http=emulators.http, api_key=api_key, base_url=server.base_url)
+    first = await client.try_on(garment_request(person_jpeg(), garment))
+    second = await client.try_on(garment_request(person_jpeg((0, 90, 0)), garment_jpeg()))
+    one, two = [await client.download(r.result_url) for r in (first, second)]
+    assert one == two  # inputs are not decoded in fast mode
+    assert decode(one).shape[0] > 0
+    expected = render_garment(synthetic_person(), synthetic_garment(), "upper_body")
+    assert one == expected.result
+    with pytest.raises(Exception, match="INVALID_PARAM"):
+        await client.try_on(garment_request(b"plain text, not an image", garment))
 
 
 # -- call log and job resubmissions (for the reliability suite) -----------------------------
 
 
 async def test_call_log_records_status_fault_and_timing(
-    control: AsyncEmulatorControl,
-    client: ChangeClothesClient,
-    raw_post: RawPost,
-    person: bytes,
-    garment: bytes,
+    cc: Cc, clock: FakeClock, person: bytes, garment: bytes
 ) -> None:
-    await client.try_on(garment_request(person, garment))
+    control, raw_post = cc.control, cc.raw_post
+    await cc.client().try_on(garment_request(person, garment))
+    await clock.sleep(0.25)  # the log's times are the emulator's clock
     await control.set_faults(CC, error_rate_429=1.0, retry_after_s=0)
     assert (await raw_post(GARMENT_PATH, garment_fields(person, garment))).status_code == 429
+    await clock.sleep(0.25)
     await control.set_faults(CC, error_rate_429=0.0, credits=0)
     assert (await raw_post(GARMENT_PATH, garment_fields(person, garment))).status_code == 402
 
@@ -403,6 +347,7 @@ async def test_call_log_records_status_fault_and_timing(
     assert {c.provider for c in calls} == {CC}
     assert all(c.arrived_s <= c.answered_s for c in calls)
     assert calls[0].answered_s <= calls[1].arrived_s <= calls[2].arrived_s
+    assert [c.arrived_s for c in calls] == pytest.approx([0.0, 0.25, 0.5], abs=1e-3)
     assert [c.seq for c in (await control.calls(since=1)).calls] == [2]
     assert (await control.calls(since=2)).calls == []
     assert await control.clock_s() >= log.now_s
@@ -412,87 +357,79 @@ async def test_call_log_records_status_fault_and_timing(
 
 
 async def test_job_contents_count_resubmissions_of_accepted_and_failed_jobs(
-    http: httpx.AsyncClient, person: bytes, garment: bytes
+    emulators: Emulators, person: bytes, garment: bytes
 ) -> None:
     import base64
 
     from emulator.hidream import SUBMIT_PATH
 
     plan = FaultPlan(job_queued_s=0.0, job_running_s=0.0)
-    with EmulatorServer.start(EmulatorConfig(faults={"hidream": plan})) as server:
-        control = AsyncEmulatorControl(server.base_url, http=http)
-        key = accepted_key("HIDREAM_API_KEY")
+    server = emulators.start(EmulatorConfig(faults={"hidream": plan}))
+    control, http = server.control, emulators.http
+    headers = bearer(SecretStr(accepted_key("HIDREAM_API_KEY")))
 
-        async def submit(garment_bytes: bytes, request_id: str) -> None:
-            body = {
-                "person": base64.b64encode(person).decode(),
-                "upper_clothes": base64.b64encode(garment_bytes).decode(),
-                "request_id": request_id,  # ids differ: not part of the content
-            }
-            response = await http.post(
-                server.base_url + SUBMIT_PATH,
-                json=body,
-                headers={"Authorization": f"Bearer {key}"},
-            )
-            assert response.json()["code"] == 0, response.text
+    async def submit(garment_bytes: bytes, request_id: str) -> None:
+        body = {
+            "person": base64.b64encode(person).decode(),
+            "upper_clothes": base64.b64encode(garment_bytes).decode(),
+            "request_id": request_id,  # ids differ: not part of the content
+        }
+        response = await http.post(server.base_url + SUBMIT_PATH, json=body, headers=headers)
+        assert response.json()["code"] == 0, response.text
 
-        await submit(garment, "a")
-        await submit(garment, "b")  # the first job is done: accepted work asked for again
-        await submit(garment_jpeg((0, 0, 200)), "c")  # other content: not a resubmission
-        jobs = (await control.stats()).job_contents
-        assert jobs.submissions == 3
-        assert jobs.distinct_contents == 2
-        assert jobs.max_submissions_per_content == 2
-        assert (jobs.resubmitted_accepted, jobs.resubmitted_after_failure) == (1, 0)
+    await submit(garment, "a")
+    await submit(garment, "b")  # the first job is done: accepted work asked for again
+    await submit(garment_jpeg((0, 0, 200)), "c")  # other content: not a resubmission
+    jobs = (await control.stats()).job_contents
+    assert jobs.submissions == 3
+    assert jobs.distinct_contents == 2
+    assert jobs.max_submissions_per_content == 2
+    assert (jobs.resubmitted_accepted, jobs.resubmitted_after_failure) == (1, 0)
 
-        await control.set_faults("hidream", async_failure_rate=1.0)
-        other = garment_jpeg((0, 150, 0))
-        await submit(other, "d")  # fails at once (no queued/running time)
-        await submit(other, "e")  # a new try after a failed job: not paid twice
-        jobs = (await control.stats()).job_contents
-        assert (jobs.resubmitted_accepted, jobs.resubmitted_after_failure) == (1, 1)
-        assert jobs.failing == 2
+    await control.set_faults("hidream", async_failure_rate=1.0)
+    other = garment_jpeg((0, 150, 0))
+    await submit(other, "d")  # fails at once (no queued/running time)
+    await submit(other, "e")  # a new try after a failed job: not paid twice
+    jobs = (await control.stats()).job_contents
+    assert (jobs.resubmitted_accepted, jobs.resubmitted_after_failure) == (1, 1)
+    assert jobs.failing == 2
 
 
 # -- knobs for hostile-provider tests --------------------------------------------------------
 
 
 async def test_echo_credentials_quotes_a_rejected_key_and_the_client_redacts_it(
-    http: httpx.AsyncClient, person: bytes, garment: bytes
+    emulators: Emulators, person: bytes, garment: bytes
 ) -> None:
     wrong = "wrong-key-0123456789"
     fields = garment_fields(person, garment)
     files = {k: v for k, v in fields.items() if isinstance(v, tuple)}
     data = {k: v for k, v in fields.items() if not isinstance(v, tuple)}
+    http = emulators.http
     for echo in (False, True):
-        with EmulatorServer.start(EmulatorConfig(echo_credentials=echo)) as server:
-            raw = await http.post(
-                server.base_url + GARMENT_PATH,
-                headers={"Authorization": f"Bearer {wrong}"},
-                files=files,
-                data=data,
-            )
-            assert raw.json()["code"] == 30001
-            assert (wrong in raw.text) is echo  # the vendor's error text quotes the key
-            client = ChangeClothesClient(
-                http=http, api_key=SecretStr(wrong), base_url=server.base_url
-            )
-            with pytest.raises(Exception, match="INVALID_API_KEY") as caught:
-                await client.try_on(garment_request(person, garment))
-            assert wrong not in str(caught.value) and wrong not in repr(caught.value)
+        server = emulators.start(EmulatorConfig(echo_credentials=echo))
+        raw = await http.post(
+            server.base_url + GARMENT_PATH, headers=bearer(SecretStr(wrong)), files=files, data=data
+        )
+        assert raw.json()["code"] == 30001
+        assert (wrong in raw.text) is echo  # the vendor's error text quotes the key
+        client = ChangeClothesClient(http=http, api_key=SecretStr(wrong), base_url=server.base_url)
+        with pytest.raises(Exception, match="INVALID_API_KEY") as caught:
+            await client.try_on(garment_request(person, garment))
+        assert wrong not in str(caught.value) and wrong not in repr(caught.value)
 
 
 async def test_result_name_prefix_hands_out_hostile_file_names(
-    http: httpx.AsyncClient, api_key: SecretStr, person: bytes, garment: bytes
+    emulators: Emulators, api_key: SecretStr, person: bytes, garment: bytes
 ) -> None:
-    config = EmulatorConfig(result_name_prefix="..%2F..%2Fescape-")
-    with EmulatorServer.start(config) as server:
-        client = ChangeClothesClient(http=http, api_key=api_key, base_url=server.base_url)
-        result = await client.try_on(garment_request(person, garment))
-        assert result.result_url is not None
-        assert "/files/..%2F..%2Fescape-" in result.result_url
-        response = await http.get(result.result_url)
-        assert response.status_code == 200
-        assert 'filename="../../escape-' in response.headers["content-disposition"]
-        assert await client.download(result.result_url) == response.content
-        assert decode(response.content).shape[0] > 0
+    server = emulators.start(EmulatorConfig(result_name_prefix="..%2F..%2Fescape-"))
+    http = emulators.http
+    client = ChangeClothesClient(http=http, api_key=api_key, base_url=server.base_url)
+    result = await client.try_on(garment_request(person, garment))
+    assert result.result_url is not None
+    assert "/files/..%2F..%2Fescape-" in result.result_url
+    response = await http.get(result.result_url)
+    assert response.status_code == 200
+    assert 'filename="../../escape-' in response.headers["content-disposition"]
+    assert await client.download(result.result_url) == response.content
+    assert decode(response.content).shape[0] > 0

@@ -1,16 +1,19 @@
-"""The keys the emulator accepts, and that only an emulator run ever sends its defaults."""
+"""The keys the emulator accepts, and that only an emulator run ever sends its defaults.
+
+The emulator runs in-process (tests/contract.py).
+"""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
-from emulator import EmulatorConfig, EmulatorServer
+from emulator import EmulatorConfig
 from emulator.keys import DEFAULT_KEYS, accepted_key, accepted_keys
 from flows.cli import emulator_env
 from providers import settings
 from providers.changeclothes.client import GARMENT_PATH
 from providers.registry import BUILT_IN
+from tests.contract import Emulators
 
 
 def test_the_defaults_cover_exactly_the_providers_credential_variables() -> None:
@@ -42,15 +45,15 @@ def test_emulator_env_points_every_provider_at_it_with_the_keys_it_accepts() -> 
     assert env["HIDREAM_API_KEY"] == DEFAULT_KEYS["HIDREAM_API_KEY"]
 
 
-def test_an_emulator_accepts_its_own_environment_s_key_only(
-    monkeypatch: pytest.MonkeyPatch,
+async def test_an_emulator_accepts_its_own_environment_s_key_only(
+    monkeypatch: pytest.MonkeyPatch, emulators: Emulators
 ) -> None:
     monkeypatch.setenv("CHANGECLOTHES_API_KEY", "sk-configured")
-    with EmulatorServer.start(EmulatorConfig(fast_mode=True)) as server:
-        for key, code in (("sk-configured", 10004), (DEFAULT_KEYS["CHANGECLOTHES_API_KEY"], 30001)):
-            response = httpx.post(
-                server.base_url + GARMENT_PATH,
-                headers={"Authorization": f"Bearer {key}"},
-                files={"category": (None, "hats")},
-            )
-            assert response.json()["code"] == code, response.text
+    server = emulators.start(EmulatorConfig(fast_mode=True))
+    for key, code in (("sk-configured", 10004), (DEFAULT_KEYS["CHANGECLOTHES_API_KEY"], 30001)):
+        response = await emulators.http.post(
+            server.base_url + GARMENT_PATH,
+            headers={"Authorization": f"Bearer {key}"},
+            files={"category": (None, "hats")},
+        )
+        assert response.json()["code"] == code, response.text

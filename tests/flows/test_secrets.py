@@ -334,7 +334,7 @@ async def test_a_key_httpx_refuses_to_send_is_not_quoted_back(
 
     from providers.base import ProviderError, TryOnRequest
     from providers.changeclothes.client import ChangeClothesClient
-    from tests.contract import garment_jpeg, person_jpeg, prepared
+    from tests.images import garment_jpeg, person_jpeg, prepared
 
     request = TryOnRequest(
         row_id="r", person=prepared(person_jpeg()), garment=prepared(garment_jpeg()),
