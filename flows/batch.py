@@ -24,11 +24,12 @@ from flows.runners import dask_worker_threads, task_runner_from_env
 from schemas.summary import BatchIncomplete, ErrorCount, RunNotStarted, RunSummary
 from tasks.artifacts import ProgressTee, RunProgressArtifact, publish_run_outputs
 from tasks.context import open_run_contexts
+from tasks.error_counts import count_errors
 from tasks.execute import ChunkExecutor, DaskChunks, InProcessChunks
 from tasks.lake import Lake
 from tasks.plan import RunPlan
 from tasks.process import ProgressSink
-from tasks.summary import commit_run, count_errors, first_fatal, summarize
+from tasks.summary import commit_run, first_fatal, summarize
 from tasks.tryon import invalid_records, record_invalid_rows
 
 __all__ = [

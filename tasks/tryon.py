@@ -23,11 +23,11 @@ from schemas.manifest import InvalidRow, ManifestRow
 from schemas.results import ErrorKind, RowRecord, Stage, Status, is_unfinished
 from schemas.summary import ErrorCount
 from tasks.context import ChunkSettings, error_fields, standalone_context
+from tasks.error_counts import count_errors
 from tasks.lake import Lake
 from tasks.ledger import WorkLedger, work_key
 from tasks.process import RunContext, process_rows
 from tasks.report import write_report_records
-from tasks.summary import count_errors
 
 _CONTEXTS: dict[tuple[str, str], RunContext] = {}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from schemas.results import ErrorKind, RowRecord, Stage, Status
 from schemas.summary import ErrorCount, RunSummary
-from tasks.summary import count_errors, error_source, top_errors
+from tasks.error_counts import count_errors, error_source, top_errors
 from tasks.tryon import describe_counts
 
 
