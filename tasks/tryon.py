@@ -19,7 +19,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
-from schemas.manifest import InvalidRow, ManifestRow, ValidationReport
+from schemas.manifest import InvalidRow, ManifestRow, ValidationReport, plural
 from schemas.results import ErrorKind, RowRecord, Stage, Status, is_unfinished
 from tasks.context import ChunkSettings, error_fields, standalone_context
 from tasks.lake import Lake
@@ -57,9 +57,11 @@ class ChunkOutcome(BaseModel):
 def load_manifest_task(
     uri: str, storage_options: dict[str, Any], known_providers: list[str]
 ) -> ValidationReport:
-    report = load_manifest(uri, storage_options=storage_options, known_providers=known_providers)
-    get_run_logger().info(report.summary())
-    return report
+    """The validated manifest, local image files checked (the flow logs its plan, which
+    counts these rows' problems and the providers' together)."""
+    return load_manifest(
+        uri, storage_options=storage_options, known_providers=known_providers, check_files=True
+    )
 
 
 @task(name="process-chunk", cache_policy=NONE, task_run_name="{provider}-chunk-{chunk_index}")
@@ -166,11 +168,10 @@ async def record_invalid_rows(lake: Lake, run_id: str, records: list[RowRecord])
     held = [r for r in records if id(r) not in kept]
     if held:
         await asyncio.to_thread(write_report_records, lake, run_id, "part-invalid", held)
-    if records:
-        get_run_logger().warning(
-            "%d invalid manifest rows (%d recorded by earlier runs)",
-            len(records),
-            len(records) - len(fresh),
+        # The rows themselves were logged with the run's plan.
+        get_run_logger().info(
+            "%s of this manifest recorded by earlier runs already: kept there",
+            plural(len(held), "invalid row"),
         )
     if not fresh:
         return None
