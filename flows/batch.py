@@ -63,6 +63,21 @@ async def open_lake_and_manifest(params: BatchParams, run_id: str) -> tuple[Lake
     return lake, report
 
 
+# Invalid rows listed in the flow's log; all of them are in the lake's metadata.
+LOGGED_INVALID_ROWS = 20
+
+
+def log_plan(plan: RunPlan) -> None:
+    """Every invalid row, the manifest's and the providers' alike, as ``tryon validate`` with
+    the run's options prints them (the first few; the counts agree with the run's summary)."""
+    logger = get_run_logger()
+    text = plan.summary(max_invalid=LOGGED_INVALID_ROWS)
+    if plan.invalid:
+        logger.warning("%s", text)
+    else:
+        logger.info("%s", text)
+
+
 async def record_invalid(
     lake: Lake, run_id: str, params: BatchParams, plan: RunPlan, sink: ProgressSink
 ) -> None:
@@ -100,6 +115,7 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
         refine=params.refine,
         refine_gender=params.refine_gender,
     )
+    log_plan(plan)
     # The caller's sinks (the CLI's progress bar) and a Prefect progress artifact.
     progress = RunProgressArtifact()
     sink = ProgressTee(*watchers(), progress)
