@@ -20,7 +20,8 @@ from flows.params import BatchParams, ProviderLimits, public_params
 from flows.progress import watchers
 from flows.runners import dask_worker_threads, task_runner_from_env
 from providers.registry import PROVIDERS
-from schemas.manifest import ManifestError, ValidationReport
+from schemas.manifest import ManifestError
+from schemas.manifest_rows import ValidationReport
 from schemas.summary import BatchIncomplete, RunNotStarted, RunSummary
 from tasks.artifacts import ProgressTee, RunProgressArtifact, publish_run_outputs
 from tasks.context import open_run_contexts

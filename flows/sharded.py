@@ -18,7 +18,8 @@ from pydantic import BaseModel
 
 from flows.batch import BatchParams, RunNotStarted, run_id_of_this_run
 from providers.registry import PROVIDERS, provider_spec
-from schemas.manifest import KNOWN_COLUMNS, ManifestError, ManifestRows
+from schemas.manifest import KNOWN_COLUMNS, ManifestError
+from schemas.manifest_rows import ManifestRows
 from tasks.lake import Lake
 from tasks.manifest import load_manifest
 from tasks.tryon import invalid_records, record_invalid_rows

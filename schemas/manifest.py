@@ -1,8 +1,9 @@
 """The manifest contract: which columns a batch manifest has and what a usable row looks like.
 
 Pure: no IO and no Prefect. ``schemas.manifest_checks.validate_manifest`` splits an already-read
-frame into valid rows and invalid rows (each with every reason it failed); this module holds
-the contract, the row models and the report. Problems with the manifest as a whole (no header,
+frame into valid rows and invalid rows (each with every reason it failed), reported as
+``schemas.manifest_rows.ValidationReport``; this module holds the contract and the row models,
+and the expressions that clean a value. Problems with the manifest as a whole (no header,
 a required column missing) raise ``ManifestError``: nothing can run.
 
 Row numbers: ``row_index`` is a row's 0-based position among the data rows (the lake's
@@ -15,9 +16,9 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, get_args, overload
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -34,8 +35,6 @@ __all__ = [
     "InvalidRow",
     "ManifestError",
     "ManifestRow",
-    "ManifestRows",
-    "ValidationReport",
     "check_columns",
     "is_safe_id",
     "plural",
@@ -82,8 +81,6 @@ _DUPLICATED_SUFFIX_RE = re.compile(r"^(.*)_duplicated_\d+$")  # how Polars renam
 # Values quoted in messages are cut short: a data URI can be megabytes long.
 SHOW_MAX = 80
 ROW = "__row_index"  # the row_index column of frames of rows
-# ManifestRow objects are built this many at a time when a sequence of rows is iterated.
-_BUILD_CHUNK = 2048
 
 
 class ManifestError(Exception):
@@ -149,210 +146,6 @@ class InvalidRow:
         return f"row {self.row_number} ({label}): {self.message}"
 
 
-class ManifestRows(Sequence[ManifestRow]):
-    """Valid manifest rows, held as a frame; ``ManifestRow`` objects are built on access, a
-    chunk at a time, so a million-row manifest never holds a million pydantic objects.
-
-    ``source`` has a ``ROW`` column and every ``KNOWN_COLUMNS`` column as text, as read (a row's
-    values are cleaned, normalised and resolved against ``base_uri`` when it is built);
-    ``positions`` picks this sequence's rows from it, in manifest order.
-    """
-
-    __slots__ = ("_base_uri", "_positions", "_source")
-
-    def __init__(self, source: pl.DataFrame, positions: pl.Series, base_uri: str | None) -> None:
-        self._source = source
-        self._positions = positions
-        self._base_uri = base_uri
-
-    @classmethod
-    def of(cls, rows: Iterable[ManifestRow]) -> ManifestRows:
-        """A sequence over rows built already (tests, tools): their values as they are."""
-        built = list(rows)
-        data: dict[str, list[object]] = {ROW: [r.row_index for r in built]}
-        data.update({c: [getattr(r, c) for r in built] for c in KNOWN_COLUMNS})
-        schema = {ROW: pl.Int64, **dict.fromkeys(KNOWN_COLUMNS, pl.String)}
-        source = pl.DataFrame(data, schema=schema)
-        return cls(source, pl.int_range(0, len(built), dtype=pl.UInt32, eager=True), None)
-
-    @property
-    def positions(self) -> pl.Series:
-        return self._positions
-
-    @property
-    def base_uri(self) -> str | None:
-        """The directory relative image paths resolve against."""
-        return self._base_uri
-
-    def row_indices(self) -> pl.Series:
-        """Each row's ``row_index``, in order."""
-        return self._source[ROW].gather(self._positions)
-
-    def distinct_values(self, column: str) -> pl.Series:
-        """The distinct values of ``column`` as read, non-null, over the whole manifest (these
-        rows' among them): a bulk check looks at each once, cheaply."""
-        return self._source[column].drop_nulls().unique()
-
-    def raw_where(self, predicate: pl.Expr, columns: Sequence[str]) -> pl.DataFrame:
-        """``ROW`` and ``columns`` as read (neither cleaned nor resolved) of the rows where
-        ``predicate``, on values as read, holds: for bulk checks that need a few rows only."""
-        member = pl.repeat(False, self._source.height, dtype=pl.Boolean, eager=True)
-        member.scatter(self._positions, True)
-        picked = self._source.lazy().filter(pl.lit(member) & predicate).select(ROW, *columns)
-        return picked.collect()
-
-    def take(self, positions: pl.Series) -> ManifestRows:
-        """The rows at ``positions`` of this sequence (0-based, ascending), still unbuilt."""
-        return ManifestRows(self._source, self._positions.gather(positions), self._base_uri)
-
-    def frame(
-        self, columns: Sequence[str] = KNOWN_COLUMNS, *, resolve: bool = True
-    ) -> pl.DataFrame:
-        """``ROW`` and ``columns`` of every row, cleaned, normalised and (unless ``resolve`` is
-        False) resolved, as the ``ManifestRow`` objects would hold them."""
-        picked = self._source.select(ROW, *columns)[self._positions]
-        return picked.select(normalised_columns(self._base_uri if resolve else None, columns))
-
-    def chunks(self, size: int) -> list[ManifestRows]:
-        """Consecutive slices of at most ``size`` rows, none built yet."""
-        return [self[i : i + size] for i in range(0, len(self), size)]
-
-    def __len__(self) -> int:
-        return self._positions.len()
-
-    @overload
-    def __getitem__(self, index: int) -> ManifestRow: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> ManifestRows: ...
-
-    def __getitem__(self, index: int | slice) -> ManifestRow | ManifestRows:
-        if isinstance(index, slice):
-            start, stop, step = index.indices(len(self))
-            if step != 1:
-                picked = pl.int_range(start, stop, step, dtype=pl.UInt32, eager=True)
-                return self.take(picked)
-            positions = self._positions.slice(start, max(0, stop - start))
-            return ManifestRows(self._source, positions, self._base_uri)
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"row {index} out of range ({n} rows)")
-        return self._build(self._positions.slice(index % n, 1))[0]
-
-    def __iter__(self) -> Iterator[ManifestRow]:
-        for start in range(0, len(self), _BUILD_CHUNK):
-            yield from self._build(self._positions.slice(start, _BUILD_CHUNK))
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or isinstance(other, str):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"ManifestRows({len(self)} rows)"
-
-    def _build(self, positions: pl.Series) -> list[ManifestRow]:
-        chunk = self._source.select(ROW, *KNOWN_COLUMNS)[positions]
-        frame = chunk.select(normalised_columns(self._base_uri, KNOWN_COLUMNS))
-        return [
-            ManifestRow(row_index=r.pop(ROW), **r)  # validated again: a net under the checks
-            for r in frame.iter_rows(named=True)
-        ]
-
-
-@dataclass(frozen=True, slots=True)
-class ValidationReport:
-    """The outcome of validating a manifest: usable rows and rejected rows (by row index)."""
-
-    valid: ManifestRows
-    invalid: list[InvalidRow]
-    n_rows: int
-    columns: list[str] = field(default_factory=list)  # as found (stripped), known or not
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.valid, ManifestRows):  # rows built elsewhere (tests, tools)
-            object.__setattr__(self, "valid", ManifestRows.of(self.valid))
-
-    @property
-    def ignored_columns(self) -> list[str]:
-        """Columns the contract does not know; often a typo of a known one."""
-        return [c for c in self.columns if c not in KNOWN_COLUMNS]
-
-    def with_problems(self, problems: Mapping[int, Sequence[str]]) -> ValidationReport:
-        """This report with more reasons for some rows (by row index): appended to an invalid
-        row's reasons; a valid row with any becomes invalid."""
-        if not problems:
-            return self
-        invalid = [
-            InvalidRow(bad.row_index, bad.row_id, [*bad.reasons, *problems[bad.row_index]])
-            if bad.row_index in problems
-            else bad
-            for bad in self.invalid
-        ]
-        known = {bad.row_index for bad in self.invalid}
-        fresh = sorted(set(problems) - known)
-        valid = self.valid
-        if fresh:
-            hit = valid.row_indices().is_in(fresh)
-            ids = valid.take(hit.arg_true()).frame(["id"])
-            invalid += [
-                InvalidRow(row_index, row_id, list(problems[row_index]))
-                for row_index, row_id in zip(ids[ROW].to_list(), ids["id"].to_list(), strict=True)
-            ]
-            invalid.sort(key=lambda bad: bad.row_index)
-            valid = valid.take((~hit).arg_true())
-        return ValidationReport(valid, invalid, self.n_rows, self.columns)
-
-    def summary(self, max_invalid: int = 5) -> str:
-        """A short human-readable account, listing the first few invalid rows."""
-        lines = [
-            f"{plural(self.n_rows, 'row')}: {len(self.valid)} valid, {len(self.invalid)} invalid"
-        ]
-        if self.ignored_columns:
-            lines.append("ignored columns: " + ", ".join(map(repr, self.ignored_columns)))
-        lines += invalid_lines(self.invalid, max_invalid)
-        return "\n".join(lines)
-
-
-FAILED = "__failed"
-
-
-def failing_rows(
-    frame: pl.LazyFrame, checks: Sequence[pl.Expr]
-) -> tuple[pl.DataFrame, dict[int, list[str]]]:
-    """``frame`` with a Boolean ``FAILED`` column (the row fails any of ``checks``:
-    expressions giving a reason where their check fails, else null), and each failing row's
-    reasons by its ``ROW``, in check order."""
-    names = [f"__check{i}" for i in range(len(checks))]
-    found = frame.with_columns(c.alias(n) for c, n in zip(checks, names, strict=True))
-    found = found.with_columns(
-        pl.any_horizontal(pl.col(names).is_not_null()).fill_null(False).alias(FAILED)
-    ).collect()
-    # One column after another, so each row's reasons come in check order. Not concat_list:
-    # over dozens of mostly null columns it costs far more.
-    stacked = (
-        found.filter(FAILED)
-        .select(ROW, *names)
-        .unpivot(index=ROW, value_name="__why")
-        .drop_nulls("__why")
-    )
-    reasons: dict[int, list[str]] = {}
-    for row, why in zip(stacked[ROW].to_list(), stacked["__why"].to_list(), strict=True):
-        reasons.setdefault(row, []).append(why)
-    return found.drop(names), reasons
-
-
-def invalid_lines(invalid: Sequence[InvalidRow], limit: int | None) -> list[str]:
-    """One indented line per invalid row, the first ``limit`` (all for None) and a count."""
-    shown = invalid if limit is None else invalid[:limit]
-    lines = [f"  {bad.line()}" for bad in shown]
-    if len(invalid) > len(shown):
-        lines.append(f"  ... and {plural(len(invalid) - len(shown), 'more invalid row')}")
-    return lines
-
-
 def plural(count: int, noun: str) -> str:
     """``1 row``, ``2 rows``, ``0 rows``."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
@@ -370,6 +163,15 @@ def show(value: str | None) -> str:
     if len(value) > SHOW_MAX:
         value = value[: SHOW_MAX - 3] + "..."
     return f"'{value}'"
+
+
+def show_expr(expr: pl.Expr) -> pl.Expr:
+    """``show`` without its quotes, over a column."""
+    return (
+        pl.when(expr.str.len_chars() > SHOW_MAX)
+        .then(expr.str.slice(0, SHOW_MAX - 3) + "...")
+        .otherwise(expr)
+    )
 
 
 def resolve_uri(ref: str, base_uri: str | None) -> str:

@@ -26,24 +26,20 @@ import polars as pl
 
 from schemas.manifest import (
     CATEGORIES,
-    FAILED,
     GENDER_ALIASES,
     IMAGE_COLUMNS,
     KNOWN_COLUMNS,
     ROW,
     SAFE_ID,
     SAFE_ID_RULE,
-    SHOW_MAX,
-    InvalidRow,
     ManifestError,
-    ManifestRows,
-    ValidationReport,
     check_columns,
     clean,
-    failing_rows,
     is_relative,
     resolve_uri,
+    show_expr,
 )
+from schemas.manifest_rows import FAILED, InvalidRows, ManifestRows, ValidationReport, failing_rows
 from schemas.uris import PLAINLY_ALLOWED_PREFIX, SCHEME_PATTERN, image_ref_refusal
 
 __all__ = ["validate_manifest"]
@@ -86,8 +82,9 @@ def validate_manifest(
         ),
     )
     relative_refusal = image_ref_refusal(resolve_uri("image", base_uri)) if base_uri else None
+    distinct: dict[str, pl.Series] = {}
     if screen and relative_refusal is None:
-        fine = _screen(source, known_providers)
+        fine, distinct = _screen(source, known_providers)
     else:  # relative paths are refused here: the screen's patterns would pass them
         fine = pl.repeat(False, source.height, dtype=pl.Boolean, eager=True)
 
@@ -95,7 +92,7 @@ def validate_manifest(
     if passed.len():
         fine.scatter(passed, True)
     return ValidationReport(
-        valid=ManifestRows(source, fine.arg_true(), base_uri or None),
+        valid=ManifestRows(source, fine.arg_true(), base_uri or None, distinct=distinct),
         invalid=invalid,
         n_rows=df.height,
         columns=names,
@@ -136,15 +133,37 @@ _FINE_GENDER = _one_of(GENDER_ALIASES)
 _FINE_ID = f"^{SAFE_ID}$"
 
 
-def _screen(source: pl.DataFrame, known_providers: Collection[str] | None) -> pl.Series:
-    """Rows valid as they stand, with nothing to clean: True; all others False."""
+# An image column whose first rows repeat values (images reused across rows, as they mostly
+# are) is matched a distinct value at a time: hashing a long value costs less than matching it,
+# and the file check needs the distinct values anyway. Short values are matched as they come.
+_SAMPLE_ROWS = 4096
+_DISTINCT_SHARE_MAX = 0.5
+
+
+def _screen(
+    source: pl.DataFrame, known_providers: Collection[str] | None
+) -> tuple[pl.Series, dict[str, pl.Series]]:
+    """Rows valid as they stand, with nothing to clean: True, all others False; and the
+    distinct values of the columns matched a distinct value at a time."""
+    patterns = {
+        "person_image": _FINE_REF,
+        "garment_image": _FINE_REF,
+        "lower_garment_image": _FINE_REF,
+        "category": _FINE_CATEGORY,
+        "gender": _FINE_GENDER,
+        "garment_description": _FINE_TEXT,
+        "prompt": _FINE_TEXT,
+    }
+    if known_providers is None:
+        patterns["provider"] = _FINE_TEXT
+    matched, distinct = _matchers(source, patterns)
     col = pl.col
 
-    def absent_or(column: str, pattern: str) -> pl.Expr:
-        return col(column).is_null() | col(column).str.contains(pattern)
+    def absent_or(column: str) -> pl.Expr:
+        return col(column).is_null() | matched[column]
 
     provider = (
-        absent_or("provider", _FINE_TEXT)
+        absent_or("provider")
         if known_providers is None
         else col("provider").is_null() | col("provider").is_in(sorted(known_providers))
     )
@@ -152,19 +171,19 @@ def _screen(source: pl.DataFrame, known_providers: Collection[str] | None) -> pl
     # Separate expressions, so Polars spreads them over the cores.
     flags = source.select(
         col("id").str.contains(_FINE_ID).fill_null(False).alias("id"),
-        col("person_image").str.contains(_FINE_REF).fill_null(False).alias("person"),
-        absent_or("garment_image", _FINE_REF).alias("garment"),
+        matched["person_image"].alias("person"),
+        absent_or("garment_image").alias("garment"),
         (
             col("lower_garment_image").is_null()
-            | (col("lower_garment_image").str.contains(_FINE_REF) & garment.is_not_null())
+            | (matched["lower_garment_image"] & garment.is_not_null())
         ).alias("lower"),
         pl.when(col("category").is_null())
         .then(garment.is_null())
-        .otherwise(col("category").str.contains(_FINE_CATEGORY))
+        .otherwise(matched["category"])
         .alias("category"),
-        absent_or("gender", _FINE_GENDER).alias("gender"),
-        absent_or("garment_description", _FINE_TEXT).alias("description"),
-        absent_or("prompt", _FINE_TEXT).alias("prompt"),
+        absent_or("gender").alias("gender"),
+        absent_or("garment_description").alias("description"),
+        absent_or("prompt").alias("prompt"),
         (garment.is_not_null() | col("prompt").is_not_null()).alias("garment_or_prompt"),
         provider.alias("provider"),
     )
@@ -176,7 +195,30 @@ def _screen(source: pl.DataFrame, known_providers: Collection[str] | None) -> pl
     if unclean.len():
         ids = source.select(pl.col("id").gather(unclean)).select(clean("id").hash())
         hashes.scatter(unclean, ids.to_series())
-    return fine & ~_repeated(hashes)
+    return fine & ~_repeated(hashes), distinct
+
+
+def _matchers(
+    source: pl.DataFrame, patterns: dict[str, str]
+) -> tuple[dict[str, pl.Expr], dict[str, pl.Series]]:
+    """Per column, an expression: the value is there and matches its pattern; and the distinct
+    values of the image columns matched a distinct value at a time."""
+    images = [c for c in patterns if c in IMAGE_COLUMNS]
+    sample = source.head(_SAMPLE_ROWS).select(pl.col(c).n_unique() for c in images).row(0)
+    share = max(1, min(source.height, _SAMPLE_ROWS)) * _DISTINCT_SHARE_MAX
+    repeated = [c for c, n in zip(images, sample, strict=True) if n <= share]
+    found = pl.collect_all(source.lazy().select(pl.col(c).drop_nulls().unique()) for c in repeated)
+    distinct = {c: frame.to_series() for c, frame in zip(repeated, found, strict=True)}
+    matched: dict[str, pl.Expr] = {}
+    for column, pattern in patterns.items():
+        value = pl.col(column)
+        if column in distinct:
+            values = distinct[column]
+            failing = values.filter(~values.str.contains(pattern))
+            matched[column] = value.is_not_null() & ~value.is_in(failing.implode())
+        else:
+            matched[column] = value.str.contains(pattern).fill_null(False)
+    return matched, distinct
 
 
 def _repeated(hashes: pl.Series) -> pl.Series:
@@ -198,7 +240,7 @@ def _check(
     present: set[str],
     known_providers: Collection[str] | None,
     relative_refusal: str | None,
-) -> tuple[list[InvalidRow], pl.Series]:
+) -> tuple[InvalidRows, pl.Series]:
     """``rows``' invalid rows with their reasons, and the ``ROW`` of the others."""
     frame = (
         rows.lazy()
@@ -224,21 +266,8 @@ def _check(
     )
     frame = frame.join(dups, on="id", how="left", maintain_order="left")
     checks = [*_reason_exprs(present, known_providers), *_relative_ref_exprs(relative_refusal)]
-    found, reasons = failing_rows(frame, checks)
-    bad = found.filter(FAILED)
-    invalid = [
-        InvalidRow(row, row_id, reasons[row])
-        for row, row_id in zip(bad[ROW].to_list(), bad["id"].to_list(), strict=True)
-    ]
-    return invalid, found.filter(~pl.col(FAILED))[ROW]
-
-
-def _show_expr(expr: pl.Expr) -> pl.Expr:
-    return (
-        pl.when(expr.str.len_chars() > SHOW_MAX)
-        .then(expr.str.slice(0, SHOW_MAX - 3) + "...")
-        .otherwise(expr)
-    )
+    found = failing_rows(frame, checks)
+    return InvalidRows(found.filter(FAILED)), found.filter(~pl.col(FAILED))[ROW]
 
 
 def _other_rows() -> pl.Expr:
@@ -264,12 +293,12 @@ def _reason_exprs(present: set[str], known_providers: Collection[str] | None) ->
     exprs: list[pl.Expr] = [
         pl.when(rid.is_null()).then(pl.lit("missing value in column 'id'")),
         pl.when(rid.is_not_null() & ~rid.str.contains(f"^{SAFE_ID}$")).then(
-            pl.format(f"id '{{}}' is unsafe for a path ({SAFE_ID_RULE})", _show_expr(rid))
+            pl.format(f"id '{{}}' is unsafe for a path ({SAFE_ID_RULE})", show_expr(rid))
         ),
         pl.when(pl.col(_DUP_ROWS).is_not_null()).then(
             pl.format(
                 "duplicate id '{}' (also on rows {})",
-                _show_expr(rid),
+                show_expr(rid),
                 _other_rows(),
             )
         ),
@@ -301,7 +330,7 @@ def _reason_exprs(present: set[str], known_providers: Collection[str] | None) ->
         pl.when(category.is_not_null() & ~lowered.is_in(CATEGORIES)).then(
             pl.format(
                 f"unknown category '{{}}' (expected one of: {', '.join(CATEGORIES)})",
-                _show_expr(category),
+                show_expr(category),
             )
         ),
         pl.when(pl.col("lower_garment_image").is_not_null() & garment.is_null()).then(
@@ -310,7 +339,7 @@ def _reason_exprs(present: set[str], known_providers: Collection[str] | None) ->
         pl.when(pl.col("gender").is_not_null() & pl.col("__gender").is_null()).then(
             pl.format(
                 f"invalid gender '{{}}' (expected one of: {', '.join(GENDER_ALIASES)})",
-                _show_expr(pl.col("gender")),
+                show_expr(pl.col("gender")),
             )
         ),
     ]
@@ -321,7 +350,7 @@ def _reason_exprs(present: set[str], known_providers: Collection[str] | None) ->
             pl.when(provider.is_not_null() & ~provider.is_in(allowed)).then(
                 pl.format(
                     f"unknown provider '{{}}' (expected one of: {', '.join(allowed)})",
-                    _show_expr(provider),
+                    show_expr(provider),
                 )
             )
         )

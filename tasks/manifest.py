@@ -24,12 +24,11 @@ from schemas.manifest import (
     KNOWN_COLUMNS,
     ROW,
     ManifestError,
-    ManifestRows,
-    ValidationReport,
     resolve_uri,
     uri_scheme,
 )
 from schemas.manifest_checks import validate_manifest
+from schemas.manifest_rows import ManifestRows, ValidationReport
 from schemas.uris import ImageRoute, classify_image_ref
 
 PARQUET_MAGIC = b"PAR1"

@@ -15,19 +15,17 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from providers.registry import PROVIDERS, ProviderSpec
-from schemas.manifest import (
-    ROW,
-    InvalidRow,
-    ManifestRow,
+from schemas.manifest import ManifestRow, plural
+from schemas.manifest_rows import (
+    FAILED,
+    InvalidRows,
     ManifestRows,
     ValidationReport,
     failing_rows,
     invalid_lines,
-    plural,
 )
 
 REFINE_NEEDS_GENDER = "refine needs gender (woman|man): fill the gender column or set refine_gender"
-_PLAN_COLUMNS = ("id", "provider", "garment_image", "lower_garment_image", "category", "gender")
 _PROVIDER = "__provider"
 
 
@@ -36,7 +34,7 @@ class RunPlan:
     """Valid rows by provider (in manifest order) and every invalid row (sorted by index)."""
 
     rows_by_provider: dict[str, ManifestRows] = field(default_factory=dict)
-    invalid: list[InvalidRow] = field(default_factory=list)
+    invalid: InvalidRows = field(default_factory=lambda: InvalidRows.of(()))
     total_rows: int = 0
 
     @property
@@ -92,29 +90,28 @@ def plan_run(
 ) -> RunPlan:
     """Group ``report``'s valid rows by provider; rows their provider cannot take are invalid."""
     rows = report.valid
-    frame = rows.frame(_PLAN_COLUMNS, resolve=False).with_columns(
-        pl.col("provider").fill_null(default_provider).alias(_PROVIDER)
-    )
+    # What the rules read, and no more: a million rows' image paths need not be copied.
+    frame = pl.concat(
+        [
+            rows.frame(("provider", "category", "gender"), resolve=False),
+            rows.present(("garment_image", "lower_garment_image")),
+        ],
+        how="horizontal",
+    ).with_columns(pl.col("provider").fill_null(default_provider).alias(_PROVIDER))
     named = frame[_PROVIDER].unique(maintain_order=True).to_list()
     checks = _capability_checks(
         {name: providers[name] for name in named}, refine=refine, refine_gender=refine_gender
     )
     failing = pl.any_horizontal([when for when, _ in checks]) if checks else pl.lit(False)
-    frame = frame.with_row_index("__at")
-    flagged = frame.filter(failing)
-    invalid = list(report.invalid)
+    frame = frame.with_row_index("__at").with_columns(failing.alias("__failing"))
+    flagged = frame.filter("__failing")
+    invalid = report.invalid
     if flagged.height:
         # Reasons are spelled out for the rows that fail only.
-        checked = [pl.when(when).then(why) for when, why in checks]
-        _, reasons = failing_rows(flagged.lazy(), checked)
-        invalid += [
-            InvalidRow(row_index, row_id, reasons[row_index])
-            for row_index, row_id in zip(
-                flagged[ROW].to_list(), flagged["id"].to_list(), strict=True
-            )
-        ]
-        invalid.sort(key=lambda bad: bad.row_index)
-    ok = frame.filter(~failing)
+        flagged = flagged.with_columns(rows.take(flagged["__at"]).frame(["id"])["id"])
+        checked = failing_rows(flagged.lazy(), [pl.when(when).then(why) for when, why in checks])
+        invalid = InvalidRows.merged(invalid, InvalidRows(checked.filter(FAILED)))
+    ok = frame.filter(~pl.col("__failing"))
     by_provider = {
         name: rows.take(ok.filter(pl.col(_PROVIDER) == name)["__at"])
         for name in ok[_PROVIDER].unique(maintain_order=True).to_list()
@@ -126,33 +123,34 @@ def _capability_checks(
     specs: Mapping[str, ProviderSpec], *, refine: bool, refine_gender: str | None
 ) -> list[tuple[pl.Expr, pl.Expr]]:
     """``capability_problems`` as (fails, reason) expression pairs, in the same order."""
+    # Booleans: whether the row has a garment image, a lower garment image.
     garment, lower = pl.col("garment_image"), pl.col("lower_garment_image")
     category, provider = pl.col("category"), pl.col(_PROVIDER)
     checks: list[tuple[pl.Expr, pl.Expr]] = []
     if refine and not refine_gender:
         # refine_not_applicable: a garment row (which has a category) that is not lower_body.
-        refinable = garment.is_not_null() & (category != "lower_body")
+        refinable = garment & (category != "lower_body")
         checks.append((refinable & pl.col("gender").is_null(), pl.lit(REFINE_NEEDS_GENDER)))
     for name, spec in specs.items():
         caps, this = spec.capabilities, provider == name
         if not caps.prompt:
             checks.append(
                 (
-                    this & garment.is_null(),
+                    this & ~garment,
                     pl.lit(f"provider {name!r} needs garment_image (it has no prompt endpoint)"),
                 )
             )
         if not caps.lower_garment:
             checks.append(
                 (
-                    this & lower.is_not_null(),
+                    this & lower,
                     pl.lit(f"provider {name!r} does not take lower_garment_image"),
                 )
             )
         # Categories are validated already: repr() of one is the value in single quotes.
         checks.append(
             (
-                this & garment.is_not_null() & ~category.is_in(sorted(caps.categories)),
+                this & garment & ~category.is_in(sorted(caps.categories)),
                 pl.format(f"provider {name!r} does not take category '{{}}'", category),
             )
         )

@@ -13,13 +13,15 @@ import asyncio
 import os
 import socket
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
-from schemas.manifest import InvalidRow, ManifestRow, ValidationReport, plural
+from schemas.manifest import InvalidRow, ManifestRow, plural
+from schemas.manifest_rows import ValidationReport
 from schemas.results import ErrorKind, RowRecord, Stage, Status, is_unfinished
 from tasks.context import ChunkSettings, error_fields, standalone_context
 from tasks.lake import Lake
@@ -118,7 +120,7 @@ async def _process_chunk(
 
 
 def invalid_records(
-    run_id: str, provider: str, invalid: list[InvalidRow], *, manifest: str
+    run_id: str, provider: str, invalid: Sequence[InvalidRow], *, manifest: str
 ) -> list[RowRecord]:
     """Records for rows that failed validation: nothing was attempted for them."""
     return [

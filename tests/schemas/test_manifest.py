@@ -15,12 +15,12 @@ from schemas.manifest import (
     InvalidRow,
     ManifestError,
     ManifestRow,
-    ValidationReport,
     is_safe_id,
     resolve_uri,
     uri_scheme,
 )
 from schemas.manifest_checks import validate_manifest
+from schemas.manifest_rows import ValidationReport
 from schemas.uris import ImageRoute, Refusal, classify_image_ref, image_ref_refusal
 
 ALLOWED = "(allowed: local path, file://, http(s)://, data:, s3://)"

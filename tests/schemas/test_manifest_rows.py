@@ -1,12 +1,13 @@
-"""ManifestRows: valid rows held as a frame, row objects built only when asked for."""
+"""ManifestRows and InvalidRows: rows held as frames, row objects built only when asked for."""
 
 from __future__ import annotations
 
 import polars as pl
 import pytest
 
-from schemas.manifest import ManifestRow, ManifestRows
+from schemas.manifest import InvalidRow, ManifestRow
 from schemas.manifest_checks import validate_manifest
+from schemas.manifest_rows import InvalidRows, ManifestRows
 from tasks.execute import chunks_of
 
 
@@ -87,3 +88,32 @@ def test_chunks_hold_no_row_objects_until_a_chunk_starts(
     assert built == []  # slicing built nothing
     first = list(chunks[0])
     assert built == [25] and [r.row_index for r in first] == [r.row_index for r in rows[:25]]
+
+
+def test_invalid_rows_in_bulk_read_as_the_row_objects_do() -> None:
+    given = [
+        InvalidRow(4, None, ["missing value in column 'id'"]),
+        InvalidRow(0, "x" * 200, ["a", "b"]),
+        InvalidRow(9, "it's", ["c"]),
+    ]
+    rows = InvalidRows.of(given)
+    assert [r.row_index for r in rows] == [0, 4, 9]  # in row order
+    assert rows.lines() == [r.line() for r in rows]
+    assert rows.lines()[0].startswith("row 1 (id '" + "x" * 77 + "...'): a; b")
+    assert rows.lines()[1] == "row 5 (no id): missing value in column 'id'"
+    assert rows[1] == given[0] and rows[-1] == given[2] and rows[1:] == [given[0], given[2]]
+    assert rows == sorted(given, key=lambda r: r.row_index) and rows != given
+
+
+def test_problems_found_later_join_the_report_in_row_order() -> None:
+    report = validate_manifest(manifest(30))
+    assert [bad.row_index for bad in report.invalid] == [5, 18]
+    more = report.with_problems({18: ["later"], 2: ["found", "twice"], 29: ["last"]})
+    assert [bad.row_index for bad in more.invalid] == [2, 5, 18, 29]
+    assert more.invalid[0] == InvalidRow(2, "r2", ["found", "twice"])
+    assert more.invalid[2].reasons == [*report.invalid[1].reasons, "later"]
+    assert len(more.valid) == len(report.valid) - 2
+    assert [r.row_index for r in more.valid] == [
+        r.row_index for r in report.valid if r.row_index not in (2, 29)
+    ]
+    assert report.with_problems({}) is report

@@ -9,8 +9,10 @@ import random
 import polars as pl
 import pytest
 
-from schemas.manifest import KNOWN_COLUMNS, ValidationReport
+import schemas.manifest_checks
+from schemas.manifest import KNOWN_COLUMNS
 from schemas.manifest_checks import validate_manifest
+from schemas.manifest_rows import ValidationReport
 
 IDS = [
     "",
@@ -132,6 +134,14 @@ def verdicts(report: ValidationReport) -> tuple[list[tuple[object, ...]], list[o
     return valid, list(report.invalid)
 
 
+@pytest.fixture(params=["distinct", "each"])
+def matching(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Image columns matched a distinct value at a time, or value by value: both ways."""
+    share = 1.0 if request.param == "distinct" else 0.0
+    monkeypatch.setattr(schemas.manifest_checks, "_DISTINCT_SHARE_MAX", share)
+    return str(request.param)
+
+
 @pytest.mark.parametrize(
     ("base_uri", "known_providers"),
     [
@@ -142,7 +152,7 @@ def verdicts(report: ValidationReport) -> tuple[list[tuple[object, ...]], list[o
     ],
 )
 def test_the_screen_changes_no_verdict_and_no_reason(
-    base_uri: str | None, known_providers: list[str] | None
+    base_uri: str | None, known_providers: list[str] | None, matching: str
 ) -> None:
     frame = tricky_manifest(3000, seed=15)
     screened = validate_manifest(frame, base_uri=base_uri, known_providers=known_providers)
@@ -167,7 +177,7 @@ def test_the_screen_changes_no_verdict_and_no_reason(
         ("id", "person_image", "garment_image", "category", "gender"),
     ],
 )
-def test_the_screen_agrees_when_columns_are_absent(columns: tuple[str, ...]) -> None:
+def test_the_screen_agrees_when_columns_are_absent(columns: tuple[str, ...], matching: str) -> None:
     frame = tricky_manifest(1000, seed=3, columns=columns)
     screened = validate_manifest(frame, base_uri="/data/run")
     assert verdicts(screened) == verdicts(

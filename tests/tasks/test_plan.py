@@ -10,7 +10,8 @@ import pytest
 
 from providers.base import Capabilities
 from providers.registry import PROVIDERS, ProviderSpec
-from schemas.manifest import InvalidRow, ManifestRow, ValidationReport
+from schemas.manifest import InvalidRow, ManifestRow
+from schemas.manifest_rows import ValidationReport
 from tasks.plan import capability_problems, plan_run
 
 
