@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-tmp", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("WHAT", "MANIFEST"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     if args.child:
         print("BENCH_RESULT " + json.dumps(child(*args.child)), flush=True)
         return 0
