@@ -84,7 +84,7 @@ def _inline_small_io() -> None:
 
 
 async def run(mode: str, manifest: str, out: Path, max_in_flight: int) -> dict[str, Any]:
-    rows = load_manifest(manifest, known_providers=["changeclothes"]).valid
+    rows = list(load_manifest(manifest, known_providers=["changeclothes"]).valid)
     if mode == "process-inline-io":
         _inline_small_io()
     timeout = httpx.Timeout(180.0, connect=10.0)

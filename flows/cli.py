@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -24,6 +25,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from schemas.manifest_rows import InvalidRows
@@ -268,13 +270,13 @@ def validate(
         if refine_gender not in (None, "woman", "man"):
             raise ValueError(f"--refine-gender must be woman or man, not {refine_gender!r}")
         name = provider_spec(provider).name if provider is not None else None
-    except (KeyError, ValueError) as exc:
-        err.print(f"[red]cannot check:[/] {exc.args[0] if exc.args else exc}")
+    except ValueError as exc:
+        err.print(f"[red]cannot check:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_NOT_STARTED) from None
     try:
         report = load_manifest(manifest, known_providers=sorted(PROVIDERS), check_files=check_files)
     except ManifestError as exc:
-        err.print(f"[red]manifest unusable:[/] {exc}")
+        err.print(f"[red]manifest unusable:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_NOT_STARTED) from None
 
     invalid, valid = report.invalid, len(report.valid)
@@ -284,7 +286,8 @@ def validate(
     _print_invalid_rows(invalid)
     out.print(f"{plural(report.n_rows, 'row')}: {valid} valid, {len(invalid)} invalid")
     if report.ignored_columns:
-        out.print("ignored columns: " + ", ".join(map(repr, report.ignored_columns)))
+        ignored = ", ".join(map(repr, report.ignored_columns))
+        out.print(f"ignored columns: {ignored}", markup=False)
     if name is None:
         out.print("provider capabilities not checked: pass --provider (and --refine) as to run")
     raise typer.Exit(EXIT_OK if not invalid else EXIT_ROWS)
@@ -306,7 +309,9 @@ def _print_invalid_rows(invalid: InvalidRows) -> None:
     table.add_column("id")
     table.add_column("reason", overflow="fold")
     for bad in invalid:
-        table.add_row(str(bad.row_number), str(bad.row_id), bad.message)
+        # Text, not markup: a reason quotes the manifest, which may hold '[...]'.
+        label = Text(bad.row_id) if bad.row_id is not None else Text("(no id)", style="dim")
+        table.add_row(str(bad.row_number), label, Text(bad.message))
     out.print(table)
 
 

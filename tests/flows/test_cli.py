@@ -134,19 +134,21 @@ def test_validate_draws_a_table_on_a_terminal() -> None:
     import io
 
     from rich.console import Console
+    from rich.text import Text
 
     from flows import cli
     from schemas.manifest import InvalidRow
+    from schemas.manifest_rows import InvalidRows
 
     terminal = Console(file=io.StringIO(), force_terminal=True, width=100, soft_wrap=True)
     original, cli.out = cli.out, terminal
     try:
-        cli._print_invalid_rows([InvalidRow(8, "ana-shoes", ["unknown category 'shoes'"])])
+        cli._print_invalid_rows(InvalidRows.of([InvalidRow(8, "ana-shoes", ["[red]shoes"])]))
     finally:
         cli.out = original
-    text = terminal.file.getvalue()
+    text = Text.from_ansi(terminal.file.getvalue()).plain
     assert "1 invalid row" in text and "1 invalid rows" not in text
-    assert "│   9 │ ana-shoes │ unknown category 'shoes'" in text  # row 9: row_index 8
+    assert "│   9 │ ana-shoes │ [red]shoes" in text  # row 9: row_index 8; the text as written
 
 
 def test_prefect_console_logs_go_through_the_progress_console() -> None:
