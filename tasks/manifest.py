@@ -238,13 +238,14 @@ def _parse_csv(data: bytes, separator: str, shown: str) -> pl.DataFrame:
 
 
 def _first_ragged_row(data: bytes, separator: str) -> str:
-    """Where a CSV Polars refused goes wrong: the first data row (0-based, as reports count)
-    with more fields than the header, quoted newlines counted right; "" if none does."""
+    """Where a CSV Polars refused goes wrong: the first data row (numbered from 1, as
+    everywhere people read row numbers) with more fields than the header, quoted newlines
+    counted right; "" if none does."""
     text = data.decode("utf-8", "replace").lstrip("\ufeff")
     try:
         rows = csv.reader(io.StringIO(text, newline=""), delimiter=separator, strict=True)
         width = len(next(rows))
-        for number, row in enumerate(rows):
+        for number, row in enumerate(rows, start=1):
             if len(row) > width:
                 return f"row {number} has {len(row)} fields, the header {width}: "
     except (csv.Error, StopIteration):

@@ -260,12 +260,12 @@ MANIFEST_CASES: list[tuple[str, bytes, str]] = [
     (
         "a row with too many fields",
         b"id,person_image,prompt\nr1,p.jpg,x\nr2,p.jpg,x,extra,more\n",
-        "row 1 has 5 fields, the header 3",
+        "row 2 has 5 fields, the header 3",  # the second row under the header
     ),
     (
         "a row too long after a quoted newline",
         b'id,person_image,prompt\nr1,p.jpg,"a\nb"\nr2,p.jpg,x,extra\n',
-        "row 1 has 4 fields, the header 3",
+        "row 2 has 4 fields, the header 3",
     ),
     (
         "an unterminated quote",
