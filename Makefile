@@ -8,7 +8,7 @@ LAKE ?= ./lake
 # ("database is locked"); it sends nothing useful offline anyway.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test lint fmt emulator clean bench reliability
+.PHONY: install demo test lint fmt emulator clean bench bench-validate reliability
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench: $(STAMP)
 
 reliability: $(STAMP)
 	$(BIN)/python -m bench.reliability
+
+bench-validate: $(STAMP)
+	$(BIN)/python -m bench.validate
 
 clean:
 	rm -rf $(LAKE) .pytest_cache .ruff_cache

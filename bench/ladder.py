@@ -73,7 +73,7 @@ async def _client_only(
 
 
 async def run(mode: str, manifest: str, out: Path, max_in_flight: int) -> dict[str, Any]:
-    rows = load_manifest(manifest, known_providers=["changeclothes"]).valid
+    rows = list(load_manifest(manifest, known_providers=["changeclothes"]).valid)
     if mode == "process-inline-io":
         inline_small_io()
     timeout = httpx.Timeout(180.0, connect=10.0)

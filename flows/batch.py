@@ -59,7 +59,6 @@ async def start_run(params: BatchParams, run_id: str) -> tuple[Lake, RunPlan]:
     """The run's checks (``flows.preflight``; ``RunNotStarted`` when one fails, with nothing
     written), then the lake marked with this run's start, and the run's plan."""
     checks = await run_checks(params)
-    get_run_logger().info(checks.report.summary())
     try:
         lake = Lake.open(params.lake, storage_options=params.storage_options)
         await asyncio.to_thread(
@@ -70,6 +69,21 @@ async def start_run(params: BatchParams, run_id: str) -> tuple[Lake, RunPlan]:
     except (ValueError, OSError) as exc:
         raise RunNotStarted(f"the lake {params.lake} did not take the run's start: {exc}") from None
     return lake, checks.plan
+
+
+# Invalid rows listed in the flow's log; all of them are in the lake's metadata.
+LOGGED_INVALID_ROWS = 20
+
+
+def log_plan(plan: RunPlan) -> None:
+    """Every invalid row, the manifest's and the providers' alike, as ``tryon validate`` with
+    the run's options prints them (the first few; the counts agree with the run's summary)."""
+    logger = get_run_logger()
+    text = plan.summary(max_invalid=LOGGED_INVALID_ROWS)
+    if plan.invalid:
+        logger.warning("%s", text)
+    else:
+        logger.info("%s", text)
 
 
 async def record_invalid(
@@ -127,6 +141,7 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
     started, run_id = time.perf_counter(), run_id_of_this_run()
     provider = params.provider  # a registered name: BatchParams checks it
     lake, plan = await start_run(params, run_id)
+    log_plan(plan)
     # The caller's sinks (the CLI's progress bar) and a Prefect progress artifact.
     progress = RunProgressArtifact()
     sink = ProgressTee(*watchers(), progress)

@@ -27,12 +27,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import httpx
+import polars as pl
 from pydantic import ValidationError
 
 from flows.params import BatchParams
 from providers.registry import PROVIDERS, REFINER, ProviderSpec
 from providers.settings import base_url, call_timeout_s, credential, secret_block_name
-from schemas.manifest import ManifestError, ManifestRow, ValidationReport
+from schemas.manifest import ROW, ManifestError
+from schemas.manifest_rows import ValidationReport
 from schemas.summary import RunNotStarted
 from tasks.lake import Lake, LakeNotUsable
 from tasks.manifest import load_manifest, redact_uri
@@ -181,7 +183,10 @@ def _check_manifest(params: BatchParams) -> ValidationReport:
         # Provider names are checked below, for the whole run: a misspelt one is a mistake in
         # the run's set-up, not a bad row to record and go past.
         return load_manifest(
-            params.manifest, storage_options=params.storage_options, known_providers=None
+            params.manifest,
+            storage_options=params.storage_options,
+            known_providers=None,
+            check_files=True,
         )
     except ManifestError as exc:
         text = str(exc)
@@ -194,22 +199,22 @@ def _check_manifest(params: BatchParams) -> ValidationReport:
 
 
 def _check_manifest_providers(report: ValidationReport) -> None:
-    unknown: dict[str, list[ManifestRow]] = {}
-    for row in report.valid:
-        if row.provider is not None and row.provider not in PROVIDERS:
-            unknown.setdefault(row.provider, []).append(row)
-    if not unknown:
+    named = report.valid.frame(("id", "provider"), resolve=False)
+    unknown = named.filter(
+        pl.col("provider").is_not_null() & ~pl.col("provider").is_in(sorted(PROVIDERS))
+    )
+    if unknown.is_empty():
         return
-    name, rows = next(iter(unknown.items()))
-    first = rows[0]
-    where = f"row {first.row_index + 1}, id {first.id!r}"
-    if len(rows) > 1:
-        where += f", and {len(rows) - 1} more row{'s' if len(rows) > 2 else ''}"
-    others = [repr(other) for other in list(unknown)[1:]]
+    names = unknown["provider"].unique(maintain_order=True).to_list()
+    rows = unknown.filter(pl.col("provider") == names[0])
+    where = f"row {rows[ROW][0] + 1}, id {rows['id'][0]!r}"
+    if rows.height > 1:
+        where += f", and {rows.height - 1} more row{'s' if rows.height > 2 else ''}"
+    others = [repr(other) for other in names[1:]]
     also = f"; also {', '.join(others)}" if others else ""
     known = ", ".join(sorted(PROVIDERS))
     raise RunNotStarted(
-        f"unknown provider {name!r} in the manifest's provider column ({where}{also}) "
+        f"unknown provider {names[0]!r} in the manifest's provider column ({where}{also}) "
         f"(known: {known})"
     )
 

@@ -10,7 +10,6 @@ the whole sharded run cheap.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import polars as pl
 from prefect import flow, get_run_logger
@@ -20,7 +19,8 @@ from pydantic import BaseModel
 
 from flows.batch import BatchParams, RunNotStarted, name_of_this_run, run_id_of_this_run
 from providers.registry import PROVIDERS, provider_spec
-from schemas.manifest import KNOWN_COLUMNS, ManifestError, ManifestRow
+from schemas.manifest import KNOWN_COLUMNS, ManifestError
+from schemas.manifest_rows import ManifestRows
 from tasks.lake import Lake
 from tasks.manifest import load_manifest
 from tasks.tryon import invalid_records, record_invalid_rows
@@ -44,7 +44,7 @@ class ShardedSummary(BaseModel):
         return all(s.state == "COMPLETED" for s in self.shards)
 
 
-def split_rows(rows: list[ManifestRow], shards: int) -> list[list[ManifestRow]]:
+def split_rows(rows: ManifestRows, shards: int) -> list[ManifestRows]:
     """Contiguous, near-equal shards (no empty ones)."""
     n = max(1, min(shards, len(rows)))
     size, extra = divmod(len(rows), n)
@@ -53,17 +53,13 @@ def split_rows(rows: list[ManifestRow], shards: int) -> list[list[ManifestRow]]:
         end = start + size + (1 if i < extra else 0)
         out.append(rows[start:end])
         start = end
-    return [s for s in out if s]
+    return [s for s in out if len(s)]
 
 
-def shard_frame(rows: list[ManifestRow]) -> pl.DataFrame:
+def shard_frame(rows: ManifestRows) -> pl.DataFrame:
     """A manifest for ``rows``: image URIs are already absolute (resolved against the original
     manifest), so the shard can live anywhere."""
-    columns = [c for c in KNOWN_COLUMNS if c != "id"]
-    data: dict[str, list[Any]] = {"id": [r.id for r in rows]}
-    for column in columns:
-        data[column] = [getattr(r, column) for r in rows]
-    return pl.DataFrame(data, schema={c: pl.String for c in data})
+    return rows.frame(KNOWN_COLUMNS).select(KNOWN_COLUMNS)
 
 
 def name_of_this_sharded_run() -> str:
@@ -104,6 +100,7 @@ async def tryon_sharded(
             params.manifest,
             storage_options=params.storage_options,
             known_providers=sorted(PROVIDERS),
+            check_files=True,
         )
     except (ManifestError, ValueError, OSError) as exc:
         raise RunNotStarted(str(exc)) from None
@@ -112,7 +109,7 @@ async def tryon_sharded(
     bad = invalid_records(run_id, spec.name, list(report.invalid), manifest=params.manifest)
     await record_invalid_rows(lake, run_id, bad)
 
-    parts = split_rows(list(report.valid), shards)
+    parts = split_rows(report.valid, shards)
     limit = params.limits.global_max_in_flight or spec.max_in_flight
     share = max(1, (params.limits.max_in_flight or limit) // max(1, len(parts)))
     runs = []

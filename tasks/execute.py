@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,12 +27,14 @@ CHUNK_SPARES = 4
 
 
 class ChunkExecutor(Protocol):
-    async def run(self, ctx: RunContext, rows: list[ManifestRow]) -> list[ChunkOutcome]:
+    async def run(self, ctx: RunContext, rows: Sequence[ManifestRow]) -> list[ChunkOutcome]:
         """Process ``rows`` for ``ctx``'s provider, chunk by chunk; the chunks' outcomes."""
         ...
 
 
-def chunks_of(rows: list[ManifestRow], size: int) -> list[list[ManifestRow]]:
+def chunks_of(rows: Sequence[ManifestRow], size: int) -> list[Sequence[ManifestRow]]:
+    """Slices of ``rows``. Slices of ``ManifestRows`` are not built yet: a chunk's row objects
+    are made when it starts (``list(chunk)``), so only chunks in progress hold them."""
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
@@ -48,7 +51,7 @@ class InProcessChunks:
 
     chunk_size: int
 
-    async def run(self, ctx: RunContext, rows: list[ManifestRow]) -> list[ChunkOutcome]:
+    async def run(self, ctx: RunContext, rows: Sequence[ManifestRow]) -> list[ChunkOutcome]:
         chunks = chunks_of(rows, self.chunk_size)
         # Enough chunks in progress to keep every provider slot busy, plus spares. Rows in
         # progress stay bounded by the run's row slots either way.
@@ -65,10 +68,10 @@ class InProcessChunks:
 
     @staticmethod
     async def _one(
-        ctx: RunContext, gate: asyncio.Semaphore, index: int, chunk: list[ManifestRow]
+        ctx: RunContext, gate: asyncio.Semaphore, index: int, chunk: Sequence[ManifestRow]
     ) -> ChunkOutcome:
         async with gate:
-            return await process_chunk(ctx.run_id, ctx.lane.name, index, chunk)
+            return await process_chunk(ctx.run_id, ctx.lane.name, index, list(chunk))
 
 
 def _rate(lane: Lane | None, share: int) -> float | None:
@@ -90,7 +93,7 @@ class DaskChunks:
     settings: ChunkSettings  # the run-wide part; shares and fatal errors are set per chunk
     progress: ProgressSink
 
-    async def run(self, ctx: RunContext, rows: list[ManifestRow]) -> list[ChunkOutcome]:
+    async def run(self, ctx: RunContext, rows: Sequence[ManifestRow]) -> list[ChunkOutcome]:
         chunks = chunks_of(rows, self.chunk_size)
         lane, refine = ctx.lane, ctx.refine
         parallel = min(len(chunks), self.threads, lane.max_in_flight)
@@ -108,7 +111,7 @@ class DaskChunks:
         ctx: RunContext,
         shares: asyncio.Queue[tuple[int, int]],
         index: int,
-        chunk: list[ManifestRow],
+        chunk: Sequence[ManifestRow],
     ) -> ChunkOutcome:
         lane, refine = ctx.lane, ctx.refine
         share, refine_share = await shares.get()
@@ -123,7 +126,7 @@ class DaskChunks:
                     "refine_fatal": error_fields(refine.state.fatal) if refine else None,
                 }
             )
-            future = process_chunk.submit(ctx.run_id, lane.name, index, chunk, settings)
+            future = process_chunk.submit(ctx.run_id, lane.name, index, list(chunk), settings)
             outcome: ChunkOutcome = await asyncio.to_thread(future.result)
         finally:
             shares.put_nowait((share, refine_share))

@@ -1,25 +1,61 @@
 """Planning a run: which valid rows go to which provider, and which rows no provider can take.
 
 Pure (no IO, no Prefect): a row a provider cannot take as the run is configured becomes an
-invalid row with the reason, before anything is paid for.
+invalid row with the reason, before anything is paid for. ``capability_problems`` states the
+rules for one row; ``plan_run`` applies them to every row at once, in Polars expressions (the
+tests hold the two to the same reasons). ``tryon validate --provider`` plans exactly as a run
+does, so both report the same invalid rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import polars as pl
+
 from providers.registry import PROVIDERS, ProviderSpec
-from schemas.manifest import InvalidRow, ManifestRow, ValidationReport
-from tasks.process import refine_not_applicable
+from schemas.manifest import ManifestRow, plural
+from schemas.manifest_rows import (
+    FAILED,
+    InvalidRows,
+    ManifestRows,
+    ValidationReport,
+    failing_rows,
+    invalid_lines,
+)
+
+REFINE_NEEDS_GENDER = "refine needs gender (woman|man): fill the gender column or set refine_gender"
+_PROVIDER = "__provider"
 
 
 @dataclass(frozen=True, slots=True)
 class RunPlan:
     """Valid rows by provider (in manifest order) and every invalid row (sorted by index)."""
 
-    rows_by_provider: dict[str, list[ManifestRow]] = field(default_factory=dict)
-    invalid: list[InvalidRow] = field(default_factory=list)
+    rows_by_provider: dict[str, ManifestRows] = field(default_factory=dict)
+    invalid: InvalidRows = field(default_factory=lambda: InvalidRows.of(()))
     total_rows: int = 0
+
+    @property
+    def runnable_rows(self) -> int:
+        return sum(len(rows) for rows in self.rows_by_provider.values())
+
+    def summary(self, max_invalid: int | None = 5) -> str:
+        """The counts, then one line per invalid row (the first ``max_invalid``; all for
+        None), worded as ``tryon validate`` words them."""
+        counts = f"{len(self.invalid)} invalid"
+        lines = [f"{plural(self.total_rows, 'row')}: {self.runnable_rows} valid, {counts}"]
+        return "\n".join(lines + invalid_lines(self.invalid, max_invalid))
+
+
+def refine_not_applicable(row: ManifestRow) -> str | None:
+    """Why the refiner cannot take this row (it needs a top garment), or None."""
+    if row.garment_image is None:
+        return "the refiner needs a garment image; a prompt row cannot be refined"
+    if row.category == "lower_body":
+        return "the refiner needs a top garment; a lower_body row has none"
+    return None
 
 
 def capability_problems(
@@ -34,9 +70,7 @@ def capability_problems(
     caps, name = spec.capabilities, spec.name
     problems = []
     if refine and refine_not_applicable(row) is None and not (row.gender or refine_gender):
-        problems.append(
-            "refine needs gender (woman|man): fill the gender column or set refine_gender"
-        )
+        problems.append(REFINE_NEEDS_GENDER)
     if row.garment_image is None and not caps.prompt:
         problems.append(f"provider {name!r} needs garment_image (it has no prompt endpoint)")
     if row.lower_garment_image is not None and not caps.lower_garment:
@@ -52,18 +86,72 @@ def plan_run(
     default_provider: str,
     refine: bool = False,
     refine_gender: str | None = None,
+    providers: Mapping[str, ProviderSpec] = PROVIDERS,
 ) -> RunPlan:
     """Group ``report``'s valid rows by provider; rows their provider cannot take are invalid."""
-    invalid: list[InvalidRow] = list(report.invalid)
-    by_provider: dict[str, list[ManifestRow]] = {}
-    for row in report.valid:
-        name = row.provider or default_provider
-        problems = capability_problems(
-            row, PROVIDERS[name], refine=refine, refine_gender=refine_gender
-        )
-        if problems:
-            invalid.append(InvalidRow(row_index=row.row_index, row_id=row.id, reasons=problems))
-        else:
-            by_provider.setdefault(name, []).append(row)
-    invalid.sort(key=lambda r: r.row_index)
+    rows = report.valid
+    # What the rules read, and no more: a million rows' image paths need not be copied.
+    frame = pl.concat(
+        [
+            rows.frame(("provider", "category", "gender"), resolve=False),
+            rows.present(("garment_image", "lower_garment_image")),
+        ],
+        how="horizontal",
+    ).with_columns(pl.col("provider").fill_null(default_provider).alias(_PROVIDER))
+    named = frame[_PROVIDER].unique(maintain_order=True).to_list()
+    checks = _capability_checks(
+        {name: providers[name] for name in named}, refine=refine, refine_gender=refine_gender
+    )
+    failing = pl.any_horizontal([when for when, _ in checks]) if checks else pl.lit(False)
+    frame = frame.with_row_index("__at").with_columns(failing.alias("__failing"))
+    flagged = frame.filter("__failing")
+    invalid = report.invalid
+    if flagged.height:
+        # Reasons are spelled out for the rows that fail only.
+        flagged = flagged.with_columns(rows.take(flagged["__at"]).frame(["id"])["id"])
+        checked = failing_rows(flagged.lazy(), [pl.when(when).then(why) for when, why in checks])
+        invalid = InvalidRows.merged(invalid, InvalidRows(checked.filter(FAILED)))
+    ok = frame.filter(~pl.col("__failing"))
+    by_provider = {
+        name: rows.take(ok.filter(pl.col(_PROVIDER) == name)["__at"])
+        for name in ok[_PROVIDER].unique(maintain_order=True).to_list()
+    }
     return RunPlan(rows_by_provider=by_provider, invalid=invalid, total_rows=report.n_rows)
+
+
+def _capability_checks(
+    specs: Mapping[str, ProviderSpec], *, refine: bool, refine_gender: str | None
+) -> list[tuple[pl.Expr, pl.Expr]]:
+    """``capability_problems`` as (fails, reason) expression pairs, in the same order."""
+    # Booleans: whether the row has a garment image, a lower garment image.
+    garment, lower = pl.col("garment_image"), pl.col("lower_garment_image")
+    category, provider = pl.col("category"), pl.col(_PROVIDER)
+    checks: list[tuple[pl.Expr, pl.Expr]] = []
+    if refine and not refine_gender:
+        # refine_not_applicable: a garment row (which has a category) that is not lower_body.
+        refinable = garment & (category != "lower_body")
+        checks.append((refinable & pl.col("gender").is_null(), pl.lit(REFINE_NEEDS_GENDER)))
+    for name, spec in specs.items():
+        caps, this = spec.capabilities, provider == name
+        if not caps.prompt:
+            checks.append(
+                (
+                    this & ~garment,
+                    pl.lit(f"provider {name!r} needs garment_image (it has no prompt endpoint)"),
+                )
+            )
+        if not caps.lower_garment:
+            checks.append(
+                (
+                    this & lower,
+                    pl.lit(f"provider {name!r} does not take lower_garment_image"),
+                )
+            )
+        # Categories are validated already: repr() of one is the value in single quotes.
+        checks.append(
+            (
+                this & garment & ~category.is_in(sorted(caps.categories)),
+                pl.format(f"provider {name!r} does not take category '{{}}'", category),
+            )
+        )
+    return checks

@@ -28,6 +28,7 @@ from schemas.manifest import ManifestRow
 from schemas.results import ErrorKind, RowRecord, Stage, Status
 from tasks.images import ImageInputError, prepare_image
 from tasks.ledger import DoneEntry, work_key
+from tasks.plan import refine_not_applicable
 from tasks.provider_calls import call_provider, store_result, with_retries
 from tasks.run_context import (
     Lane,
@@ -294,15 +295,6 @@ async def _try_on(ctx: RunContext, row: ManifestRow, record: RowRecord) -> bytes
 
     await _run_stage(ctx, lane, record, work)
     return output[0] if output else None
-
-
-def refine_not_applicable(row: ManifestRow) -> str | None:
-    """Why the refiner cannot take this row (it needs a top garment), or None."""
-    if row.garment_image is None:
-        return "the refiner needs a garment image; a prompt row cannot be refined"
-    if row.category == "lower_body":
-        return "the refiner needs a top garment; a lower_body row has none"
-    return None
 
 
 async def _refine(

@@ -13,13 +13,14 @@ import asyncio
 import os
 import socket
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 
-from schemas.manifest import InvalidRow, ManifestRow
+from schemas.manifest import InvalidRow, ManifestRow, plural
 from schemas.results import ErrorKind, RowRecord, Stage, Status, is_unfinished
 from schemas.summary import ErrorCount
 from tasks.context import ChunkSettings, error_fields, standalone_context
@@ -120,7 +121,7 @@ def describe_counts(counts: dict[str, dict[str, int]]) -> str:
 
 
 def invalid_records(
-    run_id: str, provider: str, invalid: list[InvalidRow], *, manifest: str
+    run_id: str, provider: str, invalid: Sequence[InvalidRow], *, manifest: str
 ) -> list[RowRecord]:
     """Records for rows that failed validation: nothing was attempted for them."""
     return [
@@ -170,11 +171,10 @@ async def record_invalid_rows(lake: Lake, run_id: str, records: list[RowRecord])
     held = [r for r in records if id(r) not in kept]
     if held:
         await asyncio.to_thread(write_report_records, lake, run_id, "part-invalid", held)
-    if records:
-        get_run_logger().warning(
-            "%d invalid manifest rows (%d recorded by earlier runs)",
-            len(records),
-            len(records) - len(fresh),
+        # The rows themselves were logged with the run's plan.
+        get_run_logger().info(
+            "%s of this manifest recorded by earlier runs already: kept there",
+            plural(len(held), "invalid row"),
         )
     if not fresh:
         return None

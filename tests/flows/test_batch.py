@@ -185,6 +185,25 @@ async def test_missing_api_key_does_not_start(
     assert use_emulator.control.stats().requests.get("POST /api/openapi/change-clothes-ai", 0) == 0
 
 
+async def test_the_run_logs_every_invalid_row_once_as_validate_prints_it(
+    use_emulator: EmulatorServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rows the provider cannot take are logged with the manifest's invalid rows, numbered as
+    `tryon validate` numbers them, and the counts agree with the run's summary."""
+    quick = {"job_queued_s": 0.0, "job_running_s": 0.0}
+    use_emulator.control.set_faults({"hidream": quick})
+    summary = await tryon_batch(
+        BatchParams(manifest=str(SAMPLE_MANIFEST), lake=str(tmp_path / "lake"), provider="hidream")
+    )
+    assert "2 invalid of 9 rows" in summary.one_line()
+    logged = caplog.text
+    assert "9 rows: 7 valid, 2 invalid" in logged
+    prompt = "row 8 (id 'dev-prompt'): provider 'hidream' needs garment_image"
+    shoes = "row 9 (id 'ana-shoes'): unknown category 'shoes'"
+    assert logged.count(prompt) == 1 and logged.count(shoes) == 1
+    assert "invalid manifest rows" not in logged  # no second, smaller count
+
+
 async def test_unreadable_input_image_fails_only_its_row(
     use_emulator: EmulatorServer, tmp_path: Path
 ) -> None:
@@ -196,9 +215,12 @@ async def test_unreadable_input_image_fails_only_its_row(
     with pytest.raises(BatchIncomplete):
         await tryon_batch(BatchParams(manifest=str(manifest), lake=str(tmp_path / "lake")))
     meta = read_metadata(tmp_path / "lake").sort("row_id")
-    assert meta["status"].to_list() == ["succeeded", "failed", "failed"]
-    assert meta["error_code"].to_list()[1:] == ["DECODE_FAILED", "FETCH_NOT_FOUND"]
-    assert "missing.jpg" in meta["error_message"][2]
+    assert meta["status"].to_list() == ["succeeded", "failed", "invalid"]
+    assert meta["error_code"].to_list()[1:] == ["DECODE_FAILED", "INVALID_ROW"]
+    # A missing local file is found before the run starts, as `tryon validate` finds it.
+    assert meta["error_message"][2] == (
+        f"no such file in column 'person_image': {tmp_path / 'missing.jpg'}"
+    )
     # Neither bad row reached the provider.
     assert use_emulator.control.stats().requests["POST /api/openapi/change-clothes-ai"] == 1
 

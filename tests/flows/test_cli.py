@@ -99,6 +99,58 @@ def test_validate_reports_each_bad_row(tmp_path: Path) -> None:
     assert "person_image" in unusable.stderr
 
 
+def test_validate_prints_each_row_once_numbered_from_1_and_never_wrapped(tmp_path: Path) -> None:
+    """Off a terminal (CI logs, pipes): one line per invalid row, whole, however long; the
+    first row under the header is row 1; the count line says "1 invalid" of one row."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    shutil.copytree(SAMPLE_MANIFEST.parent / "images", deep / "images")
+    manifest = deep / "m.csv"
+    manifest.write_text(
+        "id,person_image,garment_image,category\n"
+        "ok,images/person_ana.jpg,images/garment_red_tee.jpg,upper_body\n"
+        "gone,images/nobody-with-a-rather-long-file-name.jpg,images/garment_red_tee.jpg,dresses\n"
+    )
+    done = tryon("validate", str(manifest), cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    missing = deep / "images" / "nobody-with-a-rather-long-file-name.jpg"
+    line = f"row 2 (id 'gone'): no such file in column 'person_image': {missing}"
+    assert len(line) > 200
+    assert done.stdout.splitlines() == [
+        line,
+        "2 rows: 1 valid, 1 invalid",
+        "provider capabilities not checked: pass --provider (and --refine) as to run",
+    ]
+
+    one = tryon("validate", str(manifest), "--provider", "hidream", cwd=tmp_path)
+    assert one.stdout.splitlines()[:2] == [line, "2 rows: 1 valid, 1 invalid"]
+    bad_option = tryon("validate", str(manifest), "--refine", cwd=tmp_path)
+    assert bad_option.returncode == 2 and "--refine needs --provider" in bad_option.stderr
+    unknown = tryon("validate", str(manifest), "--provider", "nope", cwd=tmp_path)
+    assert unknown.returncode == 2 and "unknown provider 'nope'" in unknown.stderr
+
+
+def test_validate_draws_a_table_on_a_terminal() -> None:
+    import io
+
+    from rich.console import Console
+    from rich.text import Text
+
+    from flows import cli
+    from schemas.manifest import InvalidRow
+    from schemas.manifest_rows import InvalidRows
+
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=100, soft_wrap=True)
+    original, cli.out = cli.out, terminal
+    try:
+        cli._print_invalid_rows(InvalidRows.of([InvalidRow(8, "ana-shoes", ["[red]shoes"])]))
+    finally:
+        cli.out = original
+    text = Text.from_ansi(terminal.file.getvalue()).plain
+    assert "1 invalid row" in text and "1 invalid rows" not in text
+    assert "│   9 │ ana-shoes │ [red]shoes" in text  # row 9: row_index 8; the text as written
+
+
 def test_prefect_console_logs_go_through_the_progress_console() -> None:
     """With a live bar, Prefect's console handlers print through the bar's Console."""
     import io

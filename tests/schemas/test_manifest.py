@@ -15,12 +15,12 @@ from schemas.manifest import (
     InvalidRow,
     ManifestError,
     ManifestRow,
-    ValidationReport,
     is_safe_id,
     resolve_uri,
     uri_scheme,
-    validate_manifest,
 )
+from schemas.manifest_checks import validate_manifest
+from schemas.manifest_rows import ValidationReport
 from schemas.uris import ImageRoute, Refusal, classify_image_ref, image_ref_refusal
 
 ALLOWED = "(allowed: local path, file://, http(s)://, data:, s3://)"
@@ -365,7 +365,7 @@ def test_every_reason_on_one_row_is_reported() -> None:
     assert first.reasons == [
         "id '.hidden' is unsafe for a path (allowed: ASCII letters, digits, '.', '_', '-';"
         " 1-128 chars; not starting with '.')",
-        "duplicate id '.hidden' (also on rows 1)",
+        "duplicate id '.hidden' (also on rows 2)",  # rows as people count them, from 1
         f"URI scheme 'ftpx' is not allowed in column 'person_image' {ALLOWED}",
         f"URI scheme 'bogus' is not allowed in column 'garment_image' {ALLOWED}",
         "data URI in column 'lower_garment_image' is not a base64 image"
@@ -402,10 +402,11 @@ def test_duplicate_ids_mark_every_row_sharing_them() -> None:
     assert [r.id for r in report.valid] == ["ok"]
     by_row = {bad.row_index: bad for bad in report.invalid}
     assert sorted(by_row) == [0, 2, 3]
-    assert by_row[0].reasons == ["duplicate id 'r7' (also on rows 2, 3)"]
-    assert by_row[2].reasons == ["duplicate id 'r7' (also on rows 0, 3)"]
+    # Row numbers in messages count from 1 (row_index + 1), as everywhere people read them.
+    assert by_row[0].reasons == ["duplicate id 'r7' (also on rows 3, 4)"]
+    assert by_row[2].reasons == ["duplicate id 'r7' (also on rows 1, 4)"]
     assert by_row[3].reasons == [
-        "duplicate id 'r7' (also on rows 0, 2)",
+        "duplicate id 'r7' (also on rows 1, 3)",
         "missing value in column 'person_image'",
     ]
 
@@ -683,8 +684,9 @@ def test_summary_counts_and_lists_invalid_rows() -> None:
     df = frame(good(id="a"), good(id="b", category="shoes"), good(id=None))
     summary = validate_manifest(df).summary()
     assert summary.splitlines()[0] == "3 rows: 1 valid, 2 invalid"
-    assert "row 1 (id 'b'): unknown category 'shoes'" in summary
-    assert "row 2 (no id): missing value in column 'id'" in summary
+    # The second and third data rows: numbered from 1, as in validate's output and the logs.
+    assert "row 2 (id 'b'): unknown category 'shoes'" in summary
+    assert "row 3 (no id): missing value in column 'id'" in summary
 
 
 def test_summary_is_capped() -> None:

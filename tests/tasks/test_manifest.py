@@ -346,3 +346,71 @@ def test_errors_never_show_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_redact_uri(uri: str, shown: str) -> None:
     assert redact_uri(uri) == shown
+
+
+# --- local image files (check_files) ------------------------------------------------------
+
+
+def test_missing_local_images_make_rows_invalid_with_the_path_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "people").mkdir()
+    (tmp_path / "people" / "p.jpg").write_bytes(b"x")
+    (tmp_path / "g.jpg").write_bytes(b"x")
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "gone.jpg")  # a broken link
+    monkeypatch.setenv("HOME", str(tmp_path))
+    deep = "d" * 120  # a long path: shown whole, never shortened
+    text = (
+        f"{HEADER},lower_garment_image\n"
+        "ok,people/p.jpg,g.jpg,dresses,\n"
+        "rel,people/missing.jpg,g.jpg,dresses,\n"
+        f"abs,{tmp_path}/people/p.jpg,{tmp_path}/{deep}/g.jpg,dresses,\n"
+        f"url,file://{tmp_path}/nope.jpg,https://cdn.example/g.jpg,dresses,\n"
+        "home,~/people/p.jpg,~/nope.jpg,dresses,\n"
+        "dir,people,g.jpg,dresses,\n"
+        "link,link.jpg,g.jpg,upper_body,lower.jpg\n"
+        "remote,s3://bucket/p.jpg,memory://b/g.jpg,dresses,\n"
+        "both,people/missing.jpg,g.jpg,shoes,\n"
+    )
+    path = write(tmp_path / "m.csv", text)
+    assert [r.id for r in load_manifest(str(path)).valid][:2] == ["ok", "rel"]  # not asked
+    report = load_manifest(str(path), check_files=True)
+    assert [r.id for r in report.valid] == ["ok", "remote"]
+    reasons = {bad.row_id: bad.reasons for bad in report.invalid}
+    assert reasons == {
+        "rel": [f"no such file in column 'person_image': {tmp_path}/people/missing.jpg"],
+        "abs": [f"no such file in column 'garment_image': {tmp_path}/{deep}/g.jpg"],
+        "url": [f"no such file in column 'person_image': file://{tmp_path}/nope.jpg"],
+        "home": ["no such file in column 'garment_image': ~/nope.jpg"],
+        "dir": [f"a directory, not a file in column 'person_image': {tmp_path}/people"],
+        "link": [
+            f"no such file in column 'person_image': {tmp_path}/link.jpg",
+            f"no such file in column 'lower_garment_image': {tmp_path}/lower.jpg",
+        ],
+        # Files are checked on rows the manifest's own checks pass, as a run checks them.
+        "both": ["unknown category 'shoes' (expected one of: upper_body, lower_body, dresses)"],
+    }
+    assert [bad.row_index for bad in report.invalid] == [1, 2, 3, 4, 5, 6, 8]
+
+
+def test_missing_files_are_looked_for_once_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.manifest
+
+    (tmp_path / "g.jpg").write_bytes(b"x")
+    rows = "".join(f"r{i},p{i % 3}.jpg,g.jpg,dresses\n" for i in range(300))
+    path = write(tmp_path / "m.csv", f"{HEADER}\n{rows}")
+    looked: list[str] = []
+    original = tasks.manifest._local_file_problem
+
+    def counting(ref: str) -> str | None:
+        looked.append(ref)
+        return original(ref)
+
+    monkeypatch.setattr(tasks.manifest, "_local_file_problem", counting)
+    report = load_manifest(str(path), check_files=True)
+    assert len(report.invalid) == 300 and report.valid == []
+    assert sorted(looked) == sorted(
+        str(tmp_path / n) for n in ("p0.jpg", "p1.jpg", "p2.jpg", "g.jpg")
+    )

@@ -154,9 +154,10 @@ def test_duplicate_ids_mark_every_copy_and_spare_the_rest(tmp_path: Path) -> Non
     report = load_manifest(write_csv(tmp_path / "m.csv", *rows))
     assert [r.id for r in report.valid] == ["good-0", "Dup"]
     assert {b.row_index: b.reasons for b in report.invalid} == {
-        0: ["duplicate id 'dup' (also on rows 2, 4)"],
-        2: ["duplicate id 'dup' (also on rows 0, 4)"],
-        4: ["duplicate id 'dup' (also on rows 0, 2)"],
+        # row_index counts from 0; the rows a message names count from 1, as people do.
+        0: ["duplicate id 'dup' (also on rows 3, 5)"],
+        2: ["duplicate id 'dup' (also on rows 1, 5)"],
+        4: ["duplicate id 'dup' (also on rows 1, 3)"],
     }
 
 
@@ -259,12 +260,12 @@ MANIFEST_CASES: list[tuple[str, bytes, str]] = [
     (
         "a row with too many fields",
         b"id,person_image,prompt\nr1,p.jpg,x\nr2,p.jpg,x,extra,more\n",
-        "row 1 has 5 fields, the header 3",
+        "row 2 has 5 fields, the header 3",  # the second row under the header
     ),
     (
         "a row too long after a quoted newline",
         b'id,person_image,prompt\nr1,p.jpg,"a\nb"\nr2,p.jpg,x,extra\n',
-        "row 1 has 4 fields, the header 3",
+        "row 2 has 4 fields, the header 3",
     ),
     (
         "an unterminated quote",
@@ -426,8 +427,8 @@ async def test_bad_rows_are_recorded_in_the_lake_and_good_rows_run(
     assert meta["status"].to_list() == ["succeeded"] + ["invalid"] * 6 + ["succeeded"]
     messages = dict(zip(meta["row_index"], meta["error_message"], strict=True))
     assert UNSAFE in messages[1]
-    assert messages[2] == "duplicate id 'dup' (also on rows 3)"
-    assert messages[3] == "duplicate id 'dup' (also on rows 2)"
+    assert messages[2] == "duplicate id 'dup' (also on rows 4)"  # row numbers count from 1
+    assert messages[3] == "duplicate id 'dup' (also on rows 3)"
     assert UNSAFE in messages[4]
     assert "control character" in messages[5] and "'person_image'" in messages[5]
     assert "unknown category 'hats'" in messages[6]

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
 from typing import Any
 
-from schemas.manifest import InvalidRow, ManifestRow, ValidationReport
-from tasks.plan import plan_run
+import pytest
+
+from providers.base import Capabilities
+from providers.registry import PROVIDERS, ProviderSpec
+from schemas.manifest import InvalidRow, ManifestRow
+from schemas.manifest_rows import ValidationReport
+from tasks.plan import capability_problems, plan_run
 
 
 def row(index: int, **fields: Any) -> ManifestRow:
@@ -64,3 +71,81 @@ def test_refining_needs_a_gender_from_the_row_or_the_run() -> None:
         report(*rows), default_provider="changeclothes", refine=True, refine_gender="man"
     )
     assert defaulted.invalid == []
+
+
+def reference_plan(
+    report: ValidationReport,
+    providers: dict[str, ProviderSpec],
+    *,
+    default_provider: str,
+    refine: bool,
+    refine_gender: str | None,
+) -> tuple[dict[str, list[int]], list[InvalidRow]]:
+    """The plan row by row, ``capability_problems`` on each: what ``plan_run`` does in bulk."""
+    invalid, by_provider = list(report.invalid), {}
+    for r in report.valid:
+        name = r.provider or default_provider
+        problems = capability_problems(
+            r, providers[name], refine=refine, refine_gender=refine_gender
+        )
+        if problems:
+            invalid.append(InvalidRow(r.row_index, r.id, problems))
+        else:
+            by_provider.setdefault(name, []).append(r.row_index)
+    return by_provider, sorted(invalid, key=lambda bad: bad.row_index)
+
+
+@pytest.mark.parametrize("refine_gender", [None, "man"])
+@pytest.mark.parametrize("refine", [False, True])
+@pytest.mark.parametrize("default_provider", ["wide", "narrow", "prompts"])
+def test_the_bulk_plan_gives_every_row_the_reasons_capability_problems_gives(
+    default_provider: str, refine: bool, refine_gender: str | None
+) -> None:
+    base = PROVIDERS["changeclothes"]
+    providers = {
+        "wide": replace(base, name="wide", capabilities=Capabilities(lower_garment=True)),
+        "narrow": replace(
+            base,
+            name="narrow",
+            capabilities=Capabilities(categories=frozenset({"dresses", "upper_body"})),
+        ),
+        "prompts": replace(
+            base,
+            name="prompts",
+            capabilities=Capabilities(categories=frozenset({"lower_body"}), prompt=True),
+        ),
+    }
+    rng = random.Random(7)
+    rows = []
+    for i in range(600):
+        fields: dict[str, Any] = {"category": rng.choice(["upper_body", "lower_body", "dresses"])}
+        if rng.random() < 0.25:
+            fields.update(garment_image=None, category=None, prompt="a coat")
+        if fields.get("garment_image", "g") is not None and rng.random() < 0.2:
+            fields["lower_garment_image"] = "l.jpg"
+        fields["gender"] = rng.choice([None, "woman", "man"])
+        fields["provider"] = rng.choice([None, None, *providers])
+        rows.append(row(i, **fields))
+    earlier = [InvalidRow(600, None, ["missing value in column 'id'"])]
+    given = ValidationReport(valid=rows, invalid=earlier, n_rows=601, columns=["id"])
+    options = {
+        "default_provider": default_provider,
+        "refine": refine,
+        "refine_gender": refine_gender,
+    }
+    plan = plan_run(given, providers=providers, **options)
+    by_provider, invalid = reference_plan(given, providers, **options)
+    assert plan.invalid == invalid
+    assert {k: [r.row_index for r in v] for k, v in plan.rows_by_provider.items()} == by_provider
+    assert list(plan.rows_by_provider) == list(by_provider)  # first appearance order
+    assert 50 < len(invalid) < 550  # both outcomes, in numbers
+
+
+def test_plan_summary_counts_and_lists_rows_as_validate_does() -> None:
+    prompt_row = row(1, garment_image=None, category=None, prompt="a red coat")
+    plan = plan_run(report(row(0), prompt_row), default_provider="hidream")
+    assert plan.summary() == (
+        "2 rows: 1 valid, 1 invalid\n"
+        "  row 2 (id 'r1'): provider 'hidream' needs garment_image (it has no prompt endpoint)"
+    )
+    assert plan.summary(max_invalid=0).endswith("  ... and 1 more invalid row")
