@@ -4,8 +4,8 @@
 about a second, without starting a server):
 
 - the manifest is readable and parses (``tasks.manifest.load_manifest``);
-- every provider the run names is registered: ``provider`` (``BatchParams`` checks it) and
-  every value of the manifest's ``provider`` column;
+- the run's ``provider`` is registered (``BatchParams`` checks it); a row naming an unknown
+  one is an invalid row, as ``tryon validate`` reports it, and the run goes on;
 - each provider the run will call, and the refiner with ``refine``, is configured: its call
   timeout parses, its credentials hold no control character, a URL-only provider can be given
   URLs of its inputs (``tasks.staging``);
@@ -27,13 +27,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import httpx
-import polars as pl
 from pydantic import ValidationError
 
 from flows.params import BatchParams
 from providers.registry import PROVIDERS, REFINER, ProviderSpec
 from providers.settings import base_url, call_timeout_s, credential, secret_block_name
-from schemas.manifest import ROW, ManifestError
+from schemas.manifest import ManifestError
 from schemas.manifest_rows import ValidationReport
 from schemas.summary import RunNotStarted
 from tasks.lake import Lake, LakeNotUsable
@@ -73,7 +72,6 @@ def check_run(params: BatchParams, *, emulator: bool = False) -> Preflight:
     the keys it accepts, once the checks have passed: credentials and staging are not checked.
     """
     report = _check_manifest(params)
-    _check_manifest_providers(report)
     plan = plan_run(
         report,
         default_provider=params.provider,
@@ -180,12 +178,11 @@ def describe_invalid_params(exc: ValidationError) -> str:
 def _check_manifest(params: BatchParams) -> ValidationReport:
     shown = redact_uri(params.manifest)
     try:
-        # Provider names are checked below, for the whole run: a misspelt one is a mistake in
-        # the run's set-up, not a bad row to record and go past.
+        # A row naming an unknown provider is an invalid row, as `tryon validate` reports it.
         return load_manifest(
             params.manifest,
             storage_options=params.storage_options,
-            known_providers=None,
+            known_providers=sorted(PROVIDERS),
             check_files=True,
         )
     except ManifestError as exc:
@@ -196,27 +193,6 @@ def _check_manifest(params: BatchParams) -> ValidationReport:
         else:
             fix = f"`tryon validate {shown}` lists every problem"
         raise RunNotStarted(f"{text}: {fix}") from None
-
-
-def _check_manifest_providers(report: ValidationReport) -> None:
-    named = report.valid.frame(("id", "provider"), resolve=False)
-    unknown = named.filter(
-        pl.col("provider").is_not_null() & ~pl.col("provider").is_in(sorted(PROVIDERS))
-    )
-    if unknown.is_empty():
-        return
-    names = unknown["provider"].unique(maintain_order=True).to_list()
-    rows = unknown.filter(pl.col("provider") == names[0])
-    where = f"row {rows[ROW][0] + 1}, id {rows['id'][0]!r}"
-    if rows.height > 1:
-        where += f", and {rows.height - 1} more row{'s' if rows.height > 2 else ''}"
-    others = [repr(other) for other in names[1:]]
-    also = f"; also {', '.join(others)}" if others else ""
-    known = ", ".join(sorted(PROVIDERS))
-    raise RunNotStarted(
-        f"unknown provider {names[0]!r} in the manifest's provider column ({where}{also}) "
-        f"(known: {known})"
-    )
 
 
 def _specs_in_use(plan: RunPlan, *, refine: bool) -> list[ProviderSpec]:

@@ -110,8 +110,6 @@ def _manifest_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "columns.csv").write_text("name,photo\nx,y\n")
     (tmp_path / "folder.csv").mkdir()
     unknown = rows_csv(tmp_path / "unknown.csv", good_rows(3))
-    named = pl.read_csv(unknown).with_columns(provider=pl.Series(["", "nope", "nope"]))
-    named.write_csv(tmp_path / "named.csv")
     return {
         "missing": (["missing.csv"], "manifest not found: missing.csv: check the path"),
         "unparsable": (["binary.csv"], "manifest binary.csv is neither Parquet nor UTF-8 CSV"),
@@ -121,17 +119,10 @@ def _manifest_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             [str(unknown), "--provider", "nope"],
             f"unknown provider 'nope' (known: {KNOWN})",
         ),
-        "provider-column": (
-            ["named.csv"],
-            "unknown provider 'nope' in the manifest's provider column (row 2, id 'r1', and "
-            f"1 more row) (known: {KNOWN})",
-        ),
     }
 
 
-@pytest.mark.parametrize(
-    "case", ["missing", "unparsable", "no-columns", "unreadable", "provider", "provider-column"]
-)
+@pytest.mark.parametrize("case", ["missing", "unparsable", "no-columns", "unreadable", "provider"])
 def test_a_bad_manifest_or_provider_is_one_line_before_prefect(
     tmp_path: Path, dead_api: str, case: str
 ) -> None:
@@ -257,7 +248,7 @@ async def test_secret_blocks_fill_what_the_environment_lacks(
     assert supplied is not None and supplied.get_secret_value() == "from-a-block"
 
 
-@pytest.mark.parametrize("problem", ["missing-key", "manifest", "provider-column", "lake"])
+@pytest.mark.parametrize("problem", ["missing-key", "manifest", "lake"])
 async def test_the_flow_writes_nothing_before_its_checks_pass(
     use_emulator: EmulatorServer,
     tmp_path: Path,
@@ -274,8 +265,6 @@ async def test_the_flow_writes_nothing_before_its_checks_pass(
         monkeypatch.delenv("CHANGECLOTHES_API_KEY")
     elif problem == "manifest":
         manifest = tmp_path / "nope.csv"
-    elif problem == "provider-column":
-        rows[1]["provider"] = "nope"
     else:
         lake.write_text("a file")
     if problem != "manifest":
