@@ -444,21 +444,24 @@ def ensure_server(
     started if needed; and whether this call started it."""
     home = prefect_home() if home is None else home
     timeout_s = _start_timeout_s() if timeout_s is None else timeout_s
-    # Waiting for the lock covers another command's whole start.
-    with _locked(home, timeout_s=timeout_s + _BUSY_WAIT_S + 30.0):
-        state = read_state(home)
-        if state is not None and state.is_alive():
-            if not _answers(state.api_url):
-                _wait_busy(home, state)
-            if state.prefect_version != _prefect_version():
-                say(
-                    f"The local Prefect server runs prefect {state.prefect_version}, this "
-                    f"command {_prefect_version()}: `tryon server stop` to restart it"
-                )
-            return state, False
-        _forget_state(home)  # stale, if there was one
-        chosen = _preferred_port() if port is None else port
-        return _start(home, chosen, say, timeout_s), True
+    try:
+        # Waiting for the lock covers another command's whole start.
+        with _locked(home, timeout_s=timeout_s + _BUSY_WAIT_S + 30.0):
+            state = read_state(home)
+            if state is not None and state.is_alive():
+                if not _answers(state.api_url):
+                    _wait_busy(home, state)
+                if state.prefect_version != _prefect_version():
+                    say(
+                        f"The local Prefect server runs prefect {state.prefect_version}, this "
+                        f"command {_prefect_version()}: `tryon server stop` to restart it"
+                    )
+                return state, False
+            _forget_state(home)  # stale, if there was one
+            chosen = _preferred_port() if port is None else port
+            return _start(home, chosen, say, timeout_s), True
+    except OSError as exc:  # the Prefect home: not writable, full...
+        raise LocalServerError(f"cannot use the Prefect home {home}: {exc}") from None
 
 
 def _wait_busy(home: Path, state: ServerState) -> None:
