@@ -8,7 +8,7 @@ LAKE ?= ./lake
 # ("database is locked"); it sends nothing useful offline anyway.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test lint fmt emulator clean bench reliability
+.PHONY: install demo test lint fmt emulator clean bench bench-cli reliability
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ emulator: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+bench-cli: $(STAMP)
+	$(BIN)/python -m bench.cli
 
 reliability: $(STAMP)
 	$(BIN)/python -m bench.reliability
