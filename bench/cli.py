@@ -128,7 +128,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="runs of each 'first' kind")
-    parser.add_argument("--later", type=int, default=5, help="runs on a running server")
+    parser.add_argument("--later", type=int, default=7, help="runs on a running server")
     parser.add_argument("--baseline", metavar="REF", help="also measure this git revision")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--keep-tmp", action="store_true")
