@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LAKE ?= ./lake
-# The ephemeral Prefect server's telemetry heartbeat races the first migrations on SQLite
+# A new Prefect server's telemetry heartbeat races the first migrations on SQLite
 # ("database is locked"); it sends nothing useful offline anyway.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
