@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from flows.local_server import LOG_NAME, STATE_NAME, ServerState
-from tests.flows.conftest import SAMPLE_MANIFEST
+from tests.flows.conftest import REPO, SAMPLE_MANIFEST
 from tests.local_server import TRYON, LocalHome, is_gone, local_home
 
 pytestmark = pytest.mark.e2e
@@ -282,3 +282,44 @@ def test_with_prefect_api_url_nothing_is_started(tmp_path: Path) -> None:
         status = local.tryon("server", "status", cwd=tmp_path)
         assert status.returncode == 1
         assert f"note: PREFECT_API_URL is set ({api_url})" in status.stderr
+
+
+def _on_a_terminal(argv: list[str], env: dict[str, str]) -> str:
+    """Run ``argv`` with a pseudo-terminal for its output (Prefect's banner shows only there)."""
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child
+        os.execvpe(argv[0], argv, env)
+    chunks: list[bytes] = []
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:  # the child has closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.waitpid(pid, 0)
+    os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_no_usage_data_banner_on_a_terminal(tmp_path: Path) -> None:
+    """Prefect prints its usage-data banner on a terminal at its first import in a new Prefect
+    home; our commands keep it out (they default DO_NOT_TRACK=1)."""
+    from prefect._internal.analytics.ci_detection import CI_ENV_VARS
+
+    # As on a developer's machine: Prefect shows no banner under CI either.
+    quiet = {"DO_NOT_TRACK", *CI_ENV_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in quiet and not k.startswith("PREFECT_")}
+    env["PYTHONPATH"] = str(REPO)
+    prefect_alone = _on_a_terminal(
+        [sys.executable, "-c", "import prefect"], {**env, "PREFECT_HOME": str(tmp_path / "a")}
+    )
+    assert "usage data" in prefect_alone  # what the check below would see
+    ours = _on_a_terminal(
+        [*TRYON, "server", "status"], {**env, "PREFECT_HOME": str(tmp_path / "b")}
+    )
+    assert "not running" in ours
+    assert not NOT_OURS.search(ours), ours
