@@ -4,11 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LAKE ?= ./lake
-# The ephemeral Prefect server's telemetry heartbeat races the first migrations on SQLite
+# A new Prefect server's telemetry heartbeat races the first migrations on SQLite
 # ("database is locked"); it sends nothing useful offline anyway.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test lint fmt emulator clean bench bench-validate reliability
+.PHONY: install demo test lint fmt emulator clean bench bench-cli bench-validate reliability
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ emulator: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+bench-cli: $(STAMP)
+	$(BIN)/python -m bench.cli
 
 reliability: $(STAMP)
 	$(BIN)/python -m bench.reliability

@@ -1,4 +1,5 @@
-"""`tryon`: run a batch, validate a manifest, or serve the emulator, from the shell.
+"""`tryon`: run a batch, validate a manifest, serve the emulator or manage the local Prefect
+server, from the shell.
 
 Exit status (for schedulers): 0 every row succeeded (a row the refiner cannot take counts as
 done); 1 some rows failed, were invalid or were skipped by a run-fatal error; 2 the run could
@@ -13,7 +14,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -35,11 +36,17 @@ if TYPE_CHECKING:
     from schemas.manifest_rows import InvalidRows
     from schemas.summary import RunSummary
 
-# Before Prefect is imported: its telemetry heartbeat races the ephemeral server's first SQLite
+if TYPE_CHECKING:
+    from flows.local_server import PrefectApi
+
+# Before Prefect is imported: its telemetry heartbeat races a new server's first SQLite
 # migrations ("database is locked") and is useless offline.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# Without PREFECT_API_URL a run starts Prefect's temporary server, which must migrate a fresh
-# SQLite database first: on a busy 2-core machine that took over Prefect's 20 s default.
+# Nor does the client send usage data; this also keeps Prefect's first-run usage-data banner
+# out of our commands' output.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+# Without PREFECT_API_URL the first command starts the local Prefect server, which must migrate
+# a fresh SQLite database first: on a busy 2-core machine that took over Prefect's 20 s default.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -139,6 +146,28 @@ def _quiet_console_tracebacks(stack: ExitStack, types: tuple[type[BaseException]
                 stack.callback(handler.removeFilter, quiet)
 
 
+class RunLink:
+    """ProgressSink that prints the run's page in the Prefect UI as the run starts."""
+
+    def __init__(self, api: PrefectApi, say: Callable[[str], None]) -> None:
+        self.api = api
+        self.say = say
+        self.flow_run_id: str | None = None
+
+    def started(self, total: int) -> None:
+        from prefect.runtime import flow_run
+
+        current = flow_run.get_id()
+        if current is None or self.flow_run_id is not None:
+            return
+        self.flow_run_id = str(current)
+        if link := self.api.flow_run_url(self.flow_run_id):
+            self.say(f"Prefect UI: {link}")
+
+    def row_done(self, record: Any) -> None:
+        del record
+
+
 def _route_prefect_console_logs(stack: ExitStack, console: Console) -> None:
     """Print Prefect's console logs above the live progress bar instead of through it.
 
@@ -153,6 +182,11 @@ def _route_prefect_console_logs(stack: ExitStack, console: Console) -> None:
             if isinstance(handler, PrefectConsoleHandler):
                 stack.callback(setattr, handler, "console", handler.console)
                 handler.console = console
+
+
+def _say(line: str) -> None:
+    """One line on stderr as it is (no markup), never wrapped: it may end with a URL to copy."""
+    err.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def emulator_env(base_url: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -250,21 +284,28 @@ def run(
         _cannot_start(str(exc))
 
     from flows.batch import BatchIncomplete
-    from flows.local_server import TemporaryServerError, prefect_api
+    from flows.local_server import LocalServerError, prefect_api
     from flows.progress import watching
 
     show_progress = sys.stderr.isatty() if progress is None else progress
     with ExitStack() as stack:
         try:
-            stack.enter_context(prefect_api(say=lambda line: err.print(line, highlight=False)))
-        except TemporaryServerError as exc:
-            err.print(f"[red]cannot start:[/] {exc}")
-            raise typer.Exit(EXIT_NOT_STARTED) from None
+            api = stack.enter_context(prefect_api(say=_say))
+        except LocalServerError as exc:
+            _cannot_start(str(exc))
+        except KeyboardInterrupt:
+            err.print(
+                "[yellow]interrupted[/] while the local Prefect server was starting: nothing ran",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         if checks.missing_credentials:  # a Prefect Secret block may hold them: one read each
             try:
                 asyncio.run(check_secret_blocks(checks, cli=True))
             except RunNotStarted as exc:
                 _cannot_start(str(exc))
+        stack.enter_context(watching(RunLink(api, say=_say)))
         if emulator:
             err.print(f"emulator: serving every provider at {_start_emulator(stack)}")
         if show_progress:
@@ -300,11 +341,11 @@ def run(
             )
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
-    _print_outcome(summary)
+    _print_outcome(summary, api)
     raise typer.Exit(EXIT_OK if allow_row_errors else summary.exit_code)
 
 
-def _print_outcome(summary: RunSummary) -> None:
+def _print_outcome(summary: RunSummary, api: PrefectApi) -> None:
     """Where everything is, the counts, and why rows did not succeed (top error codes)."""
 
     def line(text: str | Text) -> None:  # paths and messages are copied: never wrapped
@@ -326,6 +367,8 @@ def _print_outcome(summary: RunSummary) -> None:
     if summary.contact_sheet_uri:
         every_row = " (every row, with its message)" if summary.top_errors else ""
         line(f"Contact sheet{every_row}: {summary.contact_sheet_uri}")
+    if link := api.flow_run_url(summary.run_id):
+        line(f"Prefect UI: {link}")
 
 
 @app.command()
@@ -453,6 +496,115 @@ def emulator_cmd(
         raise typer.Exit(EXIT_NOT_STARTED) from None
     err.print(f"emulator on http://{host}:{port}  (stats: {STATS_PATH})")
     serve(config, host=host, port=port)
+
+
+server_app = typer.Typer(
+    no_args_is_help=True,
+    short_help="Start, stop or check the local Prefect server (without PREFECT_API_URL).",
+    help="The local Prefect server `tryon run` uses (and starts) when PREFECT_API_URL is not "
+    "set: one per Prefect home, on 127.0.0.1, with the UI; it keeps running between commands.",
+)
+app.add_typer(server_app, name="server")
+
+
+def _uptime(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    if minutes:
+        return f"{minutes} min {secs} s"
+    return f"{secs} s"
+
+
+def _api_url_note() -> None:
+    from prefect.settings import get_current_settings
+
+    if url := get_current_settings().api.url:
+        _say(f"note: PREFECT_API_URL is set ({url}): `tryon run` uses that server, not this one")
+
+
+def _show(line: str) -> None:
+    """One line on stdout as it is (no markup), never wrapped."""
+    out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _failed(what: str, exc: Exception) -> None:
+    err.print(f"[red]{what}:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+
+
+@server_app.command("start")
+def server_start(
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="Port on 127.0.0.1. Default: PREFECT_SERVER_API_PORT (4200), or a free port "
+            "if that one is taken by another program."
+        ),
+    ] = None,
+) -> None:
+    """Start the local Prefect server in the background, unless it is running already."""
+    from flows.local_server import LocalServerError, ensure_server, prefect_home
+
+    try:
+        state, started = ensure_server(home=prefect_home(), port=port, say=_say)
+    except LocalServerError as exc:
+        _failed("cannot start", exc)
+        raise typer.Exit(EXIT_NOT_STARTED) from None
+    _show(f"{'started' if started else 'already running'}: {state.url}  (pid {state.pid})")
+    _show(f"log:      {state.log}")
+    _api_url_note()
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the local Prefect server (runs still using it lose their connection to it)."""
+    from flows.local_server import LocalServerError, prefect_home, stop_server
+
+    try:
+        state, clean = stop_server(prefect_home())
+    except LocalServerError as exc:
+        _failed("cannot stop", exc)
+        raise typer.Exit(EXIT_NOT_STARTED) from None
+    if state is None:
+        _show("not running")
+    else:
+        how = "stopped" if clean else "killed (it did not stop on SIGTERM)"
+        _show(f"{how}: {state.url}  (pid {state.pid})")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Say whether the local Prefect server runs (URL, pid, uptime, log); exit 1 if not."""
+    from flows.local_server import LOG_NAME, lock_is_held, prefect_home, read_state, running_server
+
+    home = prefect_home()
+    state = read_state(home)
+    if state is not None and state.is_alive():
+        answering = running_server(home) is not None
+        _show(f"running:  {state.url}  (API {state.api_url})")
+        uptime = _uptime(state.uptime_s())
+        _show(f"pid:      {state.pid}, up {uptime}, prefect {state.prefect_version}")
+        _show(f"home:     {home}")
+        _show(f"log:      {state.log}")
+        if not answering:
+            _say(f"warning: it does not answer at {state.api_url}/health (see its log)")
+        _api_url_note()
+        raise typer.Exit(EXIT_OK if answering else EXIT_ROWS)
+    if lock_is_held(home):
+        _show("not running yet: another command is starting (or stopping) it")
+    elif state is not None:
+        _show(f"not running (its last pid, {state.pid}, is gone: the next start replaces it)")
+    else:
+        _show("not running")
+    _show(f"home:     {home}")
+    if (home / LOG_NAME).exists():
+        _show(f"log:      {home / LOG_NAME}  (of the last server)")
+    _api_url_note()
+    raise typer.Exit(EXIT_ROWS)
 
 
 def main() -> None:

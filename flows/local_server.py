@@ -1,17 +1,34 @@
-"""The temporary Prefect server of one `tryon` command: started for it, gone with it.
+"""The local Prefect server of the ``tryon`` commands: started once, reused, stopped on demand.
 
-Without ``PREFECT_API_URL`` Prefect would start its own temporary server as a child process.
-That child shares the terminal's process group, so Ctrl-C stops it at once while the run is
-still reporting its end (which then retries log delivery to a dead server for minutes), and a
-``kill -9`` of the command leaves it running. The server started here instead:
+Without ``PREFECT_API_URL`` a command uses one local Prefect server per Prefect home
+(``PREFECT_HOME``, default ``~/.prefect``), with its UI, and starts it in the background if it
+is not running yet. The first command pays for the start (database migrations, the UI's
+files); later ones find it at once, and a run's page in the UI is still there after the
+command has ended. ``tryon server start|stop|status`` manage it.
 
-- runs in a session of its own (Ctrl-C at the terminal reaches only the command, which stops
-  the server last, after Prefect's log and event workers have drained);
-- dies with the command, whatever ends it: the child asks Linux for a signal when its parent
-  dies (``PR_SET_PDEATHSIG``) and also polls its parent, for other systems;
-- keeps concurrency leases in files under ``PREFECT_HOME`` (Prefect's filesystem lease
-  storage), so a killed run's lease outlives the server it was taken on and the next run can
-  hand its slots back (``tasks.concurrency``).
+- **State**: ``<home>/tryon-server.json`` (URL, port, pid and the pid's start time, prefect
+  version). It is believed only while the server answers ``/api/health`` *and* the pid is
+  still the process that was started: a dead server's file, a reused pid, or another server
+  on the port after ours died make it stale, and the next start replaces it.
+- **Lock**: starting and stopping hold an exclusive ``flock`` on ``<home>/tryon-server.lock``,
+  so two commands launched at once start one server (the second waits, then finds it). The
+  kernel drops the lock with its holder, ``kill -9`` included.
+- **Port**: ``PREFECT_SERVER_API_PORT`` (Prefect's setting, 4200 by default) on 127.0.0.1, or
+  a free port when anything else holds that one: a program that is not a Prefect server, and
+  also a Prefect server this home did not start (it is not ours to stop, and its lease storage
+  is unknown). The command binds the socket and hands it to the server, so the port is settled
+  before the server starts and no other start can take it meanwhile.
+- **Detached**: the server is the grandchild of the command (its parent exits at once), in a
+  session of its own: Ctrl-C at the terminal and the terminal's hang-up do not reach it, no
+  command waits for it, and it becomes no command's zombie. Its stdin is /dev/null and its
+  stdout and stderr go to ``<home>/tryon-server.log``: it holds none of the command's pipes,
+  so a CI job reading ``make demo``'s output ends with the command.
+- **Environment**: the Prefect settings (``PREFECT_*``, the profile's) and what a process
+  needs to run; not the rest of the command's environment (provider keys, cloud credentials),
+  which would otherwise live on in a long-lived process.
+- **Leases in files** (Prefect's filesystem lease storage under ``PREFECT_HOME``), as on the
+  temporary server of issue 13: a ``kill -9``'d run's lease survives a server restart, and
+  the next run on this machine hands its slots back (``tasks.concurrency``).
 
 Whoever sets ``PREFECT_API_URL`` keeps full control: then nothing is started.
 """
@@ -19,93 +36,494 @@ Whoever sets ``PREFECT_API_URL`` keeps full control: then nothing is started.
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import errno
+import fcntl
+import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Final
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Final
 
 import httpx
+import psutil
 
-__all__ = ["FILESYSTEM_LEASES", "TemporaryServerError", "prefect_api"]
+__all__ = [
+    "FILESYSTEM_LEASES",
+    "LocalServerError",
+    "PrefectApi",
+    "ServerState",
+    "TemporaryServerError",
+    "ensure_server",
+    "lock_is_held",
+    "prefect_api",
+    "prefect_home",
+    "read_state",
+    "running_server",
+    "stop_server",
+]
 
 FILESYSTEM_LEASES: Final = "prefect.server.concurrency.lease_storage.filesystem"
-_PR_SET_PDEATHSIG: Final = 1
-_PARENT_POLL_S: Final = 1.0
-_STOP_GRACE_S: Final = 5.0
-
-
-class TemporaryServerError(RuntimeError):
-    """The temporary server did not come up."""
-
-
-def _free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _configured_api_url() -> str | None:
-    from prefect.settings import get_current_settings
-
-    return get_current_settings().api.url or None
-
-
-def _server_environment() -> dict[str, str]:
-    from prefect.settings import get_current_settings
-
-    return {
-        **os.environ,
-        # The profile's settings (home, database) as Prefect passes them to its own server.
-        **get_current_settings().to_environment_variables(exclude_unset=True),
-        "PREFECT_UI_ENABLED": "0",
-        "PREFECT__SERVER_EPHEMERAL": "1",
-        "PREFECT__SERVER_FINAL": "1",
-        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILESYSTEM_LEASES,
+HOST: Final = "127.0.0.1"
+STATE_NAME: Final = "tryon-server.json"
+LOCK_NAME: Final = "tryon-server.lock"
+LOG_NAME: Final = "tryon-server.log"
+DEFAULT_START_TIMEOUT_S: Final = 180.0
+# A running server busy with a large run may answer its health check late.
+_BUSY_WAIT_S: Final = 30.0
+_STOP_GRACE_S: Final = 20.0
+# A start given up (timeout, Ctrl-C): its server has nothing to finish.
+_ABORT_GRACE_S: Final = 3.0
+_SPAWN_TIMEOUT_S: Final = 60.0
+# The folder holding this package: the server imports this module from the same tree.
+_CODE_ROOT: Final = Path(__file__).resolve().parents[1]
+# Besides PREFECT_*: what a Python process needs to run, find certificates and reach proxies.
+_PASSED_ON: Final = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "VIRTUAL_ENV",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "DO_NOT_TRACK",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
     }
+)
+# Settings the server is started with, whatever the command's environment says (each name
+# with the aliases Prefect also reads, which would otherwise compete with it).
+_UI_ENABLED: Final = ("PREFECT_SERVER_UI_ENABLED", "PREFECT_UI_ENABLED")
+_UI_API_URL: Final = ("PREFECT_SERVER_UI_API_URL", "PREFECT_UI_API_URL")
 
 
-def _start(port: int) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "flows.local_server", str(os.getpid()), str(port)]
-    return subprocess.Popen(argv, env=_server_environment(), start_new_session=True)
+class LocalServerError(RuntimeError):
+    """The local Prefect server could not be started, reached or stopped."""
 
 
-def _wait_healthy(proc: subprocess.Popen[bytes], api_url: str, timeout_s: float) -> None:
+# The name the temporary server's error had (issue 13).
+TemporaryServerError = LocalServerError
+
+
+Say = Callable[[str], None]
+
+
+def _quiet(line: str) -> None:
+    del line
+
+
+@dataclass(frozen=True, slots=True)
+class ServerState:
+    """What ``<home>/tryon-server.json`` records of the running server."""
+
+    url: str
+    port: int
+    pid: int
+    # The process's start time (Unix seconds) tells a reused pid from the server.
+    pid_started: float
+    prefect_version: str
+    log: str
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api"
+
+    def uptime_s(self) -> float:
+        return max(0.0, time.time() - self.pid_started)
+
+    def is_alive(self) -> bool:
+        """The recorded process still exists and is the one that was started."""
+        try:
+            process = psutil.Process(self.pid)
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return False
+            return abs(process.create_time() - self.pid_started) <= 1.0
+        except psutil.Error:
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class PrefectApi:
+    """The Prefect API a command talks to, and its UI."""
+
+    api_url: str
+    ui_url: str | None
+    # The local server, when it is the one in use (None under the user's PREFECT_API_URL).
+    server: ServerState | None
+
+    def flow_run_url(self, flow_run_id: str) -> str | None:
+        """The page of a flow run in the UI (None when no UI address is known)."""
+        if not self.ui_url:
+            return None
+        return f"{self.ui_url.rstrip('/')}/runs/flow-run/{flow_run_id}"
+
+
+# ------------------------------------------------------------------------------------- state
+
+
+def prefect_home() -> Path:
+    """The Prefect home of this process's settings (``PREFECT_HOME``, profile, default)."""
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().home).expanduser()
+
+
+def _prefect_version() -> str:
+    return metadata.version("prefect")
+
+
+def read_state(home: Path) -> ServerState | None:
+    """The recorded server, alive or not (None without a readable state file)."""
+    try:
+        data: dict[str, Any] = json.loads((home / STATE_NAME).read_text())
+        return ServerState(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_state(home: Path, state: ServerState) -> None:
+    path = home / STATE_NAME
+    staged = path.with_suffix(".tmp")
+    staged.write_text(json.dumps(asdict(state), indent=2) + "\n")
+    staged.replace(path)
+
+
+def _forget_state(home: Path) -> None:
+    (home / STATE_NAME).unlink(missing_ok=True)
+
+
+def _answers(api_url: str, timeout_s: float = 5.0) -> bool:
+    try:
+        with httpx.Client(timeout=timeout_s, trust_env=False) as client:
+            return client.get(f"{api_url}/health").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def running_server(home: Path) -> ServerState | None:
+    """The recorded server if it is alive and answers; else None (nothing is changed)."""
+    state = read_state(home)
+    if state is None or not state.is_alive() or not _answers(state.api_url):
+        return None
+    return state
+
+
+# -------------------------------------------------------------------------------------- lock
+
+
+@contextlib.contextmanager
+def _locked(home: Path, timeout_s: float) -> Iterator[None]:
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LocalServerError(
+                        f"another command has been starting or stopping the local Prefect "
+                        f"server for over {timeout_s:.0f} s (lock: {home / LOCK_NAME})"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def lock_is_held(home: Path) -> bool:
+    """Whether a command is starting or stopping the server right now."""
+    path = home / LOCK_NAME
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+# ------------------------------------------------------------------------------------- start
+
+
+def _start_timeout_s() -> float:
+    raw = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+    try:
+        return float(raw) if raw else DEFAULT_START_TIMEOUT_S
+    except ValueError:
+        return DEFAULT_START_TIMEOUT_S
+
+
+def _preferred_port() -> int:
+    from prefect.settings import get_current_settings
+
+    return int(get_current_settings().server.api.port)
+
+
+def _bind(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((HOST, port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _listening_socket(preferred: int, say: Say) -> socket.socket:
+    try:
+        return _bind(preferred)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise LocalServerError(f"cannot listen on {HOST}:{preferred}: {exc}") from None
+    holder = (
+        "a Prefect server this Prefect home did not start"
+        if _answers(f"http://{HOST}:{preferred}/api", timeout_s=2.0)
+        else "another program"
+    )
+    sock = _bind(0)
+    say(f"Port {preferred} is taken by {holder}: the local server uses {sock.getsockname()[1]}")
+    return sock
+
+
+def _server_environment(home: Path, url: str, port: int) -> dict[str, str]:
+    from prefect.settings import get_current_settings
+
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name.startswith("PREFECT_") or name.startswith("LC_") or name in _PASSED_ON
+    }
+    # The profile's settings (database, logging...) as Prefect passes them to its own server.
+    env.update(get_current_settings().to_environment_variables(exclude_unset=True))
+    for name in (*_UI_ENABLED, *_UI_API_URL, "PREFECT_API_URL"):
+        env.pop(name, None)
+    inherited = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    python_path = [str(_CODE_ROOT), *(entry for entry in inherited if entry != str(_CODE_ROOT))]
+    env.update(
+        {
+            # This module from this tree, whatever the server's working folder holds.
+            "PYTHONPATH": os.pathsep.join(python_path),
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_API_HOST": HOST,
+            "PREFECT_SERVER_API_PORT": str(port),
+            _UI_ENABLED[0]: "true",
+            _UI_API_URL[0]: f"{url}/api",
+            "PREFECT_UI_URL": url,
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILESYSTEM_LEASES,
+            "PREFECT__SERVER_FINAL": "1",
+        }
+    )
+    return env
+
+
+def _spawn(home: Path, sock: socket.socket, url: str, port: int) -> int:
+    """Start the server detached; return its pid (the grandchild's)."""
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", "flows.local_server", str(sock.fileno()), str(write_end)]
+    try:
+        with open(home / LOG_NAME, "wb") as log, open(os.devnull, "rb") as devnull:
+            child = subprocess.Popen(
+                argv,
+                env=_server_environment(home, url, port),
+                cwd=home,
+                stdin=devnull,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                pass_fds=(sock.fileno(), write_end),
+            )
+        os.close(write_end)
+        write_end = -1
+        try:
+            code = child.wait(timeout=_SPAWN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            raise LocalServerError(
+                f"the local Prefect server did not start (see {home / LOG_NAME})"
+            ) from None
+        ready, _, _ = select.select([read_end], [], [], 5.0)
+        answer = os.read(read_end, 64) if ready else b""
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    if code != 0 or not answer.strip().isdigit():
+        raise LocalServerError(
+            f"the local Prefect server did not start, status {code} (see {home / LOG_NAME})"
+        )
+    return int(answer)
+
+
+def _wait_healthy(home: Path, state: ServerState, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=5.0, trust_env=False) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise TemporaryServerError(
-                    f"the temporary Prefect server exited with status {proc.returncode}"
-                )
+        while True:
             with contextlib.suppress(httpx.HTTPError):
-                if client.get(f"{api_url}/health").status_code == 200:
+                if client.get(f"{state.api_url}/health").status_code == 200:
                     return
+            if not state.is_alive():
+                raise LocalServerError(
+                    f"the local Prefect server exited while starting (see {home / LOG_NAME})"
+                )
+            if time.monotonic() > deadline:
+                raise LocalServerError(
+                    f"the local Prefect server did not answer within {timeout_s:.0f} s "
+                    f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS; see {home / LOG_NAME})"
+                )
             time.sleep(0.1)
-    raise TemporaryServerError(
-        f"the temporary Prefect server did not answer within {timeout_s:.0f} s "
-        "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
-    )
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
+def _start(home: Path, port: int, say: Say, timeout_s: float) -> ServerState:
+    sock = _listening_socket(port, say)
     try:
-        proc.wait(timeout=_STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        actual = int(sock.getsockname()[1])
+        url = f"http://{HOST}:{actual}"
+        say(
+            f"Starting the local Prefect server on {url} (it keeps running for later "
+            "commands; `tryon server stop` stops it)"
+        )
+        pid = _spawn(home, sock, url, actual)
+    finally:
+        sock.close()  # the server has its own copy
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.Error:
+        raise LocalServerError(
+            f"the local Prefect server exited while starting (see {home / LOG_NAME})"
+        ) from None
+    state = ServerState(
+        url=url,
+        port=actual,
+        pid=pid,
+        pid_started=started,
+        prefect_version=_prefect_version(),
+        log=str(home / LOG_NAME),
+    )
+    try:
+        _wait_healthy(home, state, timeout_s)
+    except BaseException:  # Ctrl-C included: a server no state file knows must not stay
+        _terminate(state, grace_s=_ABORT_GRACE_S)
+        raise
+    _write_state(home, state)
+    return state
+
+
+def ensure_server(
+    *,
+    home: Path | None = None,
+    port: int | None = None,
+    say: Say = _quiet,
+    timeout_s: float | None = None,
+) -> tuple[ServerState, bool]:
+    """The running local server of ``home`` (this process's Prefect home by default),
+    started if needed; and whether this call started it."""
+    home = prefect_home() if home is None else home
+    timeout_s = _start_timeout_s() if timeout_s is None else timeout_s
+    try:
+        # Waiting for the lock covers another command's whole start.
+        with _locked(home, timeout_s=timeout_s + _BUSY_WAIT_S + 30.0):
+            state = read_state(home)
+            if state is not None and state.is_alive():
+                if not _answers(state.api_url):
+                    _wait_busy(home, state)
+                if state.prefect_version != _prefect_version():
+                    say(
+                        f"The local Prefect server runs prefect {state.prefect_version}, this "
+                        f"command {_prefect_version()}: `tryon server stop` to restart it"
+                    )
+                return state, False
+            _forget_state(home)  # stale, if there was one
+            chosen = _preferred_port() if port is None else port
+            return _start(home, chosen, say, timeout_s), True
+    except OSError as exc:  # the Prefect home: not writable, full...
+        raise LocalServerError(f"cannot use the Prefect home {home}: {exc}") from None
+
+
+def _wait_busy(home: Path, state: ServerState) -> None:
+    deadline = time.monotonic() + _BUSY_WAIT_S
+    while time.monotonic() < deadline:
+        if _answers(state.api_url) or not state.is_alive():
+            break
+        time.sleep(0.5)
+    if not state.is_alive():
+        raise LocalServerError(
+            f"the local Prefect server (pid {state.pid}) exited (see {home / LOG_NAME})"
+        )
+    if not _answers(state.api_url):
+        raise LocalServerError(
+            f"the local Prefect server (pid {state.pid}) does not answer at {state.url} "
+            f"(see {home / LOG_NAME}; `tryon server stop` stops it)"
+        )
+
+
+# -------------------------------------------------------------------------------------- stop
+
+
+def _terminate(state: ServerState, grace_s: float = _STOP_GRACE_S) -> bool:
+    """Stop the server's process group: SIGTERM, then SIGKILL after ``grace_s``. True if it
+    ended on SIGTERM."""
+    if not state.is_alive():
+        return True
+    # The server leads its own session: its group is its own and holds nothing else.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(state.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not state.is_alive():
+            return True
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(state.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10.0
+    while state.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return False
+
+
+def stop_server(home: Path | None = None) -> tuple[ServerState | None, bool]:
+    """Stop ``home``'s local server. Returns the state it had (None if none was recorded or
+    it was not running) and whether it stopped cleanly (on SIGTERM)."""
+    home = prefect_home() if home is None else home
+    if not home.is_dir():
+        return None, True
+    with _locked(home, timeout_s=_start_timeout_s() + _BUSY_WAIT_S + 30.0):
+        state = read_state(home)
+        _forget_state(home)
+        if state is None or not state.is_alive():
+            return None, True
+        return state, _terminate(state)
+
+
+# ---------------------------------------------------------------------------- the command side
 
 
 def _drain_prefect_workers(timeout_s: float) -> None:
-    """Deliver the logs and events still queued while the server is up to take them."""
+    """Deliver the logs and events still queued before the command exits."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
@@ -115,73 +533,69 @@ def _drain_prefect_workers(timeout_s: float) -> None:
 
 
 @contextlib.contextmanager
-def prefect_api(say: Callable[[str], None] = print) -> Iterator[str | None]:
-    """Use ``PREFECT_API_URL`` if set (yields ``None``); else start a temporary server for
-    the block, point Prefect at it, and yield its API URL."""
-    if _configured_api_url():
-        yield None
-        return
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def prefect_api(say: Say = print) -> Iterator[PrefectApi]:
+    """The Prefect API for a command's block: ``PREFECT_API_URL`` if set (nothing started);
+    else the local server, started if needed, with Prefect pointed at it for the block."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_UI_URL,
+        get_current_settings,
+        temporary_settings,
+    )
 
-    timeout_s = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
-    port = _free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    proc = _start(port)
+    settings = get_current_settings()
+    if settings.api.url:
+        yield PrefectApi(api_url=settings.api.url, ui_url=settings.ui_url, server=None)
+        return
+
+    server, _ = ensure_server(say=say)
+    saved = {name: os.environ.get(name) for name in ("PREFECT_API_URL", "PREFECT_UI_URL")}
+    # The environment too: processes this run starts (a local Dask cluster) use it.
+    os.environ["PREFECT_API_URL"] = server.api_url
+    os.environ["PREFECT_UI_URL"] = server.url
     try:
-        say(f"Starting temporary server on http://127.0.0.1:{port}")
-        _wait_healthy(proc, api_url, timeout_s)
-        previous = os.environ.get("PREFECT_API_URL")
-        # The environment too: processes this run starts (a local Dask cluster) use it.
-        os.environ["PREFECT_API_URL"] = api_url
-        try:
-            with temporary_settings(updates={PREFECT_API_URL: api_url}):
-                try:
-                    yield api_url
-                finally:
-                    _drain_prefect_workers(timeout_s=5.0)
-        finally:
-            if previous is None:
-                os.environ.pop("PREFECT_API_URL", None)
-            else:
-                os.environ["PREFECT_API_URL"] = previous
+        updates = {PREFECT_API_URL: server.api_url, PREFECT_UI_URL: server.url}
+        with temporary_settings(updates=updates):
+            try:
+                yield PrefectApi(api_url=server.api_url, ui_url=server.url, server=server)
+            finally:
+                _drain_prefect_workers(timeout_s=5.0)
     finally:
-        say(f"Stopping temporary server on http://127.0.0.1:{port}")
-        _stop(proc)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # ----------------------------------------------------------------------------- the server side
 
 
-def _die_with(parent_pid: int) -> None:
-    """End this process when ``parent_pid`` ends (it may already have)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(_PARENT_POLL_S)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    if os.getppid() != parent_pid:
-        sys.exit(0)
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def _serve(parent_pid: int, port: int) -> None:
-    _die_with(parent_pid)
+def _serve(listening_fd: int) -> None:
+    sock = socket.socket(fileno=listening_fd)
     import uvicorn
+    from prefect.server.api.server import create_app
 
-    uvicorn.run(
-        "prefect.server.api.server:create_app",
-        factory=True,
-        host="127.0.0.1",
-        port=port,
-        log_level="error",
+    config = uvicorn.Config(
+        create_app(final=True),
+        log_level="warning",
+        access_log=False,
         lifespan="on",
+        timeout_graceful_shutdown=5,
     )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _daemonize(pid_fd: int) -> None:
+    """Leave the command: fork, report the child's pid and exit; the child leads a session."""
+    child = os.fork()
+    if child:
+        os.write(pid_fd, f"{child}\n".encode())
+        os._exit(0)
+    os.close(pid_fd)
+    os.setsid()
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]), int(sys.argv[2]))
+    _daemonize(int(sys.argv[2]))
+    _serve(int(sys.argv[1]))

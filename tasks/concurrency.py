@@ -14,8 +14,8 @@ repossessor takes them back once the lease expires, but only ``prefect server st
 one, and only after the lease's duration. So each lease is also noted in a file under
 ``PREFECT_HOME`` with the process holding it; before leasing, and while waiting for slots, a
 run releases the leases whose process on this machine is gone. That needs no repossessor and
-no wait, and is what frees a killed run's slots on the CLI's temporary server (whose leases
-live in files too, see ``flows.local_server``).
+no wait, and is what frees a killed run's slots on the CLI's local server (whose leases live
+in files too, and so survive its restarts: see ``flows.local_server``).
 """
 
 from __future__ import annotations

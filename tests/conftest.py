@@ -20,6 +20,20 @@ if TYPE_CHECKING:
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_local_server_outlives_the_session(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[None]:
+    """A `tryon` command run by a test without PREFECT_API_URL starts the local Prefect server
+    in the test's own Prefect home (tests/local_server.py), and that test stops it; none may
+    be left running when the session ends (any found is killed, and reported)."""
+    yield
+    from tests.local_server import kill_local_servers
+
+    left = kill_local_servers(tmp_path_factory.getbasetemp())
+    assert not left, f"local Prefect servers outlived their tests (now killed): {left}"
+
+
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[None]:
     """One temporary Prefect server (SQLite) for every test of the session that runs flows:

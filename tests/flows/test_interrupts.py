@@ -1,9 +1,11 @@
-"""`tryon run` on its temporary Prefect server, stopped the hard ways: Ctrl-C and kill -9.
+"""`tryon run` on the local Prefect server, stopped the hard ways: Ctrl-C and kill -9.
 
 Each test runs the CLI as a user does (no ``PREFECT_API_URL``, a Prefect home of its own),
-against the emulator with slow calls, stops it mid-run, then runs the same command again:
-the rerun must finish with no manual step, pay no finished row twice, and leave no server
-process behind. Leases last 10 minutes here, so nothing below is rescued by their expiry.
+against the emulator with slow calls, stops it mid-run, then runs the same command again: the
+rerun must finish with no manual step and pay no finished row twice. The server the first run
+started is not the command's: it goes on running, and the rerun uses it (with the stopped
+run's lease still taken on it: the rerun hands those slots back as it starts). The test stops
+the server at its end. Leases last 10 minutes here, so nothing below is rescued by expiry.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from bench import procs
 from emulator.server import EmulatorServer
 from flows.cli import emulator_env
-from tests.flows.conftest import REPO
+from flows.local_server import ServerState, running_server
 from tests.flows.test_batch import sample_rows, write_manifest
 from tests.flows.test_rerun import assert_no_duplicate_pairs
+from tests.local_server import LocalHome, local_home
 
 pytestmark = pytest.mark.e2e
 
@@ -37,9 +39,13 @@ RESUME_LINE = "run the same command again to resume"
 @dataclass
 class Cli:
     argv: list[str]
-    env: dict[str, str]
+    local: LocalHome
     lake: Path
     root: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.local.env
 
     def start(self, name: str) -> subprocess.Popen[str]:
         # A session of its own, as a terminal's foreground job: Ctrl-C goes to its group.
@@ -73,46 +79,21 @@ def _finished_rows(lake: Path) -> int:
 def cli(use_emulator: EmulatorServer, tmp_path: Path) -> Iterator[Cli]:
     use_emulator.control.set_faults("changeclothes", latency_s=CALL_S)
     manifest = write_manifest(tmp_path / "m.csv", sample_rows(ROWS))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRYON_"))}
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PYTHONPATH=str(REPO),
-        TRYON_LEASE_DURATION_S="600",
-    )
-    env.update(emulator_env(use_emulator.base_url))
     lake = tmp_path / "lake"
     argv = [sys.executable, "-m", "flows.cli", "run", str(manifest), "--lake", str(lake)]
     argv += ["--provider", "changeclothes", "--no-progress"]
-    yield Cli(argv=argv, env=env, lake=lake, root=tmp_path)
+    extra = {"TRYON_LEASE_DURATION_S": "600", **emulator_env(use_emulator.base_url)}
+    with local_home(tmp_path / "prefect-home", **extra) as local:
+        yield Cli(argv=argv, local=local, lake=lake, root=tmp_path)
 
 
-def _server_of(proc: subprocess.Popen[str]) -> int:
-    """The temporary server: the CLI's one child that serves the Prefect API."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        for pid in procs.descendants(proc.pid):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"flows.local_server" in cmdline:
-                return pid
-        time.sleep(0.1)
-    raise AssertionError("no temporary server process found")
-
-
-def _gone_within(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state == "Z":  # exited; its parent (pytest's init) reaps it
-            return True
-        time.sleep(0.1)
-    return False
+def _server_started_by(cli: Cli) -> ServerState:
+    """The local server, started by the first run (which is under way)."""
+    server = running_server(cli.local.home)
+    assert server is not None, cli.output("first")[-3000:]
+    assert cli.local.servers() == [server.pid]
+    assert "Starting the local Prefect server" in cli.output("first")
+    return server
 
 
 def _rerun_finishes_everything(cli: Cli, emulator: EmulatorServer, paid_before: int) -> str:
@@ -130,6 +111,7 @@ def _rerun_finishes_everything(cli: Cli, emulator: EmulatorServer, paid_before: 
     assert adopted >= 2
     assert emulator.control.posts() - paid_before <= ROWS - adopted
     assert not list((cli.root / "prefect-home" / "tryon-leases").glob("*.json"))
+    assert "Starting the local Prefect server" not in output
     return output
 
 
@@ -137,8 +119,8 @@ def test_ctrl_c_stops_in_seconds_says_how_to_resume_and_the_rerun_pays_nothing_t
     cli: Cli, use_emulator: EmulatorServer
 ) -> None:
     first = cli.start("first")
-    server = _server_of(first)
     cli.wait_for_finished_rows(first, 2)
+    server = _server_started_by(cli)
 
     os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C at a terminal does
     interrupted_at = time.monotonic()
@@ -150,24 +132,27 @@ def test_ctrl_c_stops_in_seconds_says_how_to_resume_and_the_rerun_pays_nothing_t
     assert exit_s < 10, f"Ctrl-C took {exit_s:.1f} s"
     assert [line for line in output.splitlines() if RESUME_LINE in line], output[-2000:]
     assert "Error logging to API" not in output and "Traceback" not in output
-    assert _gone_within(server, 5)
     assert not list((cli.lake / "runs").glob("*/_COMMITTED"))
+    # Ctrl-C went to the command's process group only: the server is in a session of its own.
+    assert running_server(cli.local.home) == server
 
     _rerun_finishes_everything(cli, use_emulator, use_emulator.control.posts())
+    assert running_server(cli.local.home) == server  # the rerun used it: same pid, same URL
 
 
-def test_kill_9_leaves_no_server_and_the_rerun_gets_the_slots_back_by_itself(
+def test_kill_9_and_the_rerun_gets_the_slots_back_by_itself_on_the_same_server(
     cli: Cli, use_emulator: EmulatorServer
 ) -> None:
     first = cli.start("first")
-    server = _server_of(first)
     cli.wait_for_finished_rows(first, 2)
+    server = _server_started_by(cli)
 
     os.kill(first.pid, signal.SIGKILL)  # the CLI only, not its group: nothing can clean up
     first.wait(timeout=30)
-    assert _gone_within(server, 10), "the temporary server outlived its CLI"
+    assert running_server(cli.local.home) == server  # not the command's: it goes on
     notes = list((cli.root / "prefect-home" / "tryon-leases").glob("*.json"))
     assert len(notes) == 1  # the killed run's lease, still taken on the server
 
     output = _rerun_finishes_everything(cli, use_emulator, use_emulator.control.posts())
     assert "held by a run that no longer exists" in output
+    assert running_server(cli.local.home) == server

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from tests.flows.conftest import REPO, SAMPLE_MANIFEST
+from tests.local_server import local_home
 
 pytestmark = pytest.mark.e2e
 
@@ -48,14 +49,11 @@ def install(site: Path) -> None:
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRYON_"))}
-    base.pop("ACME_API_KEY", None)
-    base.update(
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PYTHONPATH=str(REPO),
-    )
-    yield base
+    """A user's shell: no PREFECT_API_URL, so the CLI starts the local Prefect server of this
+    Prefect home (stopped when the test ends)."""
+    with local_home(tmp_path / "prefect-home") as local:
+        local.env.pop("ACME_API_KEY", None)
+        yield local.env
 
 
 def tryon(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -13,6 +13,7 @@ import time
 import urllib.parse
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import nullcontext
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import ip_address
 from pathlib import Path
@@ -354,7 +355,9 @@ def test_cli_fetch_options_reach_the_run(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
     import flows.batch
     import flows.cli
+    import flows.local_server
     from flows.batch import RunNotStarted
+    from flows.local_server import PrefectApi
 
     seen: list[BatchParams] = []
 
@@ -366,6 +369,9 @@ def test_cli_fetch_options_reach_the_run(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setattr(flows.cli, "_start_emulator", lambda stack: "http://127.0.0.1:9")
     # A run that can start (the preflight reads the manifest, probes the lake, wants a key).
     monkeypatch.setenv("CHANGECLOTHES_API_KEY", "k")
+    # No Prefect server: none would be reached, and none may be started in the user's home.
+    no_server = PrefectApi(api_url="http://127.0.0.1:9/api", ui_url=None, server=None)
+    monkeypatch.setattr(flows.local_server, "prefect_api", lambda say: nullcontext(no_server))
     runner = CliRunner()
     manifest = str(Path(__file__).resolve().parents[2] / "sample" / "manifest.csv")
     lake = ["--lake", str(tmp_path / "lake")]
