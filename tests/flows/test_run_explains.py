@@ -71,7 +71,8 @@ async def test_a_run_whose_rows_all_fail_says_why(tmp_path: Path) -> None:
     assert invalid.startswith("  1 × INVALID_ROW  (manifest) unknown category 'shoes'"), invalid
     (run_dir,) = (tmp_path / "lake" / "runs").iterdir()
     sheet = run_dir / "contact_sheet.html"
-    assert lines[-1] == f"Contact sheet (every row, with its message): {sheet}"
+    assert lines[-2] == f"Contact sheet (every row, with its message): {sheet}"
+    assert lines[-1].startswith("Prefect UI: http") and lines[-1].endswith(run_dir.name)
     assert sheet.is_file()
     # The terminal gets the explanation, not the flow's traceback...
     assert "Traceback" not in done.stderr and "BatchIncomplete(" not in done.stderr
