@@ -257,7 +257,12 @@ def run(
     from pydantic import ValidationError
 
     from flows.params import BatchParams
-    from flows.preflight import check_run, check_secret_blocks, describe_invalid_params
+    from flows.preflight import (
+        check_run,
+        check_secret_blocks,
+        describe_invalid_params,
+        missing_credentials_message,
+    )
     from schemas.summary import RunNotStarted
     from tasks.fetch_guard import LOOPBACK
 
@@ -284,8 +289,13 @@ def run(
         _cannot_start(str(exc))
 
     from flows.batch import BatchIncomplete
-    from flows.local_server import LocalServerError, prefect_api
+    from flows.local_server import LocalServerError, no_server_has_stored_anything, prefect_api
     from flows.progress import watching
+
+    if checks.missing_credentials and no_server_has_stored_anything():
+        # No Secret block can exist yet: say so now rather than start a server to ask it.
+        names = list(checks.missing_credentials)
+        _cannot_start(missing_credentials_message(names, checks.needed_by, cli=True))
 
     show_progress = sys.stderr.isatty() if progress is None else progress
     with ExitStack() as stack:

@@ -184,6 +184,22 @@ def prefect_home() -> Path:
     return Path(get_current_settings().home).expanduser()
 
 
+def no_server_has_stored_anything() -> bool:
+    """True when no Prefect API is configured and the local server's SQLite database does not
+    exist yet: then no Secret block can hold a credential, and asking needs no server start."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return False
+    url = settings.server.database.connection_url
+    database = url.get_secret_value() if url is not None else ""
+    prefix = "sqlite+aiosqlite:///"
+    if not database.startswith(prefix):
+        return False  # another database (Postgres...): only its server can tell
+    return not Path(database.removeprefix(prefix)).expanduser().exists()
+
+
 def _prefect_version() -> str:
     return metadata.version("prefect")
 

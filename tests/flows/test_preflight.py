@@ -47,13 +47,18 @@ def dead_api() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}/api"
 
 
-def tryon(*args: str, cwd: Path, api: str) -> subprocess.CompletedProcess[str]:
+def tryon(
+    *args: str, cwd: Path, api: str | None, home: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``api`` None: no Prefect API configured (the local server's case), in Prefect ``home``."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("TRYON_", "PREFECT_")) and k not in CREDENTIALS
     }
-    env |= {"PREFECT_API_URL": api, "PYTHONPATH": str(REPO), "COLUMNS": "80"}
+    env |= {"PYTHONPATH": str(REPO), "COLUMNS": "80"}
+    env |= {"PREFECT_API_URL": api} if api is not None else {}
+    env |= {"PREFECT_HOME": str(home)} if home is not None else {}
     return subprocess.run(
         [sys.executable, "-c", WRAPPER, *args],
         cwd=cwd,
@@ -178,6 +183,24 @@ def test_a_missing_key_is_one_line_naming_every_way_to_give_it(
     ), line
     assert f"the Prefect API {dead_api} did not answer" in line
     assert tree(tmp_path) == before
+
+
+def test_a_missing_key_in_a_new_prefect_home_is_one_line_without_starting_a_server(
+    tmp_path: Path,
+) -> None:
+    """No API configured and no local database yet: no Secret block can exist, so the command
+    says so at once instead of starting the local server to ask it."""
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    done = tryon("run", str(SAMPLE_MANIFEST), "--lake", "lake", cwd=tmp_path, api=None, home=home)
+    line = refused(done, prefect=True)
+    assert line == (
+        "cannot start: CHANGECLOTHES_API_KEY is not set (needed by changeclothes): export it, "
+        "save it as the Prefect Secret block 'changeclothes-api-key', or add --emulator to use "
+        "the local emulator"
+    ), line
+    assert list(home.iterdir()) == []  # no server, no database, no state file
+    assert not (tmp_path / "lake").exists()
 
 
 def test_version(tmp_path: Path, dead_api: str) -> None:
