@@ -263,6 +263,7 @@ def run(
         describe_invalid_params,
         missing_credentials_message,
     )
+    from providers.settings import secret_block_name
     from schemas.summary import RunNotStarted
     from tasks.fetch_guard import LOOPBACK
 
@@ -289,11 +290,12 @@ def run(
         _cannot_start(str(exc))
 
     from flows.batch import BatchIncomplete
-    from flows.local_server import LocalServerError, no_server_has_stored_anything, prefect_api
+    from flows.local_server import LocalServerError, prefect_api, secret_blocks_absent
     from flows.progress import watching
 
-    if checks.missing_credentials and no_server_has_stored_anything():
-        # No Secret block can exist yet: say so now rather than start a server to ask it.
+    blocks = [secret_block_name(name) for name in checks.missing_credentials]
+    if blocks and secret_blocks_absent(blocks):
+        # The local server's database holds no such block: say so now, no server to start.
         names = list(checks.missing_credentials)
         _cannot_start(missing_credentials_message(names, checks.needed_by, cli=True))
 

@@ -43,10 +43,11 @@ import os
 import select
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -184,9 +185,10 @@ def prefect_home() -> Path:
     return Path(get_current_settings().home).expanduser()
 
 
-def no_server_has_stored_anything() -> bool:
-    """True when no Prefect API is configured and the local server's SQLite database does not
-    exist yet: then no Secret block can hold a credential, and asking needs no server start."""
+def secret_blocks_absent(names: Sequence[str]) -> bool:
+    """True when no Prefect API is configured and the local server's SQLite database holds no
+    Secret block of these ``names`` (or does not exist yet): then asking needs no server.
+    False whenever that cannot be told for sure (another database, an unreadable one)."""
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
@@ -197,7 +199,20 @@ def no_server_has_stored_anything() -> bool:
     prefix = "sqlite+aiosqlite:///"
     if not database.startswith(prefix):
         return False  # another database (Postgres...): only its server can tell
-    return not Path(database.removeprefix(prefix)).expanduser().exists()
+    path = Path(database.removeprefix(prefix)).expanduser()
+    if not path.exists():
+        return True
+    query = (
+        "SELECT count(*) FROM block_document d JOIN block_type t ON d.block_type_id = t.id "
+        f"WHERE t.slug = 'secret' AND d.name IN ({', '.join('?' * len(names))})"
+    )
+    try:
+        # Read-only, and Prefect's own tables: any surprise means "ask the server".
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            (found,) = db.execute(query, list(names)).fetchone()
+    except sqlite3.Error:
+        return False
+    return found == 0
 
 
 def _prefect_version() -> str:

@@ -69,6 +69,12 @@ def tryon(
     )
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def tree(root: Path) -> dict[str, bytes | None]:
     return {
         str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
@@ -201,6 +207,53 @@ def test_a_missing_key_in_a_new_prefect_home_is_one_line_without_starting_a_serv
     ), line
     assert list(home.iterdir()) == []  # no server, no database, no state file
     assert not (tmp_path / "lake").exists()
+
+
+def test_a_missing_key_with_the_local_server_stopped_is_read_from_its_database(
+    tmp_path: Path,
+) -> None:
+    """The local server ran once, stored another Secret block, and was stopped: the command
+    reads the database's Secret block names (read-only) and answers without a server start."""
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRYON_", "PREFECT_"))}
+    env |= {"PYTHONPATH": str(REPO), "PREFECT_HOME": str(home)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "flows.cli", *args]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+
+    started = cli("server", "start", "--port", str(_free_port()))
+    try:
+        assert started.returncode == 0, started.stderr
+        url = next(w for w in started.stdout.split() if w.startswith("http://"))
+        save = "from prefect.blocks.system import Secret; Secret(value='x').save('hidream-api-key')"
+        saved = subprocess.run(
+            [sys.executable, "-c", save],
+            env={**env, "PREFECT_API_URL": f"{url}/api"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert saved.returncode == 0, saved.stderr
+    finally:
+        assert cli("server", "stop").returncode == 0
+    kept = sorted(p.name for p in home.iterdir())
+
+    done = tryon("run", str(SAMPLE_MANIFEST), "--lake", "lake", cwd=tmp_path, api=None, home=home)
+    line = refused(done, prefect=True)
+    assert line.startswith("cannot start: CHANGECLOTHES_API_KEY is not set"), line
+    assert cli("server", "status").returncode == 1  # no server was started to ask
+    assert sorted(p.name for p in home.iterdir()) == kept
+
+    # And the look-up itself, in this home: absent, and present (the server must read it).
+    look = (
+        "from flows.local_server import secret_blocks_absent as absent; "
+        "print(absent(['changeclothes-api-key']), absent(['hidream-api-key']))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", look], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert found.stdout.split() == ["True", "False"], found.stdout + found.stderr
 
 
 def test_version(tmp_path: Path, dead_api: str) -> None:
