@@ -43,7 +43,7 @@ from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_logger
-from prefect.settings import get_current_settings
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings, temporary_settings
 
 PREFIX = "tryon-"
 # The server refuses leases under 60 s.
@@ -55,6 +55,10 @@ WAIT_WARNING_S = 20.0
 # While waiting, look for holders that died this often (the server's Retry-After may be longer).
 RECLAIM_EVERY_S = 5.0
 _HTTP_LOCKED = 423
+# A SQLite-backed server answers a lease request that lost a write race with 503 ("database is
+# locked"); Prefect's client would wait 2 s, then 4 s. The race is over in milliseconds.
+_HTTP_UNAVAILABLE = 503
+_UNAVAILABLE_RETRIES_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 _HTTP_GONE = (404, 410)
 
 logger = get_logger("tryon.limits")
@@ -198,13 +202,7 @@ async def _acquire(client: PrefectClient, name: str, slots: int, limit: int) -> 
     last_reclaim = started
     while True:
         try:
-            response = await client.increment_concurrency_slots_with_lease(
-                names=[name],
-                slots=slots,
-                mode="concurrency",
-                lease_duration=LEASE_DURATION_S,
-                holder=_holder(),
-            )
+            response = await _increment_with_lease(client, name, slots)
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code != _HTTP_LOCKED:
                 raise
@@ -231,6 +229,30 @@ async def _acquire(client: PrefectClient, name: str, slots: int, limit: int) -> 
             if await release_leases_of_gone_holders(client):
                 continue
         await asyncio.sleep(min(max(retry_after, 0.1), RECLAIM_EVERY_S))
+
+
+async def _increment_with_lease(client: PrefectClient, name: str, slots: int) -> httpx.Response:
+    """The lease request; a 503 is asked again within milliseconds a few times, then with
+    Prefect's own retries."""
+
+    async def ask() -> httpx.Response:
+        return await client.increment_concurrency_slots_with_lease(
+            names=[name],
+            slots=slots,
+            mode="concurrency",
+            lease_duration=LEASE_DURATION_S,
+            holder=_holder(),
+        )
+
+    for pause in _UNAVAILABLE_RETRIES_S:
+        try:
+            with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}):
+                return await ask()
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != _HTTP_UNAVAILABLE:
+                raise
+        await asyncio.sleep(pause)
+    return await ask()
 
 
 async def _renew(client: PrefectClient, lease_id: UUID, name: str) -> None:
