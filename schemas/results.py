@@ -20,6 +20,11 @@ class Status(StrEnum):
     SKIPPED = "skipped"  # not attempted: a run-fatal error stopped submissions first
 
 
+# The track of a row's own provider (from the manifest, a route or the run's default) and the
+# providers it falls back to; a compared provider's track is named after the provider.
+PRIMARY_TRACK = "primary"
+
+
 class Stage(StrEnum):
     TRYON = "tryon"
     REFINE = "refine"
@@ -40,6 +45,11 @@ METADATA_SCHEMA: dict[str, pl.DataType] = {
     "row_index": pl.Int64(),  # 0-based position in the manifest: tells duplicate ids apart
     "stage": pl.String(),
     "provider": pl.String(),
+    # "primary": the row's own provider and its fallbacks; else the compared provider's name
+    "track": pl.String(),
+    "fallback_from": pl.String(),  # try-on: the provider whose failure sent the row here
+    "fallback_to": pl.String(),  # try-on: where the row went on after this record's failure
+    "coarse_provider": pl.String(),  # refine: the try-on provider whose result it refined
     "status": pl.String(),
     "error_kind": pl.String(),
     "error_code": pl.String(),
@@ -77,6 +87,10 @@ class RowRecord(BaseModel):
     row_index: int
     stage: Stage = Stage.TRYON
     provider: str
+    track: str = PRIMARY_TRACK
+    fallback_from: str | None = None
+    fallback_to: str | None = None
+    coarse_provider: str | None = None
     status: Status
     error_kind: ErrorKind | None = None
     error_code: str | None = None
@@ -113,12 +127,17 @@ class RowRecord(BaseModel):
         self._already_recorded = True
 
 
-def is_unfinished(status: Status | str, error_kind: ErrorKind | str | None) -> bool:
+def is_unfinished(
+    status: Status | str, error_kind: ErrorKind | str | None, fallback_to: str | None = None
+) -> bool:
     """Work a retry should redo: a failure, or a row a run-fatal error kept from running.
 
     Rows skipped as not applicable (e.g. no top garment to refine) and invalid rows are
-    finished: running them again cannot change their outcome.
+    finished: running them again cannot change their outcome. A record whose row went on to
+    a fallback provider is not the row's outcome: the fallback's record is.
     """
+    if fallback_to is not None:
+        return False
     return status == Status.FAILED or (status == Status.SKIPPED and error_kind == ErrorKind.FATAL)
 
 

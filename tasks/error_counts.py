@@ -33,7 +33,8 @@ def count_errors(records: Iterable[RowRecord]) -> list[ErrorCount]:
     error), counted per (stage, error code) with the first one's message as the example."""
     counts: dict[tuple[str, str], ErrorCount] = {}
     for record in records:
-        if not (record.status == Status.INVALID or is_unfinished(record.status, record.error_kind)):
+        unfinished = is_unfinished(record.status, record.error_kind, record.fallback_to)
+        if not (record.status == Status.INVALID or unfinished):
             continue
         stage, code = str(record.stage), record.error_code or f"no code ({record.status})"
         held = counts.get((stage, code))

@@ -97,7 +97,7 @@ async def _process_chunk(
         chunk=part,
         provider=provider,
         counts=counts,
-        unfinished=sum(is_unfinished(r.status, r.error_kind) for r in records),
+        unfinished=sum(is_unfinished(r.status, r.error_kind, r.fallback_to) for r in records),
         metadata_uri=uri,
         # Each record counts the calls it really made; chunks overlap, so a delta of the
         # lane's shared counter would also count other chunks' calls.
