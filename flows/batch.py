@@ -103,7 +103,7 @@ def prompts_of(plan: RunPlan) -> dict[int, str]:
     """Prompt rows' texts by row index, for the contact sheet (the metadata does not hold them)."""
     return {
         row.row_index: row.prompt
-        for rows in plan.rows_by_provider.values()
+        for rows in [*plan.rows_by_provider.values(), *plan.compare.values()]
         for row in rows
         if row.is_prompt_row and row.prompt
     }
@@ -125,8 +125,9 @@ def chunk_executor(params: BatchParams, sink: ProgressSink) -> ChunkExecutor:
 
 @flow(
     name="tryon-batch",
-    description="Try on every row of a manifest with one provider and write the results, "
-    "their metadata and a contact sheet to the lake.",
+    description="Try on every row of a manifest (by its provider, routed by category, falling "
+    "back or compared across providers) and write the results, their metadata, a scorecard "
+    "and a contact sheet to the lake.",
     flow_run_name=name_of_this_run,
     log_prints=True,
     task_runner=task_runner_from_env(),
@@ -145,7 +146,7 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
     # The caller's sinks (the CLI's progress bar) and a Prefect progress artifact.
     progress = RunProgressArtifact()
     sink = ProgressTee(*watchers(), progress)
-    sink.started(plan.total_rows)
+    sink.started(plan.total_rows + plan.compared_rows)
     invalid_errors = await record_invalid(lake, run_id, params, plan, sink)
 
     async with AsyncExitStack() as stack:
@@ -155,22 +156,22 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
             run_id=run_id,
             lake=lake,
             rows_by_provider=plan.rows_by_provider,
+            compare=plan.compare,
+            fallback=plan.fallback,
             settings=params.chunk_settings(),
             limits=params.limits,
             refine_limits=params.refine_limits,
             progress=sink,
         )
         executor = chunk_executor(params, sink)
-        per_provider = await asyncio.gather(
-            *(executor.run(ctx, plan.rows_by_provider[ctx.lane.name]) for ctx in run.contexts)
-        )
+        per_track = await asyncio.gather(*(executor.run(ctx, rows) for ctx, rows in run.tracks))
         stopped = first_fatal(run.lanes())
 
     summary = summarize(
         run_id=run_id,
         provider=provider,
         lake=lake,
-        outcomes=[outcome for outcomes in per_provider for outcome in outcomes],
+        outcomes=[outcome for outcomes in per_track for outcome in outcomes],
         invalid_rows=len(plan.invalid),
         total_rows=plan.total_rows,
         refine=params.refine,
@@ -185,7 +186,7 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
     # For people: the contact sheet in the lake, a summary table and a report in Prefect.
     await publish_run_outputs(lake, summary, bank=run.thumbnails, prompts=prompts_of(plan))
     if summary.fatal_error is not None:
-        logger.error("stopped submitting after a run-fatal error: %s", summary.fatal_error)
+        logger.error("stopped calling after a run-fatal error: %s", summary.fatal_error)
     if summary.unfinished:
         raise BatchIncomplete(summary)
     return summary

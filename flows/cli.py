@@ -216,6 +216,31 @@ def run(
     manifest: Annotated[str, typer.Argument(help="Manifest: CSV/Parquet path or fsspec URL.")],
     lake: Annotated[str, typer.Option(help="Lake root: folder or fsspec URL.")] = "./lake",
     provider: Annotated[str, typer.Option(help="Provider for rows naming none.")] = "changeclothes",
+    route: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--route",
+            metavar="CATEGORY=PROVIDER",
+            help="Provider for rows of a category that name none, repeatable "
+            "(e.g. --route dresses=hidream).",
+        ),
+    ] = None,
+    fallback: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fallback",
+            metavar="PROVIDER",
+            help="Provider a row goes on to when its provider fails it, repeatable, in order.",
+        ),
+    ] = None,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--compare",
+            metavar="PROVIDER",
+            help="Provider every valid row also goes to, side by side, repeatable.",
+        ),
+    ] = None,
     emulator: Annotated[
         bool,
         typer.Option(
@@ -274,6 +299,9 @@ def run(
             manifest=manifest,
             lake=lake,
             provider=provider,
+            route=parse_routes(route),
+            fallback=fallback or [],
+            compare=compare or [],
             chunk_size=chunk_size,
             limits={"max_in_flight": max_in_flight, "requests_per_second": rps},
             max_attempts=max_attempts,
@@ -286,6 +314,8 @@ def run(
         checks = check_run(params, emulator=emulator)
     except ValidationError as exc:
         _cannot_start(describe_invalid_params(exc))
+    except ValueError as exc:  # a malformed --route
+        _cannot_start(str(exc))
     except RunNotStarted as exc:
         _cannot_start(str(exc))
 
@@ -367,7 +397,8 @@ def _print_outcome(summary: RunSummary, api: PrefectApi) -> None:
     line(f"Metadata: {summary.metadata_uri}  (read with polars.scan_parquet)")
     line(f"Summary:  {summary.summary_uri}")
     if summary.fatal_error:
-        line(Text.assemble(("Stopped early: ", "red"), summary.fatal_error))
+        after = f" ({summary.fell_back} rows went on to a fallback)" if summary.fell_back else ""
+        line(Text.assemble(("Stopped calling: ", "red"), summary.fatal_error, after))
     line(Text(summary.one_line(), style="bold"))
     if summary.top_errors:
         line("Why rows did not succeed (top error codes, one example each):")
@@ -391,6 +422,31 @@ def validate(
         typer.Option(
             help="Also check what this provider can take (rows naming their own provider: "
             "theirs), as `tryon run --provider` does.",
+        ),
+    ] = None,
+    route: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--route",
+            metavar="CATEGORY=PROVIDER",
+            help="Provider for rows of a category that name none, repeatable "
+            "(e.g. --route dresses=hidream).",
+        ),
+    ] = None,
+    fallback: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fallback",
+            metavar="PROVIDER",
+            help="Provider a row goes on to when its provider fails it, repeatable, in order.",
+        ),
+    ] = None,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--compare",
+            metavar="PROVIDER",
+            help="Provider every valid row also goes to, side by side, repeatable.",
         ),
     ] = None,
     refine: Annotated[
@@ -424,6 +480,10 @@ def validate(
         if refine_gender not in (None, "woman", "man"):
             raise ValueError(f"--refine-gender must be woman or man, not {refine_gender!r}")
         name = provider_spec(provider).name if provider is not None else None
+        routes = {c: provider_spec(p).name for c, p in parse_routes(route).items()}
+        extra = [provider_spec(p).name for p in [*(fallback or []), *(compare or [])]]
+        if (routes or extra) and name is None:
+            raise ValueError("--route, --fallback and --compare need --provider, as to run")
     except ValueError as exc:
         err.print(f"[red]cannot check:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_NOT_STARTED) from None
@@ -435,16 +495,37 @@ def validate(
 
     invalid, valid = report.invalid, len(report.valid)
     if name is not None:
-        plan = plan_run(report, default_provider=name, refine=refine, refine_gender=refine_gender)
+        plan = plan_run(
+            report,
+            default_provider=name,
+            refine=refine,
+            refine_gender=refine_gender,
+            route=routes,
+            compare=[provider_spec(p).name for p in compare or []],
+            fallback=[provider_spec(p).name for p in fallback or []],
+        )
         invalid, valid = plan.invalid, plan.runnable_rows
     _print_invalid_rows(invalid)
     out.print(f"{plural(report.n_rows, 'row')}: {valid} valid, {len(invalid)} invalid")
+    for line in plan.provider_lines() if name is not None else []:
+        out.print(line, markup=False)
     if report.ignored_columns:
         ignored = ", ".join(map(repr, report.ignored_columns))
         out.print(f"ignored columns: {ignored}", markup=False)
     if name is None:
         out.print("provider capabilities not checked: pass --provider (and --refine) as to run")
     raise typer.Exit(EXIT_OK if not invalid else EXIT_ROWS)
+
+
+def parse_routes(values: list[str] | None) -> dict[str, str]:
+    """``--route CATEGORY=PROVIDER`` options -> {category: provider} (checked by BatchParams)."""
+    routes: dict[str, str] = {}
+    for value in values or []:
+        category, sep, provider = value.partition("=")
+        if not (sep and category.strip() and provider.strip()):
+            raise ValueError(f"--route {value!r}: expected CATEGORY=PROVIDER, e.g. dresses=hidream")
+        routes[category.strip()] = provider.strip()
+    return routes
 
 
 def _print_invalid_rows(invalid: InvalidRows) -> None:

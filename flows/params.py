@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from providers.registry import PROVIDERS, provider_spec
+from schemas.manifest import CATEGORIES
 from tasks.chunk_settings import ChunkSettings
 from tasks.fetch_guard import parse_allow_entry
 
@@ -88,6 +89,28 @@ class BatchParams(BaseModel):
         title="Provider",
         description="The try-on provider for every row whose provider column is empty.",
         json_schema_extra={"enum": PROVIDER_NAMES},
+    )
+    route: dict[str, str] = Field(
+        default_factory=dict,
+        title="Provider by category",
+        description="The provider for rows of a category whose provider column is empty, "
+        "e.g. dresses: hidream. A row's provider column still wins; categories not listed "
+        "take the run's provider.",
+    )
+    fallback: list[str] = Field(
+        default_factory=list,
+        title="Fallback providers",
+        description="Providers to try in order when a row's provider fails for a reason the "
+        "next one may not share (its own refusals, an unusable result, no credits, a bad key, "
+        "retries spent). A bad input (fetch, decode, size) does not fall back.",
+        json_schema_extra={"items": {"enum": PROVIDER_NAMES}},
+    )
+    compare: list[str] = Field(
+        default_factory=list,
+        title="Compare with",
+        description="Providers every valid row also goes to, side by side with its own "
+        "provider: one result and one metadata record per row and provider.",
+        json_schema_extra={"items": {"enum": PROVIDER_NAMES}},
     )
     chunk_size: int = Field(
         default=100,
@@ -176,6 +199,22 @@ class BatchParams(BaseModel):
     def _known_provider(cls, value: str) -> str:
         return provider_spec(value).name
 
+    @field_validator("fallback", "compare")
+    @classmethod
+    def _known_providers(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(provider_spec(name).name for name in value))
+
+    @field_validator("route")
+    @classmethod
+    def _known_routes(cls, value: dict[str, str]) -> dict[str, str]:
+        for category in value:
+            if category not in CATEGORIES:
+                raise ValueError(
+                    f"route: unknown category {category!r} (expected one of: "
+                    f"{', '.join(CATEGORIES)})"
+                )
+        return {category: provider_spec(name).name for category, name in value.items()}
+
     @field_validator("refine_gender", mode="before")
     @classmethod
     def _unset_for_none(cls, value: object) -> object:
@@ -228,10 +267,12 @@ _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 def run_name(params: BatchParams, *, at: datetime, kind: str = "") -> str:
     """A flow run's name people can tell apart in the UI: the manifest's file name without its
     extension, the provider (and the refiner), an optional kind, and the UTC start time, e.g.
-    ``manifest-changeclothes-20250601T140322Z``."""
+    ``manifest-changeclothes-20250601T140322Z`` (``...-vs-hidream-...`` when comparing)."""
     stem = PurePosixPath(urlsplit(params.manifest).path).stem
     stem = _NAME_UNSAFE.sub("-", stem).strip("-")[:40] or "manifest"
     parts = [stem, params.provider + ("+refine" if params.refine else "")]
+    if params.compare:
+        parts.append("vs-" + "-".join(params.compare))
     if kind:
         parts.append(kind)
     parts.append(at.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ"))

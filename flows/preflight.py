@@ -77,6 +77,9 @@ def check_run(params: BatchParams, *, emulator: bool = False) -> Preflight:
         default_provider=params.provider,
         refine=params.refine,
         refine_gender=params.gender_for_refiner,
+        route=params.route,
+        compare=params.compare,
+        fallback=params.fallback,
     )
     specs = _specs_in_use(plan, refine=params.refine)
     lake = _open_lake(params)
@@ -197,8 +200,8 @@ def _check_manifest(params: BatchParams) -> ValidationReport:
 
 def _specs_in_use(plan: RunPlan, *, refine: bool) -> list[ProviderSpec]:
     """The accounts the flow will open (``tasks.context.open_run_contexts``): one per provider
-    with rows, and the refiner's when the run refines."""
-    specs = [PROVIDERS[name] for name in plan.rows_by_provider]
+    with rows, compared or fallen back to, and the refiner's when the run refines."""
+    specs = [PROVIDERS[name] for name in plan.providers()]
     return [*specs, REFINER] if refine else specs
 
 

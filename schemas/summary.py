@@ -38,8 +38,12 @@ class RunSummary(BaseModel):
     metadata_uri: str
     summary_uri: str
     contact_sheet_uri: str | None = None  # HTML; a JPEG grid beside it
-    counts: dict[str, int]  # try-on stage (and invalid rows), by status
+    counts: dict[str, int]  # try-on stage (and invalid rows), by status: each row's outcome
     refine_counts: dict[str, int] | None = None  # refine stage, by status, when refining
+    # Compared providers: try-on outcomes by status, per provider (rows it could not take are
+    # skipped, PROVIDER_CANNOT_TAKE).
+    compare_counts: dict[str, dict[str, int]] = Field(default_factory=dict)
+    fell_back: int = 0  # rows whose outcome is a fallback provider's
     unfinished: int = 0  # records a retry would redo (failed, or stopped by a fatal error)
     already_done: int = 0  # of the succeeded rows: done and recorded by earlier runs, no call
     total_rows: int
@@ -70,9 +74,14 @@ class RunSummary(BaseModel):
         line = f"{line} of {self.total_rows} rows"
         if self.already_done:
             line += f" ({self.already_done} already done by earlier runs)"
+        if self.fell_back:
+            line += f" ({self.fell_back} on a fallback provider)"
         if self.refine_counts is not None:
             refined = ", ".join(f"{n} {s}" for s, n in sorted(self.refine_counts.items()))
             line += f"; refine: {refined or 'nothing to refine'}"
+        for provider, counts in self.compare_counts.items():
+            tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            line += f"; vs {provider}: {tally}"
         return line
 
 

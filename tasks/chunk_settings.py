@@ -9,7 +9,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ChunkSettings"]
+__all__ = ["ChunkSettings", "LaneShare"]
+
+
+class LaneShare(BaseModel):
+    """A chunk's share of one more provider account's leased slots (a fallback provider)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    provider: str
+    max_in_flight: int = Field(default=1, ge=1)
+    requests_per_second: float | None = Field(default=None, gt=0)
+    fatal: dict[str, Any] | None = None  # a run-fatal error another chunk already hit
 
 
 class ChunkSettings(BaseModel):
@@ -34,3 +45,5 @@ class ChunkSettings(BaseModel):
     # attempted instead of calling the provider again.
     fatal: dict[str, Any] | None = None
     refine_fatal: dict[str, Any] | None = None
+    track: str = "primary"  # schemas.results.PRIMARY_TRACK, or the compared provider's name
+    fallbacks: list[LaneShare] = Field(default_factory=list)  # in the order rows try them

@@ -8,7 +8,7 @@ share of the run's leased slots, and rebuilds a context of its own with ``standa
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sized
+from collections.abc import AsyncIterator, Mapping, Sequence, Sized
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,7 +19,7 @@ from prefect.logging import get_run_logger
 from providers.base import ProviderError
 from providers.registry import PROVIDERS, REFINER, ProviderSpec
 from providers.transport import provider_http_client
-from schemas.results import ErrorKind
+from schemas.results import PRIMARY_TRACK, ErrorKind
 from schemas.summary import RunNotStarted
 from tasks.chunk_settings import ChunkSettings
 from tasks.concurrency import global_limit_name, leased_slots
@@ -62,13 +62,13 @@ async def open_lane(
     return Lane(client=client, max_in_flight=in_flight, requests_per_second=requests_per_second)
 
 
-def open_stager(stack: AsyncExitStack, lake: Lake, lane: Lane) -> InputStager | None:
-    """For providers that take image URLs only; raises ``ValueError`` if none can be given."""
-    if not lane.client.capabilities.needs_urls:
-        return None
-    stager = InputStager(lake, provider_base_url=lane.client.base_url)
-    stack.callback(stager.close)
-    return stager
+def open_stager(stack: AsyncExitStack, lake: Lake, lane: Lane) -> Lane:
+    """Give a provider that takes image URLs only its stager; raises ``ValueError`` if no URL
+    can be given."""
+    if lane.client.capabilities.needs_urls:
+        lane.stager = InputStager(lake, provider_base_url=lane.client.base_url)
+        stack.callback(lane.stager.close)
+    return lane
 
 
 def error_fields(error: ProviderError | None) -> dict[str, Any] | None:
@@ -95,7 +95,8 @@ async def standalone_context(
 ) -> AsyncIterator[RunContext]:
     """A chunk's own context: its own clients, image cache and slots (its share of the run's
     lease, which the flow holds), and the run's work ledger in the lake."""
-    await load_secret_blocks(credential_env_names([provider], refine=settings.refine))
+    names = [provider, *(share.provider for share in settings.fallbacks)]
+    await load_secret_blocks(credential_env_names(names, refine=settings.refine))
     async with AsyncExitStack() as stack:
         lake = Lake.open(settings.lake, storage_options=settings.storage_options)
         refine = None
@@ -116,12 +117,24 @@ async def standalone_context(
         )
         if settings.fatal:
             lane.state.fatal = error_from_fields(settings.fatal)
+        fallbacks = []
+        for share in settings.fallbacks:
+            fallback = await open_lane(
+                stack,
+                PROVIDERS[share.provider],
+                in_flight=share.max_in_flight,
+                requests_per_second=share.requests_per_second,
+            )
+            if share.fatal:
+                fallback.state.fatal = error_from_fields(share.fatal)
+            fallbacks.append(open_stager(stack, lake, fallback))
         yield RunContext(
             run_id=run_id,
-            lane=lane,
+            lane=open_stager(stack, lake, lane),
+            track=settings.track,
+            fallbacks=tuple(fallbacks),
             refine=refine,
             default_gender=settings.refine_gender,
-            stager=open_stager(stack, lake, lane),
             http=await stack.enter_async_context(
                 inputs_client_for(settings.fetch_allow, timeout_s=settings.fetch_timeout_s)
             ),
@@ -184,14 +197,19 @@ async def open_leased_lane(stack: AsyncExitStack, spec: ProviderSpec, limits: La
 
 @dataclass(slots=True)
 class RunContexts:
-    """One ``RunContext`` per provider of the run, and what they share."""
+    """One ``RunContext`` per track of the run with the rows it runs, and what they share."""
 
-    contexts: list[RunContext]
+    tracks: list[tuple[RunContext, Sized]]
+    lanes_by_provider: dict[str, Lane]
     refine: Lane | None
     thumbnails: ThumbnailBank
 
+    @property
+    def contexts(self) -> list[RunContext]:
+        return [ctx for ctx, _ in self.tracks]
+
     def lanes(self) -> list[Lane]:
-        return [ctx.lane for ctx in self.contexts] + ([self.refine] if self.refine else [])
+        return [*self.lanes_by_provider.values()] + ([self.refine] if self.refine else [])
 
 
 async def open_run_contexts(
@@ -204,47 +222,61 @@ async def open_run_contexts(
     limits: LaneLimits,
     refine_limits: LaneLimits,
     progress: ProgressSink,
+    compare: Mapping[str, Sized] | None = None,
+    fallback: Sequence[str] = (),
 ) -> RunContexts:
-    """The run's working context for the providers of ``rows_by_provider``, closed with
-    ``stack``: the guarded inputs client, credentials from Secret blocks, one leased lane per
-    provider (and the refiner's), input staging where a provider takes URLs only. Raises
-    ``RunNotStarted``."""
+    """The run's working context, closed with ``stack``: the guarded inputs client,
+    credentials from Secret blocks, one leased lane per provider account (own, compared,
+    fallback; and the refiner's), input staging where a provider takes URLs only, and one
+    ``RunContext`` per track: each own provider's rows (falling back in ``fallback``'s order),
+    and each compared provider's rows. Raises ``RunNotStarted``."""
+    compare = compare or {}
     # Guarded: no loopback, private or link-local address unless fetch_allow names it.
     inputs_http = await stack.enter_async_context(
         inputs_client_for(settings.fetch_allow, timeout_s=settings.fetch_timeout_s)
     )
+    names = [*rows_by_provider, *compare]
+    names = list(dict.fromkeys(names + (list(fallback) if rows_by_provider else [])))
     # Credentials the environment lacks may come from Prefect Secret blocks.
-    providers = list(rows_by_provider)
-    await load_secret_blocks(credential_env_names(providers, refine=settings.refine))
+    await load_secret_blocks(credential_env_names(names, refine=settings.refine))
     refine = await open_leased_lane(stack, REFINER, refine_limits) if settings.refine else None
+    lanes: dict[str, Lane] = {}
+    for name in names:
+        lane = await open_leased_lane(stack, PROVIDERS[name], limits)
+        try:
+            lanes[name] = open_stager(stack, lake, lane)
+        except ValueError as exc:
+            raise RunNotStarted(str(exc)) from None
     images = PreparedImageCache()
     # Contact-sheet thumbnails made as rows go, while the CPU waits on providers.
     thumbnails = ThumbnailBank()
-    contexts = []
-    for name in providers:
-        lane = await open_leased_lane(stack, PROVIDERS[name], limits)
-        try:
-            stager = open_stager(stack, lake, lane)
-        except ValueError as exc:
-            raise RunNotStarted(str(exc)) from None
-        contexts.append(
-            RunContext(
-                run_id=run_id,
-                lane=lane,
-                refine=refine,
-                default_gender=settings.refine_gender,
-                stager=stager,
-                http=inputs_http,
-                lake=lake,
-                images=images,
-                retry=RetryPolicy(max_attempts=settings.max_attempts),
-                storage_options=settings.storage_options,
-                progress=progress,
-                ledger=WorkLedger(lake, run_id),
-                thumbnails=thumbnails,
-            )
+
+    def context(name: str, track: str) -> RunContext:
+        return RunContext(
+            run_id=run_id,
+            lane=lanes[name],
+            track=track,
+            fallbacks=(
+                tuple(lanes[f] for f in fallback if f != name) if track == PRIMARY_TRACK else ()
+            ),
+            refine=refine,
+            default_gender=settings.refine_gender,
+            http=inputs_http,
+            lake=lake,
+            images=images,
+            retry=RetryPolicy(max_attempts=settings.max_attempts),
+            storage_options=settings.storage_options,
+            progress=progress,
+            ledger=WorkLedger(lake, run_id),
+            thumbnails=thumbnails,
         )
-        get_run_logger().info(
-            "%s: %d rows, %d in flight", name, len(rows_by_provider[name]), lane.max_in_flight
+
+    tracks = [(context(name, PRIMARY_TRACK), rows) for name, rows in rows_by_provider.items()]
+    tracks += [(context(name, name), rows) for name, rows in compare.items()]
+    logger = get_run_logger()
+    for ctx, rows in tracks:
+        role = "" if ctx.track == PRIMARY_TRACK else " (compared)"
+        logger.info(
+            "%s%s: %d rows, %d in flight", ctx.lane.name, role, len(rows), ctx.lane.max_in_flight
         )
-    return RunContexts(contexts=contexts, refine=refine, thumbnails=thumbnails)
+    return RunContexts(tracks=tracks, lanes_by_provider=lanes, refine=refine, thumbnails=thumbnails)

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from schemas.manifest import ManifestRow
 from schemas.results import Stage
+from tasks.chunk_settings import LaneShare
 from tasks.context import ChunkSettings, error_fields, error_from_fields, split_slots
 from tasks.process import Lane, ProgressSink, RunContext
 from tasks.tryon import ChunkOutcome, process_chunk, register_context, unregister_context
@@ -71,7 +72,18 @@ class InProcessChunks:
         ctx: RunContext, gate: asyncio.Semaphore, index: int, chunk: Sequence[ManifestRow]
     ) -> ChunkOutcome:
         async with gate:
-            return await process_chunk(ctx.run_id, ctx.lane.name, index, list(chunk))
+            return await process_chunk(
+                ctx.run_id, ctx.lane.name, index, list(chunk), track=ctx.track
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class _Shares:
+    """One running chunk's slots on each account: try-on, refiner, fallbacks (in order)."""
+
+    tryon: int
+    refine: int
+    fallbacks: tuple[int, ...]
 
 
 def _rate(lane: Lane | None, share: int) -> float | None:
@@ -99,9 +111,16 @@ class DaskChunks:
         parallel = min(len(chunks), self.threads, lane.max_in_flight)
         tryon_shares = split_slots(lane.max_in_flight, parallel)
         refine_shares = split_slots(refine.max_in_flight, parallel) if refine else []
-        shares: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        fallback_shares = [split_slots(f.max_in_flight, parallel) for f in ctx.fallbacks]
+        shares: asyncio.Queue[_Shares] = asyncio.Queue()
         for i, share in enumerate(tryon_shares):
-            shares.put_nowait((share, refine_shares[i % len(refine_shares)] if refine else 1))
+            shares.put_nowait(
+                _Shares(
+                    tryon=share,
+                    refine=refine_shares[i % len(refine_shares)] if refine else 1,
+                    fallbacks=tuple(split[i % len(split)] for split in fallback_shares),
+                )
+            )
         return list(
             await asyncio.gather(*(self._one(ctx, shares, i, c) for i, c in enumerate(chunks)))
         )
@@ -109,33 +128,50 @@ class DaskChunks:
     async def _one(
         self,
         ctx: RunContext,
-        shares: asyncio.Queue[tuple[int, int]],
+        shares: asyncio.Queue[_Shares],
         index: int,
         chunk: Sequence[ManifestRow],
     ) -> ChunkOutcome:
         lane, refine = ctx.lane, ctx.refine
-        share, refine_share = await shares.get()
+        share = await shares.get()
         try:
             settings = self.settings.model_copy(
                 update={
-                    "max_in_flight": share,
-                    "requests_per_second": _rate(lane, share),
-                    "refine_max_in_flight": refine_share,
-                    "refine_requests_per_second": _rate(refine, refine_share),
+                    "max_in_flight": share.tryon,
+                    "requests_per_second": _rate(lane, share.tryon),
+                    "refine_max_in_flight": share.refine,
+                    "refine_requests_per_second": _rate(refine, share.refine),
                     "fatal": error_fields(lane.state.fatal),
                     "refine_fatal": error_fields(refine.state.fatal) if refine else None,
+                    "track": ctx.track,
+                    "fallbacks": [
+                        LaneShare(
+                            provider=fallback.name,
+                            max_in_flight=n,
+                            requests_per_second=_rate(fallback, n),
+                            fatal=error_fields(fallback.state.fatal),
+                        )
+                        for fallback, n in zip(ctx.fallbacks, share.fallbacks, strict=True)
+                    ],
                 }
             )
-            future = process_chunk.submit(ctx.run_id, lane.name, index, list(chunk), settings)
+            future = process_chunk.submit(
+                ctx.run_id, lane.name, index, list(chunk), settings, track=ctx.track
+            )
             outcome: ChunkOutcome = await asyncio.to_thread(future.result)
         finally:
-            shares.put_nowait((share, refine_share))
+            shares.put_nowait(share)
         # The first fatal error wins, as in-process.
         if outcome.fatal and lane.state.fatal is None:
             lane.state.fatal = error_from_fields(outcome.fatal)
             lane.state.fatal_at = time.time()
         if refine and outcome.refine_fatal and refine.state.fatal is None:
             refine.state.fatal = error_from_fields(outcome.refine_fatal)
+        for fallback in ctx.fallbacks:
+            fields = outcome.fallback_fatal.get(fallback.name)
+            if fields and fallback.state.fatal is None:
+                fallback.state.fatal = error_from_fields(fields)
+                fallback.state.fatal_at = time.time()
         for status, n in outcome.counts.get(Stage.TRYON, {}).items():
             for _ in range(n):
                 self.progress.row_done(_FinishedRow(status=status))  # type: ignore[arg-type]

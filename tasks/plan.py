@@ -9,11 +9,12 @@ does, so both report the same invalid rows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import polars as pl
 
+from providers.base import Capabilities
 from providers.registry import PROVIDERS, ProviderSpec
 from schemas.manifest import ManifestRow, plural
 from schemas.manifest_rows import (
@@ -31,22 +32,54 @@ _PROVIDER = "__provider"
 
 @dataclass(frozen=True, slots=True)
 class RunPlan:
-    """Valid rows by provider (in manifest order) and every invalid row (sorted by index)."""
+    """Valid rows by their own provider (in manifest order), every invalid row (sorted by
+    index), and the rows each compared provider also gets: every valid row but those whose own
+    provider it is. ``fallback``: the providers a failed row goes on to, in order."""
 
     rows_by_provider: dict[str, ManifestRows] = field(default_factory=dict)
     invalid: InvalidRows = field(default_factory=lambda: InvalidRows.of(()))
     total_rows: int = 0
+    compare: dict[str, ManifestRows] = field(default_factory=dict)
+    fallback: tuple[str, ...] = ()
 
     @property
     def runnable_rows(self) -> int:
         return sum(len(rows) for rows in self.rows_by_provider.values())
+
+    @property
+    def compared_rows(self) -> int:
+        return sum(len(rows) for rows in self.compare.values())
+
+    def providers(self) -> list[str]:
+        """Every try-on provider the run may call: own, compared and fallback providers."""
+        names = [*self.rows_by_provider, *self.compare]
+        if self.rows_by_provider:
+            names += self.fallback
+        return list(dict.fromkeys(names))
 
     def summary(self, max_invalid: int | None = 5) -> str:
         """The counts, then one line per invalid row (the first ``max_invalid``; all for
         None), worded as ``tryon validate`` words them."""
         counts = f"{len(self.invalid)} invalid"
         lines = [f"{plural(self.total_rows, 'row')}: {self.runnable_rows} valid, {counts}"]
-        return "\n".join(lines + invalid_lines(self.invalid, max_invalid))
+        return "\n".join(lines + self.provider_lines() + invalid_lines(self.invalid, max_invalid))
+
+    def provider_lines(self) -> list[str]:
+        """Where valid rows go, when more than one provider is in play."""
+        lines = []
+        if len(self.rows_by_provider) > 1:
+            lines.append(
+                "by provider: "
+                + ", ".join(f"{name} {len(rows)}" for name, rows in self.rows_by_provider.items())
+            )
+        if self.compare:
+            lines.append(
+                "compared with: "
+                + ", ".join(f"{name} {len(rows)} rows" for name, rows in self.compare.items())
+            )
+        if self.fallback:
+            lines.append(f"falling back to: {', '.join(self.fallback)}")
+        return lines
 
 
 def refine_not_applicable(row: ManifestRow) -> str | None:
@@ -67,10 +100,16 @@ def capability_problems(
 ) -> list[str]:
     """Why ``spec``'s provider cannot take ``row`` as the run is configured (checked before
     any call, without importing the provider's client)."""
-    caps, name = spec.capabilities, spec.name
     problems = []
     if refine and refine_not_applicable(row) is None and not (row.gender or refine_gender):
         problems.append(REFINE_NEEDS_GENDER)
+    return problems + provider_problems(row, spec.name, spec.capabilities)
+
+
+def provider_problems(row: ManifestRow, name: str, caps: Capabilities) -> list[str]:
+    """Why provider ``name`` cannot take ``row``'s request shape (a compared or fallback
+    provider is checked with this, row by row, as it is reached)."""
+    problems = []
     if row.garment_image is None and not caps.prompt:
         problems.append(f"provider {name!r} needs garment_image (it has no prompt endpoint)")
     if row.lower_garment_image is not None and not caps.lower_garment:
@@ -86,9 +125,17 @@ def plan_run(
     default_provider: str,
     refine: bool = False,
     refine_gender: str | None = None,
+    route: Mapping[str, str] | None = None,
+    compare: Sequence[str] = (),
+    fallback: Sequence[str] = (),
     providers: Mapping[str, ProviderSpec] = PROVIDERS,
 ) -> RunPlan:
-    """Group ``report``'s valid rows by provider; rows their provider cannot take are invalid."""
+    """Group ``report``'s valid rows by provider; rows their provider cannot take are invalid.
+
+    A row's provider: its ``provider`` column, else ``route`` by its category, else
+    ``default_provider``. Each ``compare`` provider also gets every valid row whose own
+    provider it is not (whether it can take each row is decided as the row reaches it).
+    """
     rows = report.valid
     # What the rules read, and no more: a million rows' image paths need not be copied.
     frame = pl.concat(
@@ -97,7 +144,13 @@ def plan_run(
             rows.present(("garment_image", "lower_garment_image")),
         ],
         how="horizontal",
-    ).with_columns(pl.col("provider").fill_null(default_provider).alias(_PROVIDER))
+    )
+    routed = (
+        pl.col("category").replace_strict(dict(route), default=default_provider)
+        if route
+        else pl.lit(default_provider)
+    )
+    frame = frame.with_columns(pl.coalesce(pl.col("provider"), routed).alias(_PROVIDER))
     named = frame[_PROVIDER].unique(maintain_order=True).to_list()
     checks = _capability_checks(
         {name: providers[name] for name in named}, refine=refine, refine_gender=refine_gender
@@ -116,7 +169,14 @@ def plan_run(
         name: rows.take(ok.filter(pl.col(_PROVIDER) == name)["__at"])
         for name in ok[_PROVIDER].unique(maintain_order=True).to_list()
     }
-    return RunPlan(rows_by_provider=by_provider, invalid=invalid, total_rows=report.n_rows)
+    compared = {name: rows.take(ok.filter(pl.col(_PROVIDER) != name)["__at"]) for name in compare}
+    return RunPlan(
+        rows_by_provider=by_provider,
+        invalid=invalid,
+        total_rows=report.n_rows,
+        compare={name: taken for name, taken in compared.items() if len(taken)},
+        fallback=tuple(fallback),
+    )
 
 
 def _capability_checks(

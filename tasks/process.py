@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -21,14 +22,15 @@ from providers.base import (
     ProviderError,
     RefinerClient,
     RefineRequest,
+    TryOnClient,
     TryOnRequest,
 )
 from schemas.image_profile import ImageProfile
 from schemas.manifest import ManifestRow
-from schemas.results import ErrorKind, RowRecord, Stage, Status
+from schemas.results import PRIMARY_TRACK, ErrorKind, RowRecord, Stage, Status
 from tasks.images import ImageInputError, prepare_image
 from tasks.ledger import DoneEntry, work_key
-from tasks.plan import refine_not_applicable
+from tasks.plan import provider_problems, refine_not_applicable
 from tasks.provider_calls import call_provider, store_result, with_retries
 from tasks.run_context import (
     Lane,
@@ -133,6 +135,9 @@ async def _reuse(
         "person_sha256", "garment_sha256",
     ):  # fmt: skip
         setattr(record, name, getattr(done, name))
+    if done.provider != record.provider:  # a fallback's work, found through its redirect
+        record.provider, record.fallback_from = done.provider, done.fallback_from
+        record.work_key = done.work_key
     if entry.produced_by != ctx.run_id:
         record.reused_from_run = entry.produced_by
     assert row.id is not None
@@ -183,6 +188,7 @@ def _new_record(ctx: RunContext, row: ManifestRow, stage: Stage, provider: str) 
         row_index=row.row_index,
         stage=stage,
         provider=provider,
+        track=ctx.track,
         status=Status.FAILED,
         person_image=row.person_image,
         garment_image=row.garment_image,
@@ -197,11 +203,20 @@ async def _run_stage(
     lane: Lane,
     record: RowRecord,
     work: Callable[[list[int]], Awaitable[None]],
-) -> RowRecord:
-    """Run one stage's work, turning every row-level problem into the record's outcome."""
+    *,
+    skip_when_stopped: bool = True,
+) -> bool:
+    """Run one stage's work, turning every row-level problem into the record's outcome.
+
+    Returns False when the row's own input failed (no other provider can do better).
+    ``skip_when_stopped``: a lane a run-fatal error stopped skips the row at once; otherwise
+    the work still runs up to the call (its inputs are prepared: their work key may lead to
+    earlier work) and the call itself is refused.
+    """
     t0 = time.perf_counter()
-    if lane.state.fatal is not None:
-        return _finish(record, t0, skipped_by=lane.state.fatal)
+    if skip_when_stopped and lane.state.fatal is not None:
+        _finish(record, t0, skipped_by=lane.state.fatal)
+        return True
     attempts = [0]
     try:
         await work(attempts)
@@ -209,23 +224,48 @@ async def _run_stage(
     except _RowFailure as failure:
         record.error_kind, record.error_code = failure.kind, failure.code
         record.error_message = failure.message
+        record.attempts = attempts[0]
+        _finish(record, t0)
+        return False
     except ProviderError as exc:
         if exc.kind is ErrorKind.FATAL and lane.state.fatal is None:
             lane.state.fatal = exc
             lane.state.fatal_at = time.time()
         if exc is lane.state.fatal and attempts[0] == 0:
-            return _finish(record, t0, skipped_by=exc)
+            _finish(record, t0, skipped_by=exc)
+            return True
         record.error_kind, record.error_code = exc.kind, exc.code
         record.error_message = exc.message
         record.request_id = record.request_id or exc.request_id
     record.attempts = attempts[0]
-    return _finish(record, t0)
+    _finish(record, t0)
+    return True
 
 
-async def _try_on(ctx: RunContext, row: ManifestRow, record: RowRecord) -> bytes | None:
-    """The try-on stage; returns the result's bytes when it succeeded (for the refiner)."""
-    lane = ctx.lane
-    output: list[bytes] = []
+@dataclass(slots=True)
+class _TryOnOutcome:
+    coarse: bytes | None = None  # the result's bytes when it succeeded (for the refiner)
+    input_failed: bool = False  # the row's own input failed: no fallback can help
+    redirected: bool = False  # an earlier run finished this row on a fallback: reused
+
+
+def _redirect_key(first_key: str, fallbacks: Sequence[str]) -> str:
+    """Where a row that fell back from the work ``first_key`` to ``fallbacks`` (in this order)
+    finds the work that finished it: a rerun with the same fallbacks calls nobody again."""
+    return work_key(stage="tryon-fallback", first=first_key, fallbacks=",".join(fallbacks))
+
+
+async def _try_on(
+    ctx: RunContext,
+    lane: Lane,
+    row: ManifestRow,
+    record: RowRecord,
+    *,
+    then: Sequence[str] = (),
+) -> _TryOnOutcome:
+    """The try-on stage on ``lane``. ``then``: the fallback providers after it, when it is
+    the first of a chain (its work key then also leads to where an earlier run finished)."""
+    outcome = _TryOnOutcome()
 
     async def work(attempts: list[int]) -> None:
         t_prep = time.perf_counter()
@@ -250,15 +290,22 @@ async def _try_on(ctx: RunContext, row: ManifestRow, record: RowRecord) -> bytes
             lower=lower.sha256 if lower else None,
         )
         async with _one_at_a_time(ctx, record.work_key):
-            if (done := await _reuse(ctx, record.work_key, row, record)) is not None:
+            done = await _reuse(ctx, record.work_key, row, record)
+            if done is None and then:
+                redirect = _redirect_key(record.work_key, then)
+                done = await _reuse(ctx, redirect, row, record)
+                outcome.redirected = done is not None
+            if done is not None:
                 record.prepare_ms = _ms(t_prep)
                 coarse_uri = done.record.output_uri
                 if ctx.refine is not None and coarse_uri:  # the refiner's input
-                    output.append(await asyncio.to_thread(ctx.lake.read_uri, coarse_uri))
+                    outcome.coarse = await asyncio.to_thread(ctx.lake.read_uri, coarse_uri)
                 return
-            if ctx.stager is not None:  # URL-only provider: stage the prepared bytes
+            if lane.state.fatal is not None:  # stopped: nothing earlier to reuse either
+                raise lane.state.fatal
+            if lane.stager is not None:  # URL-only provider: stage the prepared bytes
                 person, garment, lower = [
-                    await ctx.stager.stage(image) if image else None
+                    await lane.stager.stage(image) if image else None
                     for image in (person, garment, lower)
                 ]
             record.prepare_ms = _ms(t_prep)
@@ -273,12 +320,13 @@ async def _try_on(ctx: RunContext, row: ManifestRow, record: RowRecord) -> bytes
                 prompt=row.prompt,
                 gender=gender,
             )
+            client: TryOnClient = lane.client  # type: ignore[assignment]
             t_call = time.perf_counter()
             try:
                 result = await call_provider(
                     ctx,
                     lane,
-                    lambda on_submitted: ctx.client.try_on(request, on_submitted=on_submitted),
+                    lambda on_submitted: client.try_on(request, on_submitted=on_submitted),
                     record,
                     attempts,
                 )
@@ -287,14 +335,68 @@ async def _try_on(ctx: RunContext, row: ManifestRow, record: RowRecord) -> bytes
             record.request_id = result.request_id or record.request_id
             record.cache_hit = result.cache_hit
             t_dl = time.perf_counter()
-            output.append(await store_result(ctx, lane, result, record))
+            outcome.coarse = await store_result(ctx, lane, result, record)
             record.download_ms = _ms(t_dl)
             if ctx.thumbnails is not None:
-                ctx.thumbnails.offer(row.row_index, record.output_uri, output[-1])
+                ctx.thumbnails.offer(row.row_index, record.output_uri, outcome.coarse)
             await _remember(ctx, record)
 
-    await _run_stage(ctx, lane, record, work)
-    return output[0] if output else None
+    # The first of a chain prepares its inputs even when stopped: their key leads to earlier
+    # work, so a rerun whose first provider is out of credits still pays nothing.
+    input_ok = await _run_stage(ctx, lane, record, work, skip_when_stopped=not then)
+    outcome.input_failed = not input_ok
+    return outcome
+
+
+def _chain(ctx: RunContext, row: ManifestRow) -> list[Lane]:
+    """The lanes a row tries in order: its provider, then each fallback that can take it."""
+    lanes = [ctx.lane]
+    for lane in ctx.fallbacks:
+        if lane not in lanes and not provider_problems(row, lane.name, lane.client.capabilities):
+            lanes.append(lane)
+    return lanes
+
+
+async def _try_on_chain(ctx: RunContext, row: ManifestRow) -> tuple[list[RowRecord], bytes | None]:
+    """The try-on stage down the row's chain of providers, until one succeeds, the row's own
+    input fails, or none is left. Every attempt is a record; each failed one but the last
+    names the provider the row went on to."""
+    chain = _chain(ctx, row)
+    names = [lane.name for lane in chain]
+    records: list[RowRecord] = []
+    coarse = None
+    for i, lane in enumerate(chain):
+        record = _new_record(ctx, row, Stage.TRYON, lane.name)
+        record.fallback_from = names[i - 1] if i else None
+        outcome = await _try_on(ctx, lane, row, record, then=names[1:] if i == 0 else ())
+        records.append(record)
+        coarse = outcome.coarse
+        if record.status == Status.SUCCEEDED or outcome.input_failed or i + 1 == len(chain):
+            break
+        record.fallback_to = names[i + 1]
+    final = records[-1]
+    first = records[0]
+    if (
+        len(records) > 1
+        and final.status == Status.SUCCEEDED
+        and first.work_key is not None
+        and ctx.ledger is not None
+        and final.row_id is not None
+    ):
+        await ctx.ledger.mark_done(_redirect_key(first.work_key, names[1:]), final)
+    return records, coarse
+
+
+def _cannot_take(ctx: RunContext, row: ManifestRow) -> RowRecord | None:
+    """A compared provider that cannot take this row's request shape: a finished skip."""
+    problems = provider_problems(row, ctx.lane.name, ctx.lane.client.capabilities)
+    if not problems:
+        return None
+    record = _new_record(ctx, row, Stage.TRYON, ctx.lane.name)
+    record.status = Status.SKIPPED
+    record.error_kind, record.error_code = ErrorKind.PERMANENT, "PROVIDER_CANNOT_TAKE"
+    record.error_message = "; ".join(problems)
+    return _finish(record, time.perf_counter())
 
 
 async def _refine(
@@ -303,6 +405,7 @@ async def _refine(
     lane = ctx.refine
     assert lane is not None
     record = _new_record(ctx, row, Stage.REFINE, lane.name)
+    record.coarse_provider = coarse_record.provider
     reason, code = refine_not_applicable(row), "REFINE_NOT_APPLICABLE"
     if reason is None and coarse is None:
         reason = f"no coarse result to refine (try-on {coarse_record.status})"
@@ -382,17 +485,27 @@ async def _refine(
                 ctx.thumbnails.offer(row.row_index, record.output_uri, refined)
             await _remember(ctx, record)
 
-    return await _run_stage(ctx, lane, record, work)
+    await _run_stage(ctx, lane, record, work)
+    return record
 
 
 async def process_row(row: ManifestRow, ctx: RunContext) -> list[RowRecord]:
     """Take one valid row through its stages to recorded outcomes. Never raises for row-level
-    problems: one record per stage (try-on, and refine when the run refines)."""
-    record = _new_record(ctx, row, Stage.TRYON, ctx.lane.name)
-    coarse = await _try_on(ctx, row, record)
-    records = [record] if ctx.refine is None else [record, await _refine(ctx, row, coarse, record)]
+    problems: a record per try-on attempt (its provider, then fallbacks while they may help),
+    and one for refine when the run refines (on whichever try-on result succeeded)."""
+    skipped = _cannot_take(ctx, row) if ctx.track != PRIMARY_TRACK else None
+    if skipped is not None:
+        await _record_once(ctx, row, skipped)
+        records = [skipped]
+    else:
+        records, coarse = await _try_on_chain(ctx, row)
+        if ctx.refine is not None:
+            records.append(await _refine(ctx, row, coarse, records[-1]))
     if ctx.progress is not None:  # once every stage is over; shown as its first unsuccessful one
-        ctx.progress.row_done(next((r for r in records if r.status != Status.SUCCEEDED), record))
+        outcomes = [r for r in records if r.fallback_to is None]
+        ctx.progress.row_done(
+            next((r for r in outcomes if r.status != Status.SUCCEEDED), outcomes[0])
+        )
     return records
 
 

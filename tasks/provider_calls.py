@@ -94,6 +94,8 @@ async def call_provider(
     and before the first poll: known even if polling fails, resumed if the process dies.
     """
     key = record.work_key
+    if lane.state.fatal:  # stopped: not even a poll of an earlier job
+        raise lane.state.fatal
     if key is not None:
         resumed = await _resume_job(ctx, lane, key, record)
         if resumed is not None:

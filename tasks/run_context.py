@@ -19,7 +19,7 @@ import httpx
 
 from providers.base import ProviderError, RefinerClient, TryOnClient
 from schemas.image_profile import ImageProfile
-from schemas.results import RowRecord
+from schemas.results import PRIMARY_TRACK, RowRecord
 from tasks.images import PreparedImageCache
 from tasks.lake import Lake
 from tasks.ledger import WorkLedger
@@ -87,11 +87,13 @@ class RunState:
 
 @dataclass(slots=True, kw_only=True)
 class Lane:
-    """One provider account in a run: its client, its limits, its fatal stop."""
+    """One provider account in a run: its client, its limits, its fatal stop, and where its
+    inputs are staged when it takes URLs only. Shared by every track that calls it."""
 
     client: TryOnClient | RefinerClient
     max_in_flight: int
     requests_per_second: float | None = None
+    stager: InputStager | None = None
     state: RunState = field(default_factory=RunState)
     semaphore: asyncio.Semaphore = field(init=False)  # calls in flight
     rate: RateLimiter = field(init=False)
@@ -122,14 +124,18 @@ def rows_in_progress(max_in_flight: int) -> int:
 
 @dataclass(slots=True, kw_only=True)
 class RunContext:
+    """One track of a run: rows whose own provider is ``lane`` (the primary track, with its
+    fallbacks), or every row a compared provider gets (a track named after it)."""
+
     run_id: str
     lane: Lane  # the try-on provider
     http: httpx.AsyncClient  # for fetching inputs (clients have their own for the provider)
     lake: Lake
     images: PreparedImageCache
+    track: str = PRIMARY_TRACK
+    fallbacks: tuple[Lane, ...] = ()  # tried in order when ``lane`` fails a row
     refine: Lane | None = None  # the refiner, when the run refines
     default_gender: Literal["woman", "man"] | None = None  # for rows without one (refiner)
-    stager: InputStager | None = None  # for providers that take URLs only
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     storage_options: dict[str, object] = field(default_factory=dict)
     progress: ProgressSink | None = None
@@ -144,3 +150,8 @@ class RunContext:
     @property
     def client(self) -> TryOnClient:
         return self.lane.client  # type: ignore[return-value]
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """Chunks find their context by this (``tasks.tryon``)."""
+        return (self.run_id, self.lane.name, self.track)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from schemas.results import Stage, Status
+from schemas.results import PRIMARY_TRACK, Stage, Status
 from schemas.summary import ErrorCount, RunSummary
 from tasks.error_counts import top_errors
 from tasks.lake import Lake
@@ -38,9 +38,14 @@ def summarize(
     """``errors``: counted outside the chunks (the invalid rows)."""
     counts: Counter[str] = Counter({str(Status.INVALID): invalid_rows} if invalid_rows else {})
     refine_counts: Counter[str] = Counter()
+    compare_counts: dict[str, Counter[str]] = {}
     for outcome in outcomes:
-        counts.update(outcome.counts.get(Stage.TRYON, {}))
-        refine_counts.update(outcome.counts.get(Stage.REFINE, {}))
+        if outcome.track == PRIMARY_TRACK:
+            counts.update(outcome.counts.get(Stage.TRYON, {}))
+            refine_counts.update(outcome.counts.get(Stage.REFINE, {}))
+        else:
+            compared = compare_counts.setdefault(outcome.provider, Counter())
+            compared.update(outcome.counts.get(Stage.TRYON, {}))
     fatal = stopped.fatal if stopped else None
     return RunSummary(
         run_id=run_id,
@@ -52,8 +57,10 @@ def summarize(
         contact_sheet_uri=lake.full_uri(lake.run_path(run_id, "contact_sheet.html")),
         counts=dict(counts),
         refine_counts=dict(refine_counts) if refine else None,
+        compare_counts={name: dict(c) for name, c in compare_counts.items()},
+        fell_back=sum(o.fell_back for o in outcomes if o.track == PRIMARY_TRACK),
         unfinished=sum(o.unfinished for o in outcomes),
-        already_done=sum(o.already_done for o in outcomes),
+        already_done=sum(o.already_done for o in outcomes if o.track == PRIMARY_TRACK),
         total_rows=total_rows,
         provider_calls=sum(o.provider_calls for o in outcomes),
         duration_s=round(duration_s, 3),

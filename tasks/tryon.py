@@ -21,7 +21,7 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 
 from schemas.manifest import InvalidRow, ManifestRow, plural
-from schemas.results import ErrorKind, RowRecord, Stage, Status, is_unfinished
+from schemas.results import PRIMARY_TRACK, ErrorKind, RowRecord, Stage, Status, is_unfinished
 from schemas.summary import ErrorCount
 from tasks.context import ChunkSettings, error_fields, standalone_context
 from tasks.error_counts import count_errors
@@ -30,43 +30,65 @@ from tasks.ledger import WorkLedger, work_key
 from tasks.process import RunContext, process_rows
 from tasks.report import write_report_records
 
-_CONTEXTS: dict[tuple[str, str], RunContext] = {}
+_CONTEXTS: dict[tuple[str, str, str], RunContext] = {}
 
 
 def register_context(ctx: RunContext) -> None:
-    _CONTEXTS[(ctx.run_id, ctx.client.name)] = ctx
+    _CONTEXTS[ctx.key] = ctx
 
 
 def unregister_context(ctx: RunContext) -> None:
-    _CONTEXTS.pop((ctx.run_id, ctx.client.name), None)
+    _CONTEXTS.pop(ctx.key, None)
+
+
+def part_name(provider: str, track: str, chunk_index: int) -> str:
+    """A chunk's metadata part: ``part-<provider>-<n>``, or ``compare-<provider>-<n>`` for a
+    compared provider's track (never equal: the prefixes differ)."""
+    prefix = "part" if track == PRIMARY_TRACK else "compare"
+    return f"{prefix}-{provider}-{chunk_index:05d}"
 
 
 class ChunkOutcome(BaseModel):
     chunk: str
     provider: str
-    counts: dict[str, dict[str, int]]  # stage -> status -> records
+    track: str = PRIMARY_TRACK
+    # stage -> status -> rows: each row's outcome, its last record in its track (a record
+    # whose row went on to a fallback provider is not counted)
+    counts: dict[str, dict[str, int]]
     unfinished: int  # records a retry should redo
+    fell_back: int = 0  # rows whose outcome is a fallback provider's
     metadata_uri: str | None  # None when every record is already in a committed run's metadata
     provider_calls: int
     already_done: int = 0  # try-on records done and recorded by earlier, committed runs
     # Run-fatal provider errors this chunk hit or was told of (see ``error_fields``).
     fatal: dict[str, Any] | None = None
     refine_fatal: dict[str, Any] | None = None
+    fallback_fatal: dict[str, dict[str, Any]] = Field(default_factory=dict)  # by provider
     process: str = ""  # host:pid that ran the chunk
     errors: list[ErrorCount] = Field(default_factory=list)  # why records did not succeed
 
 
-@task(name="process-chunk", cache_policy=NONE, task_run_name="{provider}-chunk-{chunk_index}")
+def _chunk_run_name() -> str:
+    from prefect.runtime import task_run
+
+    params = task_run.parameters
+    track = params.get("track", PRIMARY_TRACK)
+    role = "" if track == PRIMARY_TRACK else "vs-"
+    return f"{role}{params['provider']}-chunk-{params['chunk_index']}"
+
+
+@task(name="process-chunk", cache_policy=NONE, task_run_name=_chunk_run_name)
 async def process_chunk(
     run_id: str,
     provider: str,
     chunk_index: int,
     rows: list[ManifestRow],
     settings: ChunkSettings | None = None,
+    track: str = PRIMARY_TRACK,
 ) -> ChunkOutcome:
     """Process one chunk: with the flow's context when in its process, else with its own
     (``settings`` required then)."""
-    ctx = _CONTEXTS.get((run_id, provider))
+    ctx = _CONTEXTS.get((run_id, provider, track))
     if ctx is not None:
         return await _process_chunk(ctx, chunk_index, rows)
     if settings is None:
@@ -83,28 +105,37 @@ async def _process_chunk(
 ) -> ChunkOutcome:
     run_id, provider = ctx.run_id, ctx.lane.name
     records = await process_rows(rows, ctx)
-    part = f"part-{provider}-{chunk_index:05d}"
+    part = part_name(provider, ctx.track, chunk_index)
     fresh = [r for r in records if not r.already_recorded]
     uri = await ctx.lake.awrite_metadata(run_id, part, fresh) if fresh else None
     held = [r for r in records if r.already_recorded]
     if held:  # not metadata (an earlier run holds them), but the contact sheet shows them
         await asyncio.to_thread(write_report_records, ctx.lake, run_id, part, held)
+    outcomes = [r for r in records if r.fallback_to is None]
     counts: dict[str, dict[str, int]] = {}
-    for stage in sorted({str(r.stage) for r in records}):
-        counts[stage] = dict(Counter(str(r.status) for r in records if str(r.stage) == stage))
-    get_run_logger().info("chunk %s/%d: %s", provider, chunk_index, describe_counts(counts))
+    for stage in sorted({str(r.stage) for r in outcomes}):
+        counts[stage] = dict(Counter(str(r.status) for r in outcomes if str(r.stage) == stage))
+    role = "" if ctx.track == PRIMARY_TRACK else "vs-"
+    get_run_logger().info("chunk %s%s/%d: %s", role, provider, chunk_index, describe_counts(counts))
     return ChunkOutcome(
         chunk=part,
         provider=provider,
+        track=ctx.track,
         counts=counts,
+        fell_back=sum(r.stage == Stage.TRYON and r.fallback_from is not None for r in outcomes),
         unfinished=sum(is_unfinished(r.status, r.error_kind, r.fallback_to) for r in records),
         metadata_uri=uri,
         # Each record counts the calls it really made; chunks overlap, so a delta of the
         # lane's shared counter would also count other chunks' calls.
         provider_calls=sum(r.attempts for r in records),
-        already_done=sum(r.already_recorded and r.stage == Stage.TRYON for r in records),
+        already_done=sum(r.already_recorded and r.stage == Stage.TRYON for r in outcomes),
         fatal=error_fields(ctx.lane.state.fatal),
         refine_fatal=error_fields(ctx.refine.state.fatal) if ctx.refine else None,
+        fallback_fatal={
+            lane.name: fields
+            for lane in ctx.fallbacks
+            if (fields := error_fields(lane.state.fatal)) is not None
+        },
         process=f"{socket.gethostname()}:{os.getpid()}",
         errors=count_errors(records),
     )

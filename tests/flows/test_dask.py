@@ -110,3 +110,33 @@ async def test_dask_chunks_fetch_through_the_guard(
     meta = read_metadata(tmp_path / "lake").sort("row_id")
     assert meta["status"].to_list() == ["succeeded", "failed"]
     assert meta["error_code"][1] == "FETCH_BLOCKED_ADDRESS"
+
+
+async def test_rows_fall_back_on_dask_workers_and_compare_there_too(
+    dask_flow, use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    # Chunks in other processes rebuild the fallback's lane and the compared provider's track
+    # from ChunkSettings; the primary's credit error reaches later chunks as for one provider.
+    use_emulator.control.set_faults(CC, credits=2)
+    use_emulator.control.set_faults("hidream", job_queued_s=0, job_running_s=0)
+    manifest = write_manifest(tmp_path / "m.csv", sample_rows(8))
+    lake = tmp_path / "lake"
+    params = BatchParams(
+        manifest=str(manifest),
+        lake=str(lake),
+        chunk_size=4,
+        limits={"max_in_flight": 1},
+        fallback=["hidream"],
+        compare=["tencent"],
+    )
+    summary = await dask_flow(params)
+    assert summary.counts == {"succeeded": 8} and summary.fell_back == 6
+    assert summary.compare_counts == {"tencent": {"succeeded": 8}}
+    assert use_emulator.control.posts("POST /api/openapi/change-clothes") == 3
+    meta = read_metadata(lake).filter(pl.col("stage") == "tryon")
+    assert meta.filter(pl.col("track") == "tencent").height == 8
+    assert meta.filter(pl.col("fallback_from") == CC)["status"].to_list() == ["succeeded"] * 6
+
+    use_emulator.control.reset(faults=True)
+    again = await dask_flow(params)
+    assert again.provider_calls == 0 and use_emulator.control.posts() == 0

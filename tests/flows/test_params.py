@@ -182,3 +182,34 @@ def test_provider_choices_include_plugins(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.splitlines()[-1]) == sorted([*PROVIDERS, "acme"])
+
+
+def test_route_fallback_and_compare_are_checked_against_providers_and_categories() -> None:
+    params = BatchParams(
+        manifest="m.csv",
+        route={"dresses": "hidream"},
+        fallback=["hidream", "tencent", "hidream"],
+        compare=["ailab"],
+    )
+    assert params.route == {"dresses": "hidream"}
+    assert params.fallback == ["hidream", "tencent"]  # a provider is tried once
+    with pytest.raises(ValidationError, match="unknown category 'dress'"):
+        BatchParams(manifest="m.csv", route={"dress": "hidream"})
+    with pytest.raises(ValidationError, match="unknown provider 'acme'"):
+        BatchParams(manifest="m.csv", route={"dresses": "acme"})
+    for field in ("fallback", "compare"):
+        with pytest.raises(ValidationError, match="unknown provider 'acme'"):
+            BatchParams.model_validate({"manifest": "m.csv", field: ["acme"]})
+
+
+def test_the_form_offers_providers_as_choices_for_fallback_and_compare() -> None:
+    properties = deployment_schema()["definitions"]["BatchParams"]["properties"]
+    for field in ("fallback", "compare"):
+        assert properties[field]["items"]["enum"] == sorted(PROVIDERS)
+        assert properties[field]["type"] == "array"
+
+
+def test_a_comparing_run_is_named_after_its_providers() -> None:
+    at = datetime(2025, 6, 1, 14, 3, 22, tzinfo=UTC)
+    params = BatchParams(manifest="m.csv", compare=["hidream", "tencent"])
+    assert run_name(params, at=at) == "m-changeclothes-vs-hidream-tencent-20250601T140322Z"

@@ -149,3 +149,52 @@ def test_plan_summary_counts_and_lists_rows_as_validate_does() -> None:
         "  row 2 (id 'r1'): provider 'hidream' needs garment_image (it has no prompt endpoint)"
     )
     assert plan.summary(max_invalid=0).endswith("  ... and 1 more invalid row")
+
+
+def test_route_picks_the_provider_by_category_and_the_provider_column_wins() -> None:
+    plan = plan_run(
+        report(
+            row(0, category="dresses"),
+            row(1, category="dresses", provider="changeclothes"),
+            row(2),
+            row(3, category="lower_body"),
+        ),
+        default_provider="changeclothes",
+        route={"dresses": "hidream", "lower_body": "tencent"},
+    )
+    grouped = {name: [r.id for r in rows] for name, rows in plan.rows_by_provider.items()}
+    assert grouped == {"hidream": ["r0"], "changeclothes": ["r1", "r2"], "tencent": ["r3"]}
+
+
+def test_a_routed_provider_that_cannot_take_the_row_makes_it_invalid() -> None:
+    prompt_row = row(0, garment_image=None, category="dresses", prompt="a red dress")
+    plan = plan_run(
+        report(prompt_row), default_provider="changeclothes", route={"dresses": "ailab"}
+    )
+    assert plan.runnable_rows == 0
+    assert plan.invalid[0].reasons == [
+        "provider 'ailab' needs garment_image (it has no prompt endpoint)"
+    ]
+
+
+def test_compare_gives_each_compared_provider_every_valid_row_but_its_own() -> None:
+    plan = plan_run(
+        report(
+            row(0),
+            row(1, provider="hidream"),
+            row(2, provider="ailab", garment_image=None, category=None, prompt="a coat"),
+            row(3),
+        ),
+        default_provider="changeclothes",
+        compare=["hidream", "tencent"],
+        fallback=["ailab"],
+    )
+    # r2 its own provider cannot take: invalid, so compared nowhere.
+    assert [r.id for r in plan.compare["hidream"]] == ["r0", "r3"]
+    assert [r.id for r in plan.compare["tencent"]] == ["r0", "r1", "r3"]
+    assert plan.compared_rows == 5
+    assert plan.providers() == ["changeclothes", "hidream", "tencent", "ailab"]
+    text = plan.summary()
+    assert "compared with: hidream 2 rows, tencent 3 rows" in text
+    assert "falling back to: ailab" in text
+    assert "by provider: changeclothes 2, hidream 1" in text

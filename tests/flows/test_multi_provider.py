@@ -1,0 +1,167 @@
+"""Many providers in one run, end to end against the emulator: compare side by side, route by
+category, fall back when a provider fails a row; and a rerun of each pays nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from emulator.server import EmulatorServer
+from flows.batch import BatchIncomplete, BatchParams, tryon_batch
+from tests.flows.test_batch import read_metadata, sample_rows, write_manifest
+
+pytestmark = pytest.mark.e2e
+
+CC, HD = "changeclothes", "hidream"
+CC_SUBMIT = "POST /api/openapi/change-clothes"  # garment and prompt endpoints
+HD_SUBMIT = "POST /api-pub/ec/v3/image/vton/async"
+
+
+def submits(emulator: EmulatorServer, route: str) -> int:
+    """Calls on routes starting with ``route``: work sent (polls and downloads are GETs)."""
+    return emulator.control.posts(route)
+
+
+def fast_hidream(emulator: EmulatorServer) -> None:
+    """HiDream's jobs finish at once (its default phases take a second)."""
+    emulator.control.set_faults(HD, job_queued_s=0, job_running_s=0)
+
+
+def tryon_records(lake: Path) -> pl.DataFrame:
+    return read_metadata(lake).filter(pl.col("stage") == "tryon").sort("row_index", "started_at")
+
+
+def assert_one_record_per_row_stage_provider(lake: Path) -> None:
+    pairs = read_metadata(lake).group_by("row_index", "stage", "provider", "track").len()
+    assert pairs.filter(pl.col("len") > 1).is_empty(), pairs.filter(pl.col("len") > 1)
+
+
+async def test_compare_sends_every_row_to_both_providers_and_a_rerun_pays_nothing(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    fast_hidream(use_emulator)
+    prompt_row = {**sample_rows(1)[0], "id": "p1", "garment_image": "", "category": ""}
+    prompt_row["prompt"] = "a blue striped shirt"
+    rows = [{**row, "prompt": ""} for row in sample_rows(5)] + [prompt_row]
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    lake = tmp_path / "lake"
+    params = BatchParams(manifest=str(manifest), lake=str(lake), compare=[HD])
+
+    summary = await tryon_batch(params)
+
+    assert summary.counts == {"succeeded": 6}
+    # HiDream has no prompt endpoint: the prompt row is a finished skip on its track.
+    assert summary.compare_counts == {HD: {"succeeded": 5, "skipped": 1}}
+    assert submits(use_emulator, CC_SUBMIT) == 6 and submits(use_emulator, HD_SUBMIT) == 5
+    records = tryon_records(lake)
+    assert records.height == 12
+    by_track = records.group_by("track", "provider").len().sort("track")
+    assert by_track.rows() == [(HD, HD, 6), ("primary", CC, 6)]
+    skipped = records.filter(pl.col("status") == "skipped")
+    assert skipped["row_id"].to_list() == ["p1"]
+    assert skipped["error_code"].to_list() == ["PROVIDER_CANNOT_TAKE"]
+    assert "prompt" in skipped["error_message"][0]
+    # Both providers' results are in the lake, one per row each.
+    for uri in records.filter(pl.col("status") == "succeeded")["output_uri"]:
+        assert Path(uri).is_file()
+
+    use_emulator.control.reset()
+    again = await tryon_batch(params)
+    assert use_emulator.control.posts() == 0 and again.provider_calls == 0
+    assert again.counts == summary.counts and again.compare_counts == summary.compare_counts
+    assert_one_record_per_row_stage_provider(lake)
+
+
+async def test_route_by_category_and_the_provider_column_still_wins(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    fast_hidream(use_emulator)
+    rows = sample_rows(6)
+    for row in rows[:3]:
+        row["category"] = "dresses"
+    for row in rows:
+        row["provider"] = ""
+    rows[0]["provider"] = CC  # named: wins over the route
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    lake = tmp_path / "lake"
+    params = BatchParams(manifest=str(manifest), lake=str(lake), route={"dresses": HD})
+
+    summary = await tryon_batch(params)
+
+    assert summary.counts == {"succeeded": 6}
+    records = tryon_records(lake)
+    providers = dict(zip(records["row_id"], records["provider"], strict=True))
+    assert providers == {"r000": CC, "r001": HD, "r002": HD, "r003": CC, "r004": CC, "r005": CC}
+    assert submits(use_emulator, HD_SUBMIT) == 2 and submits(use_emulator, CC_SUBMIT) == 4
+
+    use_emulator.control.reset()
+    await tryon_batch(params)
+    assert use_emulator.control.posts() == 0
+    assert_one_record_per_row_stage_provider(lake)
+
+
+async def test_fallback_when_the_primary_runs_out_of_credits_half_way(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    fast_hidream(use_emulator)
+    use_emulator.control.set_faults(CC, credits=4)  # four calls succeed, then no credits
+    manifest = write_manifest(tmp_path / "m.csv", sample_rows(10))
+    lake = tmp_path / "lake"
+    params = BatchParams(
+        manifest=str(manifest), lake=str(lake), fallback=[HD], limits={"max_in_flight": 1}
+    )
+
+    summary = await tryon_batch(params)  # every row succeeds: no BatchIncomplete
+
+    assert summary.counts == {"succeeded": 10} and summary.unfinished == 0
+    assert summary.fell_back == 6
+    assert "INSUFFICIENT_CREDITS" in (summary.fatal_error or "")
+    # The primary's calls stop at the credit error: four paid, one refused, none after.
+    assert submits(use_emulator, CC_SUBMIT) == 5
+    assert submits(use_emulator, HD_SUBMIT) == 6
+    records = tryon_records(lake)
+    left = records.filter(pl.col("fallback_to").is_not_null())
+    assert left.height == 6 and (left["provider"] == CC).all() and (left["fallback_to"] == HD).all()
+    assert sorted(left["status"].to_list()) == ["failed"] + ["skipped"] * 5
+    assert left["attempts"].sum() == 1  # only the call that met the credit error
+    came = records.filter(pl.col("fallback_from").is_not_null())
+    assert came.height == 6 and (came["provider"] == HD).all()
+    assert (came["status"] == "succeeded").all()
+    assert sorted(came["row_id"]) == sorted(left["row_id"])
+
+    # The primary has credits again: the rerun still calls nobody (the fallback's work is
+    # found through the primary's work key).
+    use_emulator.control.reset(faults=True)
+    again = await tryon_batch(params)
+    assert use_emulator.control.posts() == 0 and again.provider_calls == 0
+    assert again.counts == {"succeeded": 10} and again.already_done == 10
+    assert_one_record_per_row_stage_provider(lake)
+
+
+async def test_a_bad_input_does_not_fall_back(use_emulator: EmulatorServer, tmp_path: Path) -> None:
+    fast_hidream(use_emulator)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rows = sample_rows(3)
+    rows.append({**rows[0], "id": "bad", "person_image": str(broken)})
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    lake = tmp_path / "lake"
+    params = BatchParams(manifest=str(manifest), lake=str(lake), fallback=[HD])
+
+    with pytest.raises(BatchIncomplete) as caught:
+        await tryon_batch(params)
+
+    assert caught.value.summary.counts == {"succeeded": 3, "failed": 1}
+    assert caught.value.summary.fell_back == 0
+    bad = tryon_records(lake).filter(pl.col("row_id") == "bad")
+    assert bad.height == 1 and bad["provider"][0] == CC
+    assert bad["fallback_to"][0] is None and bad["attempts"][0] == 0
+    assert bad["error_code"][0] == "DECODE_FAILED"
+    assert submits(use_emulator, HD_SUBMIT) == 0
+
+    use_emulator.control.reset()
+    with pytest.raises(BatchIncomplete):
+        await tryon_batch(params)
+    assert use_emulator.control.posts() == 0
