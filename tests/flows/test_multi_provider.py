@@ -165,3 +165,45 @@ async def test_a_bad_input_does_not_fall_back(use_emulator: EmulatorServer, tmp_
     with pytest.raises(BatchIncomplete):
         await tryon_batch(params)
     assert use_emulator.control.posts() == 0
+
+
+async def test_spent_retries_and_moderation_fall_back_and_a_fallback_that_cannot_take_is_passed(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    fast_hidream(use_emulator)
+    rows = [{**row, "prompt": ""} for row in sample_rows(3)]
+    prompt_row = {**rows[0], "id": "p1", "garment_image": "", "category": ""}
+    rows.append({**prompt_row, "prompt": "a green coat"})
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    use_emulator.control.set_faults(CC, error_rate_5xx=1.0)  # every call a 503
+    params = BatchParams(
+        manifest=str(manifest), lake=str(tmp_path / "lake"), fallback=[HD], max_attempts=2
+    )
+
+    with pytest.raises(BatchIncomplete) as caught:
+        await tryon_batch(params)
+
+    # Each garment row spends its two attempts, then succeeds on HiDream. The prompt row
+    # has nowhere to go: HiDream takes no prompts.
+    summary = caught.value.summary
+    assert summary.counts == {"succeeded": 3, "failed": 1} and summary.fell_back == 3
+    records = tryon_records(tmp_path / "lake")
+    left = records.filter(pl.col("fallback_to").is_not_null())
+    assert sorted(left["row_id"]) == ["r000", "r001", "r002"]
+    assert (left["attempts"] == 2).all() and (left["error_kind"] == "transient").all()
+    stuck = records.filter(pl.col("row_id") == "p1")
+    assert stuck.height == 1 and stuck["fallback_to"][0] is None
+    assert stuck["attempts"][0] == 2
+    assert submits(use_emulator, HD_SUBMIT) == 3
+
+    # A refusal for the content is the provider's own: the next provider may not share it.
+    use_emulator.control.reset(faults=True)
+    fast_hidream(use_emulator)
+    use_emulator.control.set_faults(CC, forced_codes=[10005])
+    one = write_manifest(tmp_path / "one.csv", sample_rows(1))
+    lake = tmp_path / "lake-2"
+    summary = await tryon_batch(BatchParams(manifest=str(one), lake=str(lake), fallback=[HD]))
+    assert summary.counts == {"succeeded": 1} and summary.fell_back == 1
+    first, last = tryon_records(lake).rows(named=True)
+    assert (first["error_code"], first["fallback_to"]) == ("HARMFUL_CONTENT", HD)
+    assert (last["provider"], last["fallback_from"], last["status"]) == (HD, CC, "succeeded")
