@@ -81,6 +81,44 @@ def test_unknown_provider_exits_2(tmp_path: Path) -> None:
     assert "unknown provider 'nope'" in done.stderr
 
 
+def test_route_fallback_and_compare_options_are_checked_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    for args, said in [
+        (["--route", "dresses"], "--route 'dresses': expected CATEGORY=PROVIDER"),
+        (["--route", "dress=hidream"], "unknown category 'dress'"),
+        (["--fallback", "nope"], "unknown provider 'nope'"),
+        (["--compare", "nope"], "unknown provider 'nope'"),
+    ]:
+        done = tryon("run", str(SAMPLE_MANIFEST), *args, "--lake", "lake", cwd=tmp_path)
+        assert done.returncode == 2 and said in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "lake").exists()
+
+
+def test_validate_shows_where_rows_go_with_the_run_options(tmp_path: Path) -> None:
+    done = tryon(
+        "validate",
+        str(SAMPLE_MANIFEST),
+        "--provider",
+        "changeclothes",
+        "--route",
+        "dresses=hidream",
+        "--fallback",
+        "tencent",
+        "--compare",
+        "ailab",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1  # the sample's shoes row
+    assert "by provider: changeclothes 7, hidream 1" in done.stdout
+    # AILab takes no prompt row: it is compared on the 7 others, and skips that one.
+    assert "compared with: ailab 8 rows" in done.stdout
+    assert "falling back to: tencent" in done.stdout
+    alone = tryon("validate", str(SAMPLE_MANIFEST), "--route", "dresses=hidream", cwd=tmp_path)
+    assert alone.returncode == 2 and "need --provider" in alone.stderr
+
+
 def test_validate_reports_each_bad_row(tmp_path: Path) -> None:
     done = tryon("validate", str(SAMPLE_MANIFEST), cwd=tmp_path)
     assert done.returncode == 1
