@@ -266,7 +266,7 @@ class _AILabApi(VendorApi[str]):
 
         async def render() -> bytes:
             rendered = await self.state.composites.get_or_compute(key, compute)
-            return bytes(rendered.result)
+            return await common.handed_out(self.state, self.provider, rendered.result, person)
 
         return self._submit(request, render, kind="tryon")
 
@@ -274,7 +274,7 @@ class _AILabApi(VendorApi[str]):
         async with _form(request) as form:
             _task_type(form)
             _choice(form, "gender", GENDERS)
-            await self._image(form, "person_image", REFINER_RULE)
+            person = await self._image(form, "person_image", REFINER_RULE)
             await self._image(form, "top_garment", REFINER_RULE)
             coarse = await self._image(form, "coarse_image", REFINER_RULE)
             if form.get("bottom_garment") not in (None, ""):
@@ -288,7 +288,8 @@ class _AILabApi(VendorApi[str]):
             compute = partial(render_refined, coarse, max_side=max_side)
 
         async def render() -> bytes:
-            return bytes(await self.state.composites.get_or_compute(key, compute))
+            refined = bytes(await self.state.composites.get_or_compute(key, compute))
+            return await common.handed_out(self.state, self.provider, refined, person)
 
         return self._submit(request, render, kind="refiner")
 

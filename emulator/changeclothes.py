@@ -148,11 +148,12 @@ class _ChangeClothesApi(VendorApi[int]):
         garment = await self._image(form, "garmentImg")
         key, compute = common.garment_render(self.state, person, garment, category, label="garment")
         rendered = await self.state.composites.get_or_compute(key, compute)
+        result = await common.handed_out(self.state, self.provider, rendered.result, person)
         return {
             "code": 200,
             "msg": "OK",
             "data": {
-                "resultImgUrl": self._store(request, rendered.result),
+                "resultImgUrl": self._store(request, result),
                 "maskImgUrl": self._store(request, rendered.mask),
                 # The vendor sets this only for its own preset models and garments.
                 "cacheHit": False,
@@ -189,8 +190,9 @@ class _ChangeClothesApi(VendorApi[int]):
             key = cache_key("prompt", str(max_side), person, prompt.encode())
             compute = partial(composite.render_prompt, person, prompt, max_side=max_side)
         rendered = await self.state.composites.get_or_compute(key, compute)
+        result = await common.handed_out(self.state, self.provider, rendered.result, person)
         # The doc's example answer for this endpoint has no "msg" and no mask.
-        result_url = self._store(request, rendered.result)
+        result_url = self._store(request, result)
         return {"code": 200, "data": {"resultImgUrl": result_url, "seed": seed}}
 
     # -- helpers ----------------------------------------------------------------------------

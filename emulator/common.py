@@ -280,6 +280,20 @@ def garment_render(
     return key, partial(composite.render_garment, person, garment, category, max_side=max_side)
 
 
+async def handed_out(
+    state: EmulatorState, provider: ProviderState, result: bytes, person: bytes
+) -> bytes:
+    """The successful ``result`` as the vendor hands it out: itself, or the bad output the
+    provider's fault plan swaps in (``FaultPlan.bad_outputs``, ``bad_output_rate``), made in a
+    worker thread from ``result`` or ``person`` (the person input). Called after the composite
+    cache, so a bad output is never cached."""
+    kind = provider.next_bad_output()
+    if kind is None:
+        return result
+    max_side = state.config.composite_max_side
+    return await asyncio.to_thread(composite.bad_output, kind, result, person, max_side=max_side)
+
+
 def store_result(state: EmulatorState, base_url: str, data: bytes) -> str:
     """Keep a rendered result (WEBP) for download; its URL under ``base_url``."""
     token = state.results.put(data, "image/webp")

@@ -15,6 +15,8 @@ from functools import lru_cache
 
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont, ImageOps
 
+from emulator.config import BadOutput
+
 # Body regions as fractions of the person image: (left, top, right, bottom).
 REGIONS: dict[str, tuple[float, float, float, float]] = {
     "upper_body": (0.20, 0.18, 0.80, 0.55),
@@ -24,6 +26,9 @@ REGIONS: dict[str, tuple[float, float, float, float]] = {
 PROMPT_REGION = REGIONS["upper_body"]
 LABEL = "EMULATOR"
 WEBP_QUALITY = 82
+# Bad outputs (``FaultPlan.bad_outputs``): sizes well past the limits a result check sets.
+TINY_SIDE = 64  # a thumbnail's long side
+WIDE_SIZE = (1024, 160)  # a 6.4:1 banner, its short side no thumbnail's
 
 # Signatures checked instead of decoding in fast mode.
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
@@ -213,3 +218,23 @@ def prerendered(kind: str, category: str, max_side: int = 768) -> Rendered:
     if kind == "prompt":
         return render_prompt(synthetic_person(), "emulator fast mode", max_side=max_side)
     return render_garment(synthetic_person(), synthetic_garment(), category, max_side=max_side)
+
+
+def bad_output(kind: BadOutput, result: bytes, person: bytes, *, max_side: int = 768) -> bytes:
+    """``result`` (a WEBP the route rendered) replaced by the bad output ``kind``, as WEBP
+    (``corrupt``: its first half). ``unchanged`` is ``person`` decoded and re-encoded the way
+    a result is, not its bytes: harder to tell from a real result."""
+    if kind == "corrupt":
+        return result[: len(result) // 2]
+    if kind == "unchanged":
+        return _webp(decode(person, max_side))
+    with Image.open(io.BytesIO(result)) as image:
+        if kind == "blank":  # as a moderation filter answers: black, at the result's size
+            return _webp(Image.new("RGB", image.size, (0, 0, 0)))
+        picture = image.convert("RGB")
+    if kind == "tiny":
+        picture.thumbnail((TINY_SIDE, TINY_SIDE), Image.Resampling.LANCZOS)
+        return _webp(picture)
+    if kind == "wide":
+        return _webp(picture.resize(WIDE_SIZE, Image.Resampling.LANCZOS))
+    raise ValueError(f"unknown bad output {kind!r}")

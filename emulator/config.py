@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+BadOutput = Literal["blank", "unchanged", "tiny", "wide", "corrupt"]
+"""A successful result the fault plan swaps for one a result check must catch: ``blank`` a
+black frame, ``unchanged`` the person input re-encoded, ``tiny`` a 64 px thumbnail, ``wide`` a
+6.4:1 banner, ``corrupt`` the result's first half (it stops decoding half way)."""
 
 
 class FaultPlan(BaseModel):
@@ -24,12 +31,33 @@ class FaultPlan(BaseModel):
         default_factory=list,
         description="A queue: the next calls answer these vendor codes (ints or strings).",
     )
+    bad_outputs: list[BadOutput] = Field(
+        default_factory=list,
+        description="A queue: the next successful results are replaced by these bad outputs.",
+    )
+    bad_output_rate: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Successful results (past the queue) replaced by a `bad_output` one.",
+    )
+    bad_output: BadOutput = Field(
+        default="blank", description="What `bad_output_rate` replaces results with."
+    )
     # Asynchronous providers: how a submitted job moves queued -> running -> done/failed.
     job_queued_s: float = Field(default=0.3, ge=0.0, description="Time a job spends queued.")
     job_running_s: float = Field(default=0.7, ge=0.0, description="Time a job spends running.")
     async_failure_rate: float = Field(
         default=0.0, ge=0.0, le=1.0, description="Jobs that end failed instead of done."
     )
+
+    @field_validator("bad_outputs", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """``blank,unchanged`` as well as a list: what a ``--fault`` option gives as a string."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
 
 class EmulatorConfig(BaseModel):
@@ -88,8 +116,9 @@ def faults_from_options(
     """``tryon emulator --fault`` options -> fault plans.
 
     Each spec is ``PROVIDER.FIELD=VALUE`` (``hidream.error_rate_5xx=0.1``,
-    ``changeclothes.forced_codes=[10005]``) or ``all.FIELD=VALUE`` for every provider; values
-    are JSON where they parse as JSON, else strings. ``latency_s`` sets every provider's latency.
+    ``changeclothes.forced_codes=[10005]``, ``ailab.bad_outputs=blank,unchanged``) or
+    ``all.FIELD=VALUE`` for every provider; values are JSON where they parse as JSON, else
+    strings. ``latency_s`` sets every provider's latency.
     """
     import json
 

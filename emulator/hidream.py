@@ -115,11 +115,17 @@ class _JobRender:
     """Renders one job's composite once, however many polls and notifications ask for it."""
 
     def __init__(
-        self, state: EmulatorState, key: str, compute: Callable[[], bytes], base_url: str
+        self,
+        state: EmulatorState,
+        key: str,
+        compute: Callable[[], bytes],
+        base_url: str,
+        person: bytes,
     ) -> None:
         self.state = state
         self.key = key
         self._compute: Callable[[], bytes] | None = compute  # dropped after use: frees inputs
+        self._person: bytes | None = person  # for a bad output made of it; dropped likewise
         self.base_url = base_url
         self._task: asyncio.Future[str] | None = None
 
@@ -130,8 +136,10 @@ class _JobRender:
 
     async def _run(self) -> str:
         compute, self._compute = self._compute, None
-        assert compute is not None
+        person, self._person = self._person, None
+        assert compute is not None and person is not None
         data = await self.state.composites.get_or_compute(self.key, compute)
+        data = await common.handed_out(self.state, self.state.provider(PROVIDER), data, person)
         return common.store_result(self.state, self.base_url, data)
 
 
@@ -265,7 +273,7 @@ class _HiDreamApi(VendorApi[int]):
             queued_s=ps.plan.job_queued_s,
             running_s=ps.plan.job_running_s,
             will_fail=forced != STATUS_DONE,
-            render=_JobRender(self.state, key, compute, base_url),
+            render=_JobRender(self.state, key, compute, base_url, images["person"]),
             meta={"sub_task_id": str(uuid.uuid4()), "final_status": forced, "description": ""},
             # What was asked, ids excluded: the same images again is a resubmission.
             content=cache_key(*(f"{f}={body.get(f) or ''}" for f in IMAGE_FIELDS)),

@@ -19,7 +19,7 @@ from urllib.parse import unquote
 
 import httpx
 
-from emulator.config import EmulatorConfig, FaultPlan
+from emulator.config import BadOutput, EmulatorConfig, FaultPlan
 from emulator.jobs import Clock, JobStore, Sleep
 from emulator.stats import CacheStats, EmulatorStats, ProviderStats
 
@@ -74,11 +74,14 @@ class ProviderState:
         self.name = name
         self.plan = plan
         self.forced: deque[int] = deque(plan.forced_codes)
+        self.bad_outputs: deque[BadOutput] = deque(plan.bad_outputs)
         self.credits_remaining: int | None = plan.credits
         self.trial_used: Counter[str] = Counter()
         # String seeds hash deterministically (unlike hash()), so runs repeat exactly.
         self._fault_rng = random.Random(f"faults:{seed}:{name}")
         self.seed_rng = random.Random(f"seeds:{seed}:{name}")
+        # Its own stream: drawing for results never shifts the gateway's fault draws.
+        self._output_rng = random.Random(f"outputs:{seed}:{name}")
         self.in_flight = 0
         self.reset_stats()
 
@@ -87,20 +90,28 @@ class ProviderState:
         self.succeeded = 0
         self.max_in_flight = self.in_flight
         self.errors: Counter[str] = Counter()
+        self.bad_outputs_served: Counter[str] = Counter()
 
     def apply(self, patch: FaultPlan) -> None:
-        """Change the fields ``patch`` sets; ``credits``/``forced_codes`` restart their counters."""
+        """Change the fields ``patch`` sets; ``credits`` and the queues (``forced_codes``,
+        ``bad_outputs``) restart."""
         fields = patch.model_fields_set
         self.plan = self.plan.model_copy(update={f: getattr(patch, f) for f in fields})
         if "forced_codes" in fields:
             self.forced = deque(patch.forced_codes)
+        if "bad_outputs" in fields:
+            self.bad_outputs = deque(patch.bad_outputs)
         if "credits" in fields:
             self.credits_remaining = patch.credits
 
     def current_plan(self) -> FaultPlan:
-        """The plan with the counters as they stand (credits left, forced codes still queued)."""
+        """The plan with the counters as they stand (credits left, queues as they are)."""
         return self.plan.model_copy(
-            update={"credits": self.credits_remaining, "forced_codes": list(self.forced)}
+            update={
+                "credits": self.credits_remaining,
+                "forced_codes": list(self.forced),
+                "bad_outputs": list(self.bad_outputs),
+            }
         )
 
     def draw_faults(self) -> FaultDecision:
@@ -118,6 +129,18 @@ class ProviderState:
 
     def pop_forced(self) -> int | None:
         return self.forced.popleft() if self.forced else None
+
+    def next_bad_output(self) -> BadOutput | None:
+        """What replaces the successful result being handed out, if anything: the queue's next
+        entry, else ``bad_output`` at ``bad_output_rate`` (one draw per result, always)."""
+        kind: BadOutput | None = None
+        if self.bad_outputs:
+            kind = self.bad_outputs.popleft()
+        elif self._output_rng.random() < self.plan.bad_output_rate:
+            kind = self.plan.bad_output
+        if kind is not None:
+            self.bad_outputs_served[kind] += 1
+        return kind
 
     def take_quota(self, token: str, trial_limit: int | None) -> QuotaTicket:
         """Reserve one call for ``token``; raises ``QuotaError`` when none is left."""
@@ -147,6 +170,7 @@ class ProviderState:
             in_flight=self.in_flight,
             max_in_flight=self.max_in_flight,
             errors=dict(sorted(self.errors.items())),
+            bad_outputs=dict(sorted(self.bad_outputs_served.items())),
         )
 
 
@@ -343,9 +367,10 @@ class EmulatorState:
         """Back to the configured fault plans, with fresh credit and trial counters."""
         for name, ps in self.providers.items():
             fresh = ProviderState(name, self.config.fault_plan(name), self.config.seed)
-            ps.plan, ps.forced = fresh.plan, fresh.forced
+            ps.plan, ps.forced, ps.bad_outputs = fresh.plan, fresh.forced, fresh.bad_outputs
             ps.credits_remaining, ps.trial_used = fresh.credits_remaining, fresh.trial_used
             ps._fault_rng, ps.seed_rng = fresh._fault_rng, fresh.seed_rng
+            ps._output_rng = fresh._output_rng
 
     def snapshot(self) -> EmulatorStats:
         """What ``GET /_emulator/stats`` answers."""

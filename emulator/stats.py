@@ -21,6 +21,9 @@ class ProviderStats(BaseModel):
     errors: dict[str, int] = Field(
         default_factory=dict, description="Answered calls by vendor code, HTTP status or timeout."
     )
+    bad_outputs: dict[str, int] = Field(
+        default_factory=dict, description="Successful results the fault plan replaced, by kind."
+    )
 
 
 class JobContents(BaseModel):

@@ -289,9 +289,9 @@ class TencentApi:
         )
         try:
             rendered: bytes = await self.state.composites.get_or_compute(key, compute)
+            return await common.handed_out(self.state, self.provider, rendered, person)
         except composite.UndecodableImage as exc:
             raise VendorError("FailedOperation.ImageDecodeFailed", str(exc)) from None
-        return rendered
 
     async def _image(self, url: str, field: str) -> bytes:
         try:

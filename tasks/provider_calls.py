@@ -5,35 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
-from PIL import Image
-
-from providers.base import OnSubmitted, ProviderError, TryOnResult
+from providers.base import OnSubmitted, PreparedImage, ProviderError, TryOnResult
 from providers.transport import CallNotSent, gated_call
 from schemas.results import ErrorKind, RowRecord
 from tasks.images import ImageInputError
+from tasks.output_checks import check_output, image_extension
 from tasks.run_context import Lane, RunContext
 
 T = TypeVar("T")
-
-
-def sniff_extension(data: bytes) -> str:
-    """Check the result really is an image and name its format (a provider may lie)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.verify()
-            fmt = (image.format or "").upper()
-    except Exception as exc:
-        raise ProviderError(
-            kind=ErrorKind.PERMANENT,
-            code="RESULT_NOT_AN_IMAGE",
-            message=f"provider result does not decode as an image ({type(exc).__name__})",
-            provider="result",
-        ) from None
-    return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}.get(fmt, fmt.lower())
 
 
 async def with_retries(ctx: RunContext, call: Callable[[], Awaitable[T]]) -> T:
@@ -132,9 +114,16 @@ async def call_provider(
 
 
 async def store_result(
-    ctx: RunContext, lane: Lane, result: TryOnResult, record: RowRecord
+    ctx: RunContext,
+    lane: Lane,
+    result: TryOnResult,
+    record: RowRecord,
+    *,
+    person: PreparedImage | None = None,
 ) -> bytes:
-    """Fetch the result now (provider URLs expire: Tencent 1 h, AILab 24 h) and write it."""
+    """Fetch the result now (provider URLs expire: Tencent 1 h, AILab 24 h), check it and write
+    it. A result that fails ``check_output`` (compared with ``person``, the person image as
+    sent) raises its ``ProviderError`` before anything is written: it does not count."""
     if result.result_data is not None:
         data = result.result_data
     elif result.result_url:
@@ -147,7 +136,8 @@ async def store_result(
             message="the provider reported success without a result",
             provider=lane.name,
         )
-    extension = await asyncio.to_thread(sniff_extension, data)
+    person_data = person.data if person is not None else None
+    extension = await asyncio.to_thread(check_output, data, person=person_data)
     record.output_sha256 = hashlib.sha256(data).hexdigest()
     path = ctx.lake.output_path(record.output_sha256, extension)
     record.output_uri = await ctx.lake.awrite_bytes(path, data)
@@ -160,7 +150,7 @@ async def _download_mask(ctx: RunContext, lane: Lane, url: str) -> str | None:
     """Masks are a by-product: a failed mask download never fails the row."""
     try:
         data = await with_retries(ctx, lambda: lane.client.download(url))
-        extension = await asyncio.to_thread(sniff_extension, data)
+        extension = await asyncio.to_thread(image_extension, data)
     except ProviderError:
         return None
     path = ctx.lake.output_path(hashlib.sha256(data).hexdigest(), extension)

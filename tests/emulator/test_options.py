@@ -28,6 +28,22 @@ def test_fault_specs_become_typed_plans() -> None:
     assert set(plans) == set(PROVIDERS)
 
 
+def test_bad_outputs_take_a_comma_separated_list_or_json() -> None:
+    plans = faults_from_options(
+        [
+            "all.bad_outputs=blank,unchanged",
+            'ailab.bad_outputs=["corrupt"]',
+            "hidream.bad_output_rate=0.2",
+            "hidream.bad_output=wide",
+        ],
+        providers=PROVIDERS,
+    )
+    assert plans["tencent"].bad_outputs == ["blank", "unchanged"]
+    assert plans["ailab"].bad_outputs == ["corrupt"]
+    assert (plans["hidream"].bad_output_rate, plans["hidream"].bad_output) == (0.2, "wide")
+    assert plans["changeclothes"].bad_output_rate == 0.0
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -35,6 +51,8 @@ def test_fault_specs_become_typed_plans() -> None:
         ("hidream.colour=1", "unknown field 'colour'"),
         ("hidream", "expected PROVIDER.FIELD=VALUE"),
         ("hidream.error_rate_5xx=2", "less than or equal to 1"),
+        ("ailab.bad_outputs=blank,grey", "'blank', 'unchanged', 'tiny', 'wide' or 'corrupt'"),
+        ("ailab.bad_output=grey", "'blank', 'unchanged', 'tiny', 'wide' or 'corrupt'"),
     ],
 )
 def test_bad_fault_specs_are_refused(spec: str, message: str) -> None:

@@ -241,6 +241,8 @@ def test_emulator_command_serves_with_injected_faults(tmp_path: Path) -> None:
             "changeclothes.forced_codes=[10005]",
             "--fault",
             "hidream.credits=0",
+            "--fault",
+            "all.bad_outputs=blank,tiny",
         ],
         env=env,
         cwd=tmp_path,
@@ -267,7 +269,10 @@ def test_emulator_command_serves_with_injected_faults(tmp_path: Path) -> None:
             files={"category": (None, "upper_body")},
         ).json()
         assert answer["code"] == 10005  # the forced code, before any other check
-        assert control.faults()["hidream"].credits == 0
+        plans = control.faults()
+        assert plans["hidream"].credits == 0
+        assert len(plans) == 4
+        assert all(plan.bad_outputs == ["blank", "tiny"] for plan in plans.values())
     finally:
         control.close()
         server.terminate()
