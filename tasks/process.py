@@ -335,7 +335,7 @@ async def _try_on(
             record.request_id = result.request_id or record.request_id
             record.cache_hit = result.cache_hit
             t_dl = time.perf_counter()
-            outcome.coarse = await store_result(ctx, lane, result, record)
+            outcome.coarse = await store_result(ctx, lane, result, record, person=person)
             record.download_ms = _ms(t_dl)
             if ctx.thumbnails is not None:
                 ctx.thumbnails.offer(row.row_index, record.output_uri, outcome.coarse)
@@ -479,7 +479,7 @@ async def _refine(
                 record.provider_ms = _ms(t_call)
             record.request_id = result.request_id or record.request_id
             t_dl = time.perf_counter()
-            refined = await store_result(ctx, lane, result, record)
+            refined = await store_result(ctx, lane, result, record, person=person)
             record.download_ms = _ms(t_dl)
             if ctx.thumbnails is not None:
                 ctx.thumbnails.offer(row.row_index, record.output_uri, refined)

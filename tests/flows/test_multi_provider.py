@@ -207,3 +207,30 @@ async def test_spent_retries_and_moderation_fall_back_and_a_fallback_that_cannot
     first, last = tryon_records(lake).rows(named=True)
     assert (first["error_code"], first["fallback_to"]) == ("HARMFUL_CONTENT", HD)
     assert (last["provider"], last["fallback_from"], last["status"]) == (HD, CC, "succeeded")
+
+
+async def test_a_blank_or_unchanged_result_falls_back_and_a_rerun_pays_nothing(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    fast_hidream(use_emulator)
+    use_emulator.control.set_faults(CC, bad_outputs=["blank", "unchanged"])
+    manifest = write_manifest(tmp_path / "m.csv", sample_rows(5))
+    lake = tmp_path / "lake"
+    params = BatchParams(manifest=str(manifest), lake=str(lake), fallback=[HD])
+
+    summary = await tryon_batch(params)
+
+    assert summary.counts == {"succeeded": 5} and summary.fell_back == 2
+    records = tryon_records(lake)
+    left = records.filter(pl.col("fallback_to") == HD)
+    assert sorted(left["error_code"]) == ["OUTPUT_BLANK", "OUTPUT_UNCHANGED"]
+    # A rejected result is not kept: nothing in the lake, nothing in the ledger.
+    assert left["output_uri"].is_null().all() and left["attempts"].to_list() == [1, 1]
+    came = records.filter(pl.col("fallback_from") == CC)
+    assert sorted(came["row_id"]) == sorted(left["row_id"])
+    assert (came["status"] == "succeeded").all()
+    assert submits(use_emulator, CC_SUBMIT) == 5 and submits(use_emulator, HD_SUBMIT) == 2
+
+    use_emulator.control.reset(faults=True)
+    again = await tryon_batch(params)
+    assert use_emulator.control.posts() == 0 and again.already_done == 5
