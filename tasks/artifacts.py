@@ -129,10 +129,11 @@ async def publish_summary_table(
 
 def scorecard_table(score: pl.DataFrame) -> list[dict[str, str | int | float | None]]:
     """The run's scorecard (``tasks.scorecard``) as table rows: codes as "CODE 3, CODE2 1",
-    text escaped (the UI renders cells as markdown), numbers as they are."""
+    text escaped (the UI renders cells as markdown), numbers as they are; no run id (the
+    artifact belongs to the run)."""
     return [
         {name: _md(value) if isinstance(value, str) else value for name, value in row.items()}
-        for row in scorecard_rows(score)
+        for row in scorecard_rows(score.drop("run_id", strict=False))
     ]
 
 

@@ -132,9 +132,10 @@ def records_frame(
 
 
 def run_scorecard(records: Iterable[RowRecord]) -> pl.DataFrame:
-    """One run's scorecard from its records (``records_frame``, then ``scorecard``).
-    CPU-bound for large runs: call it in a thread."""
-    return scorecard(records_frame(records))
+    """One run's scorecard from its records (``records_frame``, then ``scorecard``), with its
+    ``run_id`` column: the file beside the run names its run, so scorecards of many runs read
+    together still tell them apart. CPU-bound for large runs: call it in a thread."""
+    return scorecard(records_frame(records), by_run=True)
 
 
 def align_records(records: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
@@ -341,8 +342,8 @@ def format_codes(codes: Sequence[Mapping[str, Any]] | None) -> str:
 
 
 def scorecard_rows(frame: pl.DataFrame) -> list[dict[str, str | int | float | None]]:
-    """The scorecard as plain rows for tables (an artifact, CSV, JSON-less consumers):
-    ``failed_by_code`` as text, times rounded to 0.1 ms."""
+    """The scorecard as plain rows for tables (the artifact, the sheet): ``failed_by_code``
+    as text, times rounded to 0.1 ms."""
     rows: list[dict[str, str | int | float | None]] = []
     for row in frame.iter_rows(named=True):
         row["failed_by_code"] = format_codes(row["failed_by_code"])
@@ -364,12 +365,10 @@ def scorecard_flat(frame: pl.DataFrame) -> pl.DataFrame:
 
 def scorecard_text_rows(frame: pl.DataFrame) -> list[dict[str, str]]:
     """Every cell as text (an HTML or terminal table): times in whole ms, "-" when none."""
-    return [
-        {name: _text(value, name) for name, value in row.items()} for row in scorecard_rows(frame)
-    ]
+    return [{name: _text(value) for name, value in row.items()} for row in scorecard_rows(frame)]
 
 
-def _text(value: object, name: str) -> str:
+def _text(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):

@@ -108,6 +108,7 @@ async def build_contact_sheet(
     records = list(records)
     if score is None:
         score = scorecard(records_frame(records))
+    score = score.drop("run_id", strict=False)  # the sheet is one run's
     rows = group_rows(records)
     if prompts:
         rows = [replace(row, prompt=prompts.get(row.row_index)) for row in rows]

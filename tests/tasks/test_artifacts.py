@@ -241,6 +241,7 @@ async def test_run_outputs_are_published_and_read_back(
     assert score[("ailab", "refine")]["failed_by_code"] == "MODERATED 1"
     written = lake.run_path("run-a", "scorecard.parquet")
     assert pl.read_parquet(written).equals(run_scorecard(records))
+    assert pl.read_parquet(written)["run_id"].to_list() == ["run-a", "run-a"]  # names its run
     markdown = found[REPORT_KEY].data
     assert "# Try-on run `run-a`" in markdown
     assert f"- Scorecard: `{written}` (per provider and stage)" in markdown
