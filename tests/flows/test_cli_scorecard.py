@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner, Result
 
+from flows import cli
 from flows.cli import app
 from schemas.results import RowRecord, Status
 from tasks.lake import Lake
@@ -92,8 +94,14 @@ def lake_dir(tmp_path: Path) -> str:
     return str(tmp_path / "lake")
 
 
-def scorecard(*args: str) -> Result:
-    return CliRunner().invoke(app, ["scorecard", *args], env={"COLUMNS": "250"})
+def scorecard(*args: str, width: int = 250) -> Result:
+    """The command as on a terminal ``width`` columns wide (its own Console: another test may
+    have sized the module's)."""
+    original, cli.out = cli.out, Console(soft_wrap=True, width=width)
+    try:
+        return CliRunner().invoke(app, ["scorecard", *args])
+    finally:
+        cli.out = original
 
 
 def figures(result: Result) -> dict[tuple[str, str], dict[str, Any]]:
@@ -121,8 +129,7 @@ def test_every_committed_run_by_default_as_a_table(lake_dir: str) -> None:
     ]  # fmt: skip
     assert "left out, published but not committed: run-3" in result.stderr
     # A terminal too narrow for the table: names and numbers are still never cut in two.
-    narrow = CliRunner().invoke(app, ["scorecard", lake_dir], env={"COLUMNS": "60"})
-    words = narrow.stdout.split()
+    words = scorecard(lake_dir, width=60).stdout.split()
     assert {"changeclothes", "MODERATED", "1000"} <= set(words)
 
 
