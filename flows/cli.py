@@ -700,6 +700,148 @@ def server_status() -> None:
     raise typer.Exit(EXIT_ROWS)
 
 
+if TYPE_CHECKING:
+    import polars as pl
+
+SCORE_FORMATS = ("table", "csv", "json")
+
+
+def _storage_options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as fsspec options; a VALUE that parses as JSON is taken as such
+    (``client_kwargs={"region_name": "eu-west-1"}``, ``anon=true``), else as a string."""
+    import json
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--storage-option {pair!r}: expected KEY=VALUE")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
+
+
+# Terminal headings: narrow, so a run's scorecard fits 80 columns (the page has room for
+# SCORE_HEADINGS' longer ones).
+_SCORE_TERMINAL_HEADINGS = {"succeeded": "ok", "fallbacks_out": "fb out", "fallbacks_in": "fb in"}
+
+
+def _score_table(score: pl.DataFrame, where: str) -> Table:
+    """The scorecard for people: columns zero in every row (and records, when they are the
+    rows) are left out, so it fits a terminal; CSV and JSON keep every column."""
+    from rich import box
+
+    from tasks.scorecard import SCORE_HEADINGS, scorecard_text_rows
+
+    rows = scorecard_text_rows(score)
+    optional = ("skipped", "invalid", "fallbacks_out", "fallbacks_in")
+    shown = [
+        name
+        for name in SCORE_HEADINGS
+        if name in score.columns
+        and not (name in optional and all(row[name] == "0" for row in rows))
+        and not (name == "records" and all(row["records"] == row["rows"] for row in rows))
+    ]
+    table = Table(
+        title=f"Scorecard: {where}",
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for name in shown:
+        heading = _SCORE_TERMINAL_HEADINGS.get(name, SCORE_HEADINGS[name])
+        words = [*heading.split(), *(word for row in rows for word in row[name].split())]
+        text = name in ("run_id", "provider", "stage", "failed_by_code")
+        table.add_column(
+            heading,
+            justify="left" if text else "right",
+            # Never narrower than its longest word: a name or a number is never cut in two
+            # (a terminal too narrow for the table wraps its lines instead).
+            min_width=max(map(len, words)),
+        )
+    for row in rows:  # Text, not markup: codes may hold '[...]'
+        table.add_row(*(Text(row[name]) for name in shown))
+    return table
+
+
+@app.command("scorecard")
+def scorecard_cmd(
+    lake: Annotated[str, typer.Argument(help="Lake root: folder or fsspec URL.")],
+    runs: Annotated[
+        list[str] | None, typer.Option("--run", help="Only this run (repeatable).")
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(help="Records started at or after this (ISO 8601; UTC unless it says)."),
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Records started before this (ISO 8601; UTC unless it says).")
+    ] = None,
+    categories: Annotated[
+        list[str] | None, typer.Option("--category", help="Only this category (repeatable).")
+    ] = None,
+    by_run: Annotated[bool, typer.Option("--by-run", help="A row per run as well.")] = False,
+    output_format: Annotated[
+        str, typer.Option("--format", help="table (default), or csv or json for scripts.")
+    ] = "table",
+    storage_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--storage-option",
+            help="KEY=VALUE fsspec option for the lake, repeatable (VALUE as JSON if it parses).",
+        ),
+    ] = None,
+) -> None:
+    """Per provider and stage, over the lake's committed runs: rows, outcomes, failures by
+    code, provider calls, provider time p50/p95 and fallbacks. A record's time is its start
+    (its run's start when it never started). Exit 1 if a --run is not committed in the lake."""
+    import json
+
+    from tasks.lake import Lake
+    from tasks.scorecard import (
+        filter_records,
+        parse_time,
+        read_committed,
+        scorecard,
+        scorecard_flat,
+    )
+
+    try:
+        if output_format not in SCORE_FORMATS:
+            raise ValueError(f"--format {output_format!r}: one of {', '.join(SCORE_FORMATS)}")
+        start, end = parse_time(since, "--since"), parse_time(until, "--until")
+        opened = Lake.open(lake, storage_options=_storage_options(storage_option or []))
+        committed = read_committed(opened, runs=runs)
+    except ValueError as exc:
+        _failed("cannot report", exc)
+        raise typer.Exit(EXIT_NOT_STARTED) from None
+    except OSError as exc:
+        _failed(f"cannot read the lake {lake}", exc)
+        raise typer.Exit(EXIT_NOT_STARTED) from None
+    for run_id in committed.not_committed:
+        _say(f"not a committed run in {opened.uri}: {run_id}")
+    if committed.skipped:
+        _say(f"left out, published but not committed: {', '.join(committed.skipped)}")
+    records = filter_records(
+        committed.records,
+        since=start,
+        until=end,
+        categories=categories,
+        run_starts=committed.run_starts,
+    )
+    score = scorecard(records, by_run=by_run)
+    if output_format == "csv":
+        out.file.write(scorecard_flat(score).write_csv())
+    elif output_format == "json":
+        out.file.write(json.dumps(score.to_dicts(), indent=2) + "\n")
+    else:
+        out.print(_score_table(score, f"{len(committed.runs)} committed run(s) in {opened.uri}"))
+    raise typer.Exit(EXIT_ROWS if committed.not_committed else EXIT_OK)
+
+
 def main() -> None:
     app()
 

@@ -1,4 +1,5 @@
-"""Prefect artifacts for a run: a status table, a markdown report and a live progress bar.
+"""Prefect artifacts for a run: a status table, a scorecard, a markdown report and a live
+progress bar.
 
 Thin: the tallies and the contact sheet are built in ``tasks.report`` (Prefect-free). Every
 call here uses the explicit async forms of Prefect 3.9 (``acreate_*``,
@@ -24,6 +25,7 @@ from types import TracebackType
 from typing import Any, Final, Protocol
 from uuid import UUID
 
+import polars as pl
 from prefect.artifacts import (
     acreate_markdown_artifact,
     acreate_progress_artifact,
@@ -46,10 +48,17 @@ from tasks.report import (
     read_run_records,
     write_contact_sheet,
 )
+from tasks.scorecard import (
+    SCORECARD_FILE,
+    run_scorecard,
+    scorecard_bytes,
+    scorecard_rows,
+)
 
 __all__ = [
     "PROGRESS_KEY",
     "REPORT_KEY",
+    "SCORECARD_KEY",
     "SUMMARY_TABLE_KEY",
     "ProgressTee",
     "RunFacts",
@@ -58,14 +67,17 @@ __all__ = [
     "artifact_key",
     "publish_report_markdown",
     "publish_run_outputs",
+    "publish_scorecard_table",
     "publish_summary_table",
     "render_report_markdown",
+    "scorecard_table",
     "summary_table",
 ]
 
 SUMMARY_TABLE_KEY: Final = "tryon-run-summary"
 REPORT_KEY: Final = "tryon-run-report"
 PROGRESS_KEY: Final = "tryon-run-progress"
+SCORECARD_KEY: Final = "tryon-run-scorecard"
 
 _STATUS_COLUMNS: Final = tuple(str(s) for s in Status)
 _KEY_JUNK_RE: Final = re.compile(r"[^a-z0-9-]+")
@@ -115,6 +127,27 @@ async def publish_summary_table(
     )
 
 
+def scorecard_table(score: pl.DataFrame) -> list[dict[str, str | int | float | None]]:
+    """The run's scorecard (``tasks.scorecard``) as table rows: codes as "CODE 3, CODE2 1",
+    text escaped (the UI renders cells as markdown), numbers as they are; no run id (the
+    artifact belongs to the run)."""
+    return [
+        {name: _md(value) if isinstance(value, str) else value for name, value in row.items()}
+        for row in scorecard_rows(score.drop("run_id", strict=False))
+    ]
+
+
+async def publish_scorecard_table(
+    score: pl.DataFrame, *, key: str = SCORECARD_KEY, description: str | None = None
+) -> UUID:
+    """A table artifact: the run's scorecard, a row per provider and stage."""
+    return await acreate_table_artifact(
+        scorecard_table(score),
+        key=artifact_key(key),
+        description=description or "Rows, outcomes, calls, time and fallbacks by provider",
+    )
+
+
 # ----------------------------------------------------------------------------- markdown
 
 
@@ -131,6 +164,7 @@ class RunReport:
     run_metadata_uri: str | None = None  # this run's partition
     summary_uri: str | None = None
     contact_sheet: ContactSheetUris | None = None
+    scorecard_uri: str | None = None
     duration_s: float | None = None
     fatal_error: str | None = None
 
@@ -185,6 +219,8 @@ def render_report_markdown(report: RunReport) -> str:
         lines.append(f"- This run's metadata: {_md_code(report.run_metadata_uri)}")
     if report.summary_uri:
         lines.append(f"- Summary: {_md_code(report.summary_uri)}")
+    if report.scorecard_uri:
+        lines.append(f"- Scorecard: {_md_code(report.scorecard_uri)} (per provider and stage)")
     lines.append("")
 
     if report.failures:
@@ -384,11 +420,14 @@ async def publish_run_outputs(
     bank: ThumbnailBank | None = None,
     prompts: Mapping[int, str] | None = None,
 ) -> ContactSheetUris | None:
-    """At the end of a run: the contact sheet in the lake and the table and report artifacts.
+    """At the end of a run: the contact sheet and the scorecard in the lake, and the table,
+    scorecard and report artifacts.
 
     Reads the run's records back from the lake (``read_run_records``) unless given. The sheet
     shows inputs only from ``bank`` (what the run held) and fetches nothing; ``prompts``: the
-    prompt rows' texts by row index, which the records do not hold.
+    prompt rows' texts by row index, which the records do not hold. The scorecard
+    (``runs/<run_id>/scorecard.parquet``) counts this run's own records (not those an earlier
+    run recorded).
     Reporting never changes the run's outcome: a failure is logged and the rest still
     published. Returns the contact sheet's URIs, or None if it could not be written.
     """
@@ -396,6 +435,11 @@ async def publish_run_outputs(
     if records is None:
         records = await asyncio.to_thread(read_run_records, lake, run.run_id)
     counts = count_statuses(records)
+    score: pl.DataFrame | None = None
+    try:
+        score = await asyncio.to_thread(run_scorecard, records)
+    except Exception as exc:  # reporting must not fail a run whose results are safe
+        logger.warning("scorecard not computed: %s: %s", type(exc).__name__, exc)
 
     async def contact_sheet() -> ContactSheetUris | None:
         try:
@@ -406,6 +450,7 @@ async def publish_run_outputs(
                 bank=bank,
                 manifest_rows=run.total_rows,
                 prompts=prompts,
+                score=score,
             )
         # Reporting must not fail a run whose results are already safe in the lake.
         except Exception as exc:
@@ -418,8 +463,23 @@ async def publish_run_outputs(
         except Exception as exc:
             logger.warning("summary table not published: %s: %s", type(exc).__name__, exc)
 
-    # The sheet is CPU in threads, the table an API call: together, not one after the other.
-    sheet, _ = await asyncio.gather(contact_sheet(), table())
+    async def score_outputs() -> str | None:
+        if score is None:
+            return None
+        uri: str | None = None
+        try:
+            path = lake.run_path(run.run_id, SCORECARD_FILE)
+            uri = await lake.awrite_bytes(path, await asyncio.to_thread(scorecard_bytes, score))
+        except Exception as exc:
+            logger.warning("scorecard not written: %s: %s", type(exc).__name__, exc)
+        try:
+            await publish_scorecard_table(score)
+        except Exception as exc:
+            logger.warning("scorecard table not published: %s: %s", type(exc).__name__, exc)
+        return uri
+
+    # The sheet is CPU in threads, the tables API calls: together, not one after the other.
+    sheet, _, score_uri = await asyncio.gather(contact_sheet(), table(), score_outputs())
     report = RunReport(
         run_id=run.run_id,
         total_rows=run.total_rows,
@@ -430,6 +490,7 @@ async def publish_run_outputs(
         run_metadata_uri=lake.full_uri(lake.path("metadata", f"run_id={run.run_id}")),
         summary_uri=run.summary_uri,
         contact_sheet=sheet,
+        scorecard_uri=score_uri,
         duration_s=run.duration_s,
         fatal_error=run.fatal_error,
     )

@@ -17,6 +17,7 @@ from tasks.report.contact_sheet import (
 from tasks.report.records import (
     FailureGroup,
     SheetRow,
+    SheetTrack,
     StatusCount,
     count_statuses,
     group_failures,
@@ -47,6 +48,7 @@ __all__ = [
     "OutputReader",
     "SheetLayout",
     "SheetRow",
+    "SheetTrack",
     "StatusCount",
     "ThumbnailBank",
     "build_contact_sheet",

@@ -17,8 +17,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
+import polars as pl
+
 from schemas.manifest import is_safe_id
-from schemas.results import RowRecord, Status
+from schemas.results import PRIMARY_TRACK, RowRecord, Stage, Status
 from tasks.lake import Lake, LakePathError
 from tasks.report.page import PageRow, earlier_note, page_row, render_page
 from tasks.report.records import SheetRow, group_rows, read_run_records
@@ -31,6 +33,13 @@ from tasks.report.thumbnails import (
     ThumbnailBank,
     cell_specs,
     lake_output_reader,
+)
+from tasks.scorecard import (
+    records_frame,
+    score_line,
+    scorecard,
+    scorecard_rows,
+    scorecard_text_rows,
 )
 
 __all__ = [
@@ -47,6 +56,7 @@ CONTACT_SHEET_HTML: Final = "contact_sheet.html"
 CONTACT_SHEET_JPEG: Final = "contact_sheet.jpg"
 DEFAULT_MAX_LISTED_ROWS: Final = 20_000
 _ROWS_PER_BATCH: Final = 8
+_MAX_SCORE_LINES: Final = 8  # on the image; the HTML page has the whole scorecard
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +87,9 @@ async def build_contact_sheet(
     refined: bool | None = None,
     manifest_rows: int | None = None,
     prompts: Mapping[int, str] | None = None,
+    score: pl.DataFrame | None = None,
 ) -> ContactSheet:
-    """The contact sheet of a run's records (both stages), rows in manifest order.
+    """The contact sheet of a run's records (both stages, every track), rows in manifest order.
 
     Nothing is fetched. ``bank``: thumbnails made during the run from bytes it held, the only
     source of input images; an input it lacks is a placeholder saying why. ``read_output``:
@@ -89,8 +100,15 @@ async def build_contact_sheet(
     ``refined``: show the refined column; by default, when any record is a refine record.
     ``manifest_rows``: the manifest's row count, so rows missing from ``records`` are noted.
     ``prompts``: prompt rows' texts by row index (the records do not hold them), shown where
-    the garment image would be.
+    the garment image would be. ``score``: the run's scorecard (``tasks.scorecard``), shown
+    above the rows; by default computed from ``records``.
+    When providers were compared, each compared provider's track has its own result
+    column(s) after the row's own provider's (or providers', when routed or fallen back).
     """
+    records = list(records)
+    if score is None:
+        score = scorecard(records_frame(records))
+    score = score.drop("run_id", strict=False)  # the sheet is one run's
     rows = group_rows(records)
     if prompts:
         rows = [replace(row, prompt=prompts.get(row.row_index)) for row in rows]
@@ -98,12 +116,27 @@ async def build_contact_sheet(
         refined = any(row.refine is not None for row in rows)
     if run_id is None:
         run_id = next((r.tryon.run_id for r in rows if r.tryon is not None), "")
-    layout = SheetLayout(thumb_px=thumb_px, refined=refined)
+    score_rows = scorecard_rows(score)
+    score_lines = _score_lines(score_rows)
+    compared = tuple(sorted({t.name for r in rows for t in r.tracks} - {PRIMARY_TRACK}))
+    layout = SheetLayout(
+        thumb_px=thumb_px,
+        refined=refined,
+        compared=compared,
+        primary_label=_primary_label(rows) if compared else "",
+        score_lines=len(score_lines),
+    )
     image_rows = rows[: max(0, max_image_rows)]
     listed = max(len(image_rows), min(len(rows), max_listed_rows))
     headline = _headline(rows)
     extent = _extent_note(len(rows), len(image_rows), listed, manifest_rows)
-    image = SheetImage(layout, len(image_rows), title=f"Run {run_id}: {headline}", extent=extent)
+    image = SheetImage(
+        layout,
+        len(image_rows),
+        title=f"Run {run_id}: {headline}",
+        extent=extent,
+        score=score_lines,
+    )
 
     if bank is not None:
         await bank.settle()
@@ -124,8 +157,18 @@ async def build_contact_sheet(
     page_rows.extend(page_row(row, layout, None) for row in rows[len(image_rows) : listed])
 
     jpeg = await asyncio.to_thread(image.to_jpeg)
+    earlier = any(r.already_recorded for r in records)
     html = render_page(
-        run_id=run_id, headline=headline, extent=extent, layout=layout, rows=page_rows
+        run_id=run_id,
+        headline=headline,
+        extent=extent,
+        layout=layout,
+        rows=page_rows,
+        scorecard=scorecard_text_rows(score),
+        # Rows an earlier run recorded are on the sheet but cost this run nothing.
+        scorecard_note="this run's records; rows earlier runs recorded are not counted"
+        if earlier
+        else "",
     )
     return ContactSheet(
         html=html,
@@ -135,6 +178,30 @@ async def build_contact_sheet(
         rows_with_images=len(image_rows),
         rows_listed=listed,
     )
+
+
+def _primary_label(rows: Sequence[SheetRow]) -> str:
+    """The provider(s) whose try-on outcomes fill the primary track's column, most rows
+    first: one unless rows were routed or fell back ("changeclothes / hidream")."""
+    finals = [r.tryon for r in rows if r.tryon is not None]
+    counts = Counter(r.provider for r in finals if r.status != Status.INVALID) or Counter(
+        r.provider for r in finals
+    )
+    return " / ".join(name for name, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _score_lines(score_rows: Sequence[Mapping[str, object]]) -> list[str]:
+    """The scorecard on the image, a line per provider and stage, when the run used more than
+    one try-on provider (compared, routed, fallen back); with one, the headline says it all
+    and the image keeps its plain title."""
+    tryon_providers = {r["provider"] for r in score_rows if r["stage"] == str(Stage.TRYON)}
+    if len(tryon_providers) < 2:
+        return []
+    lines = [score_line(row) for row in score_rows]
+    if len(lines) > _MAX_SCORE_LINES:
+        more = len(lines) - _MAX_SCORE_LINES + 1
+        lines = [*lines[: _MAX_SCORE_LINES - 1], f"... and {more} more in {CONTACT_SHEET_HTML}"]
+    return lines
 
 
 def _headline(rows: Sequence[SheetRow]) -> str:
@@ -178,6 +245,7 @@ async def write_contact_sheet(
     max_listed_rows: int = DEFAULT_MAX_LISTED_ROWS,
     manifest_rows: int | None = None,
     prompts: Mapping[int, str] | None = None,
+    score: pl.DataFrame | None = None,
 ) -> ContactSheetUris:
     """Build the run's contact sheet and write ``runs/<run_id>/contact_sheet.{html,jpg}``.
 
@@ -200,6 +268,7 @@ async def write_contact_sheet(
         max_listed_rows=max_listed_rows,
         manifest_rows=manifest_rows,
         prompts=prompts,
+        score=score,
     )
     jpeg_uri = await lake.awrite_bytes(lake.path("runs", run_id, CONTACT_SHEET_JPEG), sheet.jpeg)
     html_uri = await lake.awrite_bytes(

@@ -13,7 +13,7 @@ pixels need not be kept until the page is rendered.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -22,9 +22,10 @@ import jinja2
 
 from schemas.results import RowRecord, Status
 from tasks.images import display_uri
-from tasks.report.records import SheetRow
+from tasks.report.records import SheetRow, route_note, stage_entries
 from tasks.report.sheet import SheetLayout
 from tasks.report.thumbnails import Cell
+from tasks.scorecard import SCORE_HEADINGS
 
 __all__ = ["PageImage", "PageRow", "PageStage", "earlier_note", "page_row", "render_page"]
 
@@ -55,6 +56,7 @@ class PageStage:
     message: str = ""  # whole: the page wraps it
     output: str = ""  # the output's URI, redacted
     earlier: str = ""  # set when an earlier run had already done (or recorded) this stage
+    route: str = ""  # its place in a fallback chain: "from X", "fell back to Y"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +75,10 @@ def page_row(row: SheetRow, layout: SheetLayout, cells: Sequence[Cell] | None) -
     images: tuple[PageImage, ...] | None = None
     if cells is not None:
         images = tuple(
-            _page_image(column, cell) for column, cell in zip(layout.columns, cells, strict=True)
+            _page_image(label, cell) for label, cell in zip(layout.labels, cells, strict=True)
         )
-    stages = [_page_stage("try-on", row.tryon)]
-    if layout.refined:
-        stages.append(_page_stage("refine", row.refine))
+    entries = stage_entries(row, refined=layout.refined, compared=layout.compared)
+    stages = [_page_stage(label, record) for label, record in entries]
     ran = [stage for stage in stages if stage.status is not None]
     return PageRow(
         number=row.row_index + 1,
@@ -91,17 +92,28 @@ def page_row(row: SheetRow, layout: SheetLayout, cells: Sequence[Cell] | None) -
 
 
 def render_page(
-    *, run_id: str, headline: str, extent: str, layout: SheetLayout, rows: Sequence[PageRow]
+    *,
+    run_id: str,
+    headline: str,
+    extent: str,
+    layout: SheetLayout,
+    rows: Sequence[PageRow],
+    scorecard: Sequence[Mapping[str, str]] = (),
+    scorecard_note: str = "",
 ) -> str:
-    """The whole page: a title, the run's headline and extent, then a table of ``rows``."""
+    """The whole page: a title, the run's headline and extent, its scorecard (rows of
+    ``scorecard_text_rows``), then a table of ``rows``."""
     return _template().render(
         run_id=run_id,
         headline=headline,
         extent=extent,
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        columns=layout.columns,
+        columns=layout.labels,
         thumb_px=layout.thumb_px,
         rows=rows,
+        score_columns=list(SCORE_HEADINGS.items()),
+        scorecard=scorecard,
+        scorecard_note=scorecard_note,
     )
 
 
@@ -141,6 +153,7 @@ def _page_stage(label: str, record: RowRecord | None) -> PageStage:
         message=record.error_message or "",
         output=display_uri(record.output_uri) if record.output_uri else "",
         earlier=earlier_note(record),
+        route=route_note(record),
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import posixpath
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Final
@@ -17,18 +17,21 @@ from typing import Final
 import polars as pl
 
 from schemas.manifest import is_safe_id
-from schemas.results import RowRecord, Stage, Status, records_to_frame
+from schemas.results import PRIMARY_TRACK, RowRecord, Stage, Status, records_to_frame
 from tasks.lake import Lake, LakePathError
 
 __all__ = [
     "MESSAGE_CHARS",
     "FailureGroup",
     "SheetRow",
+    "SheetTrack",
     "StatusCount",
     "count_statuses",
     "group_failures",
     "group_rows",
     "read_run_records",
+    "route_note",
+    "stage_entries",
     "write_report_records",
 ]
 
@@ -37,23 +40,58 @@ MESSAGE_CHARS: Final = 300
 
 
 @dataclass(frozen=True, slots=True)
+class SheetTrack:
+    """One track of a manifest row: its try-on records in the order the row went through
+    them (each but the last fell back to the next), and the refine of its result."""
+
+    name: str  # PRIMARY_TRACK, or the compared provider's name
+    tryons: tuple[RowRecord, ...]
+    refine: RowRecord | None = None
+
+    @property
+    def tryon(self) -> RowRecord | None:
+        """The track's try-on outcome: the last record of its chain."""
+        return self.tryons[-1] if self.tryons else None
+
+    @property
+    def records(self) -> tuple[RowRecord, ...]:
+        return self.tryons + ((self.refine,) if self.refine is not None else ())
+
+
+@dataclass(frozen=True, slots=True)
 class SheetRow:
-    """One manifest row: its try-on record and, when the run refined, its refine record."""
+    """One manifest row: its try-on record and, when the run refined, its refine record.
+
+    ``tryon`` and ``refine`` are the primary track's outcome; ``tracks`` holds every track,
+    the primary first (when it has records), then compared providers' by name."""
 
     row_index: int
     tryon: RowRecord | None
     refine: RowRecord | None
     prompt: str | None = None  # a prompt row's text (not in the records: from the manifest)
+    tracks: tuple[SheetTrack, ...] = ()
 
     @property
     def row_id(self) -> str | None:
         record = self.tryon or self.refine
+        if record is None:
+            record = next((r for t in self.tracks for r in t.records), None)
         return record.row_id if record else None
 
     @property
+    def primary(self) -> SheetTrack | None:
+        return self.track(PRIMARY_TRACK)
+
+    def track(self, name: str) -> SheetTrack | None:
+        return next((t for t in self.tracks if t.name == name), None)
+
+    @property
     def status(self) -> Status:
-        """The row's worst outcome over its stages, for colouring."""
-        statuses = [r.status for r in (self.tryon, self.refine) if r is not None]
+        """The row's worst outcome over its stages and tracks, for colouring. A record that
+        fell back is not an outcome: the record it fell back to is."""
+        outcomes = [self.tryon, self.refine]
+        outcomes += [r for t in self.tracks if t.name != PRIMARY_TRACK for r in (t.tryon, t.refine)]
+        statuses = [r.status for r in outcomes if r is not None]
         for worst in (Status.INVALID, Status.FAILED, Status.SKIPPED):
             if worst in statuses:
                 return worst
@@ -63,23 +101,115 @@ class SheetRow:
 def group_rows(records: Iterable[RowRecord]) -> list[SheetRow]:
     """Records -> one ``SheetRow`` per manifest row, in manifest order.
 
-    Keyed by ``row_index`` (ids may repeat in a bad manifest). Should a (row, stage) be
-    recorded twice, the record that finished last wins.
+    Keyed by ``row_index`` (ids may repeat in a bad manifest), then by track. Should a
+    (row, track, stage) be recorded twice, the record that finished last wins; a try-on chain
+    that fell back keeps one record per provider (the last finished), in fallback order.
     """
-    by_index: dict[int, dict[Stage, RowRecord]] = {}
+    by_index: dict[int, dict[str, list[RowRecord]]] = {}
     for record in records:
-        stages = by_index.setdefault(record.row_index, {})
-        held = stages.get(record.stage)
-        if held is None or _finished_key(record) >= _finished_key(held):
-            stages[record.stage] = record
-    return [
-        SheetRow(row_index=index, tryon=stages.get(Stage.TRYON), refine=stages.get(Stage.REFINE))
-        for index, stages in sorted(by_index.items())
-    ]
+        by_index.setdefault(record.row_index, {}).setdefault(record.track, []).append(record)
+    rows = []
+    for index, by_track in sorted(by_index.items()):
+        tracks = [
+            _track(name, by_track[name])
+            for name in sorted(by_track, key=lambda n: (n != PRIMARY_TRACK, n))
+        ]
+        primary = tracks[0] if tracks[0].name == PRIMARY_TRACK else None
+        rows.append(
+            SheetRow(
+                row_index=index,
+                tryon=primary.tryon if primary else None,
+                refine=primary.refine if primary else None,
+                tracks=tuple(tracks),
+            )
+        )
+    return rows
+
+
+def _track(name: str, records: list[RowRecord]) -> SheetTrack:
+    refine: RowRecord | None = None
+    tryons: list[RowRecord] = []
+    for record in records:
+        if record.stage == Stage.REFINE:
+            refine = _later(refine, record)
+        else:
+            tryons.append(record)
+    return SheetTrack(name, _chain(tryons), refine)
+
+
+def _later(held: RowRecord | None, record: RowRecord) -> RowRecord:
+    """The one of two records of the same thing that finished last (``record`` on a tie)."""
+    return record if held is None or _finished_key(record) >= _finished_key(held) else held
+
+
+def _chain(records: list[RowRecord]) -> tuple[RowRecord, ...]:
+    """A track's try-on records in the order the row went through them.
+
+    Without any fallback, one record: the last finished (a row recorded twice). With
+    fallbacks, one per provider, from the first (no ``fallback_from`` among them) along
+    ``fallback_to``; any record the links do not reach follows, by start time.
+    """
+    if not records:
+        return ()
+    if not any(r.fallback_from or r.fallback_to for r in records):
+        last: RowRecord | None = None
+        for record in records:
+            last = _later(last, record)
+        assert last is not None
+        return (last,)
+    by_provider: dict[str, RowRecord] = {}
+    for record in records:
+        by_provider[record.provider] = _later(by_provider.get(record.provider), record)
+    ordered = sorted(by_provider.values(), key=_started_key)
+    chain: list[RowRecord] = []
+    for first in ordered:
+        if first.fallback_from in by_provider or first in chain:
+            continue
+        step: RowRecord | None = first
+        while step is not None and step not in chain:
+            chain.append(step)
+            step = by_provider.get(step.fallback_to) if step.fallback_to else None
+    chain += [r for r in ordered if r not in chain]  # a loop in the links: nothing is lost
+    return tuple(chain)
+
+
+def _started_key(record: RowRecord) -> float:
+    return record.started_at.timestamp() if record.started_at else float("-inf")
 
 
 def _finished_key(record: RowRecord) -> float:
     return record.finished_at.timestamp() if record.finished_at else float("-inf")
+
+
+def stage_entries(
+    row: SheetRow, *, refined: bool, compared: Sequence[str] = ()
+) -> list[tuple[str, RowRecord | None]]:
+    """What a row's status lists, in order, as (label, record or None when it did not run):
+    every try-on of the primary track's chain, its refine, then each compared track's."""
+    primary = row.primary
+    entries: list[tuple[str, RowRecord | None]] = [
+        ("try-on", record) for record in (primary.tryons if primary else ())
+    ] or [("try-on", row.tryon)]
+    if refined:
+        entries.append(("refine", row.refine))
+    for name in compared:
+        track = row.track(name)
+        tryons = track.tryons if track else ()
+        entries += [("compare try-on", record) for record in tryons] or [("compare try-on", None)]
+        if refined:
+            entries.append(("compare refine", track.refine if track else None))
+    return entries
+
+
+def route_note(record: RowRecord) -> str:
+    """Where a try-on record sits in a fallback chain: "from X", "fell back to Y", both, or
+    "" outside any chain."""
+    parts = []
+    if record.fallback_from:
+        parts.append(f"from {record.fallback_from}")
+    if record.fallback_to:
+        parts.append(f"fell back to {record.fallback_to}")
+    return ", ".join(parts)
 
 
 def read_run_records(lake: Lake, run_id: str) -> list[RowRecord]:

@@ -15,7 +15,7 @@ from typing import Final
 from PIL import Image, ImageDraw, ImageFont
 
 from schemas.results import Status
-from tasks.report.records import MESSAGE_CHARS, SheetRow
+from tasks.report.records import MESSAGE_CHARS, SheetRow, route_note, stage_entries
 from tasks.report.thumbnails import DEFAULT_THUMB_PX, Cell
 
 __all__ = ["IMAGE_COLUMNS", "PLACEHOLDER_RGB", "SheetImage", "SheetLayout"]
@@ -50,10 +50,44 @@ class SheetLayout:
     status_width: int = 380
     title_height: int = 44
     header_height: int = 22
+    # Compared providers (their tracks), each with its own result column(s) after the
+    # primary track's; the primary's columns are then labelled ``primary_label``.
+    compared: tuple[str, ...] = ()
+    primary_label: str = ""
+    score_lines: int = 0  # scorecard lines added to the title band
+    line_px: int = 18  # a text line of the sheet's font
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return IMAGE_COLUMNS if self.refined else IMAGE_COLUMNS[:3]
+        """Column keys: inputs, the primary track's result(s), then each compared track's."""
+        own = IMAGE_COLUMNS if self.refined else IMAGE_COLUMNS[:3]
+        results = own[2:]
+        return own + tuple(f"{column}:{track}" for track in self.compared for column in results)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Column headings: the keys, unless tracks are compared: then each result column is
+        named after its track's provider(s)."""
+        if not self.compared:
+            return self.columns
+        labels = []
+        for column in self.columns:
+            stage, _, track = column.partition(":")
+            if stage not in ("coarse", "refined"):
+                labels.append(column)
+                continue
+            name = track or self.primary_label or "coarse"
+            labels.append(name if stage == "coarse" else f"{name} refined")
+        return tuple(labels)
+
+    @property
+    def title_band(self) -> int:
+        return self.title_height + self.score_lines * self.line_px
+
+    @property
+    def header_band(self) -> int:
+        # Provider names rarely fit a thumbnail's width: a second line when they are headings.
+        return self.header_height + (self.line_px if self.compared else 0)
 
     @property
     def cell(self) -> int:
@@ -65,7 +99,7 @@ class SheetLayout:
 
     @property
     def top(self) -> int:
-        return self.title_height + self.header_height
+        return self.title_band + self.header_band
 
     @property
     def width(self) -> int:
@@ -84,12 +118,22 @@ class SheetLayout:
 class SheetImage:
     """The grid for ``rows`` rows, drawn a row at a time so only the canvas stays in memory."""
 
-    def __init__(self, layout: SheetLayout, rows: int, *, title: str, extent: str) -> None:
+    def __init__(
+        self,
+        layout: SheetLayout,
+        rows: int,
+        *,
+        title: str,
+        extent: str,
+        score: Sequence[str] = (),
+    ) -> None:
+        """``score``: the scorecard's lines, drawn under the title (``layout.score_lines``
+        of them at most)."""
         self.layout = layout
         self._canvas = Image.new("RGB", (layout.width, layout.height(rows)), "white")
         self._draw = ImageDraw.Draw(self._canvas)
         self._font = _font()
-        _draw_title(self._draw, layout, self._font, title, extent)
+        _draw_title(self._draw, layout, self._font, title, extent, score)
         _draw_header(self._draw, layout, self._font)
 
     def draw_row(self, drawn: int, row: SheetRow, cells: Sequence[Cell]) -> None:
@@ -160,6 +204,7 @@ def _draw_title(
     font: _Font,
     title: str,
     extent: str,
+    score: Sequence[str],
 ) -> None:
     width = layout.width - 2 * layout.pad
     line_h = _line_height(font)
@@ -168,15 +213,23 @@ def _draw_title(
         for line in _wrap(text, font, width, 1):
             draw.text((layout.pad, y), line, fill=colour, font=font)
             y += line_h
+    y = layout.title_height  # the scorecard's own lines, below the band of today's two
+    for text in score[: layout.score_lines]:
+        for line in _wrap(text, font, width, 1):
+            draw.text((layout.pad, y), line, fill=_TEXT_RGB, font=font)
+            y += layout.line_px
 
 
 def _draw_header(draw: ImageDraw.ImageDraw, layout: SheetLayout, font: _Font) -> None:
-    y0 = layout.title_height
-    draw.rectangle((0, y0, layout.width - 1, y0 + layout.header_height - 1), fill=_HEADER_RGB)
-    labels = [*layout.columns, "row / status"]
+    y0 = layout.title_band
+    draw.rectangle((0, y0, layout.width - 1, y0 + layout.header_band - 1), fill=_HEADER_RGB)
+    labels = [*layout.labels, "row / status"]
+    lines = 2 if layout.compared else 1
     for index, label in enumerate(labels):
         x = index * layout.cell + layout.pad
-        draw.text((x, y0 + 4), label, fill=_TEXT_RGB, font=font)
+        room = layout.cell - layout.pad if index < len(layout.columns) else layout.status_width
+        for offset, line in enumerate(_wrap(label, font, room, lines)):
+            draw.text((x, y0 + 4 + offset * layout.line_px), line, fill=_TEXT_RGB, font=font)
 
 
 def _draw_row(
@@ -213,7 +266,7 @@ def _draw_row(
     width = layout.status_width - 2 * layout.pad
     y = y0 + layout.pad
     room = (layout.row_height - 2 * layout.pad) // line_h  # lines left in this row's band
-    for text, colour in _status_lines(row, layout.refined):
+    for text, colour in _status_lines(row, layout):
         if room <= 0:
             break
         for line in _wrap(text, font, width, room):
@@ -222,17 +275,19 @@ def _draw_row(
             room -= 1
 
 
-def _status_lines(row: SheetRow, refined: bool) -> list[tuple[str, tuple[int, int, int]]]:
+def _status_lines(row: SheetRow, layout: SheetLayout) -> list[tuple[str, tuple[int, int, int]]]:
     lines = [(f"#{row.row_index + 1}  {row.row_id or '(no id)'}", _TEXT_RGB)]
-    stages = [("try-on", row.tryon)] + ([("refine", row.refine)] if refined else [])
+    entries = stage_entries(row, refined=layout.refined, compared=layout.compared)
     messages = []
-    for label, record in stages:
+    for label, record in entries:
         if record is None:
             lines.append((f"{label}: not run", _MUTED_RGB))
             continue
         text = f"{label}: {record.status} ({record.provider})"
         if record.error_code:
             text += f" {record.error_code}"
+        if route := route_note(record):
+            text += f", {route}"
         if record.already_recorded or record.reused_from_run:
             text += (
                 ", already done earlier"
@@ -241,6 +296,8 @@ def _status_lines(row: SheetRow, refined: bool) -> list[tuple[str, tuple[int, in
             )
         lines.append((text, _STATUS_RGB[record.status]))
         if record.error_message:
-            messages.append(f"{label}: {record.error_message[:MESSAGE_CHARS]}")
+            # Several try-ons of one stage (a chain, a comparison): say whose message it is.
+            who = f" ({record.provider})" if len(entries) > (2 if layout.refined else 1) else ""
+            messages.append(f"{label}{who}: {record.error_message[:MESSAGE_CHARS]}")
     lines.extend((message, _MUTED_RGB) for message in messages)
     return lines

@@ -280,7 +280,12 @@ def _input_note(record: RowRecord | None, uri: str) -> str:
 
 
 def cell_specs(row: SheetRow, columns: Sequence[str]) -> list[CellSpec]:
+    """What each of ``columns`` (``SheetLayout.columns``) shows for ``row``: the inputs, then
+    each track's try-on outcome ("coarse", or "coarse:<track>" for a compared provider's) and
+    its refine ("refined", "refined:<track>")."""
     tryon = row.tryon
+    if tryon is None:  # a row with compared tracks only: their records name the inputs
+        tryon = next((t.tryon for t in row.tracks if t.tryon is not None), None)
     invalid = tryon is not None and tryon.status == Status.INVALID
 
     def input_spec(uri: str | None, absent: str, title: str = "") -> CellSpec:
@@ -300,7 +305,15 @@ def cell_specs(row: SheetRow, columns: Sequence[str]) -> list[CellSpec]:
         "person": input_spec(tryon.person_image if tryon else None, "no image"),
         "garment": garment_spec,
     }
-    for column, record in (("coarse", tryon), ("refined", row.refine)):
+    results: list[tuple[str, RowRecord | None]] = [("coarse", row.tryon), ("refined", row.refine)]
+    for column in columns:
+        stage, _, name = column.partition(":")
+        if name:
+            track = row.track(name)
+            results.append(
+                (column, (track.tryon if stage == "coarse" else track.refine) if track else None)
+            )
+    for column, record in results:
         succeeded = record is not None and record.status == Status.SUCCEEDED
         uri = record.output_uri if succeeded and record else None
         specs[column] = CellSpec(

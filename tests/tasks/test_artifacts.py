@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import polars as pl
 import pytest
 from PIL import Image
 from prefect import flow, get_client
@@ -22,6 +23,7 @@ from schemas.results import ErrorKind, RowRecord, Stage, Status
 from tasks.artifacts import (
     PROGRESS_KEY,
     REPORT_KEY,
+    SCORECARD_KEY,
     SUMMARY_TABLE_KEY,
     ProgressTee,
     RunProgressArtifact,
@@ -29,10 +31,12 @@ from tasks.artifacts import (
     artifact_key,
     publish_run_outputs,
     render_report_markdown,
+    scorecard_table,
     summary_table,
 )
 from tasks.lake import Lake
 from tasks.report import count_statuses, group_failures
+from tasks.scorecard import run_scorecard
 
 HOSTILE_ID = "<script>alert(1)</script>"
 
@@ -138,7 +142,7 @@ def current_flow_run_id() -> UUID:
 
 def test_artifact_keys_are_valid_prefect_keys() -> None:
     assert artifact_key("Try-on Run_Summary: 2026/01") == "try-on-run-summary-2026-01"
-    for key in (SUMMARY_TABLE_KEY, REPORT_KEY, PROGRESS_KEY):
+    for key in (SUMMARY_TABLE_KEY, REPORT_KEY, PROGRESS_KEY, SCORECARD_KEY):
         assert artifact_key(key) == key
     with pytest.raises(ValueError):
         artifact_key("!!!")
@@ -174,6 +178,18 @@ def test_report_markdown_escapes_untrusted_text(tmp_path: Path) -> None:
     assert "| `IMAGE_REJECTED` | permanent | 2 | `bad-1`, `bad-2` |" in markdown
 
 
+def test_scorecard_table_escapes_codes_and_keeps_numbers(tmp_path: Path) -> None:
+    records = sample_records(Lake.open(str(tmp_path)))
+    records.append(record(5, "odd", Status.FAILED, error_code="A|B", attempts=2, provider_ms=10.0))
+    rows = scorecard_table(run_scorecard(records))
+    table = {(row["provider"], row["stage"]): row for row in rows}
+    tryon = table[("changeclothes", "tryon")]
+    assert tryon["failed_by_code"] == "IMAGE\\_REJECTED 2, A\\|B 1"
+    assert (tryon["rows"], tryon["failed"], tryon["invalid"], tryon["attempts"]) == (6, 3, 1, 2)
+    assert tryon["provider_ms_p50"] == 10.0
+    assert table[("ailab", "refine")]["failed_by_code"] == "MODERATED 1"
+
+
 # ----------------------------------------------------------------------- through Prefect
 
 
@@ -203,20 +219,32 @@ async def test_run_outputs_are_published_and_read_back(
     flow_run_id = await finished_run()
     found = await artifacts_of(flow_run_id)
 
-    assert set(found) == {SUMMARY_TABLE_KEY, REPORT_KEY, PROGRESS_KEY}
-    assert [found[k].type for k in (SUMMARY_TABLE_KEY, REPORT_KEY, PROGRESS_KEY)] == [
-        "table",
-        "markdown",
-        "progress",
-    ]
+    assert set(found) == {SUMMARY_TABLE_KEY, REPORT_KEY, PROGRESS_KEY, SCORECARD_KEY}
+    kinds = [found[k].type for k in (SUMMARY_TABLE_KEY, REPORT_KEY, PROGRESS_KEY, SCORECARD_KEY)]
+    assert kinds == ["table", "markdown", "progress", "table"]
     assert found[PROGRESS_KEY].data == 100.0
     table = json.loads(found[SUMMARY_TABLE_KEY].data)
     assert {(r["provider"], r["stage"]): r["total"] for r in table} == {
         ("ailab", "refine"): 2,
         ("changeclothes", "tryon"): 5,
     }
+    # The scorecard: a row per provider and stage, as written beside the run in the lake.
+    score = {(r["provider"], r["stage"]): r for r in json.loads(found[SCORECARD_KEY].data)}
+    assert set(score) == {("ailab", "refine"), ("changeclothes", "tryon")}
+    assert score[("changeclothes", "tryon")] | {"failed_by_code": None} == {
+        "provider": "changeclothes", "stage": "tryon", "rows": 5, "records": 5,
+        "succeeded": 2, "failed": 2, "skipped": 0, "invalid": 1, "failed_by_code": None,
+        "attempts": 0, "provider_ms_p50": None, "provider_ms_p95": None,
+        "fallbacks_out": 0, "fallbacks_in": 0,
+    }  # fmt: skip
+    assert score[("changeclothes", "tryon")]["failed_by_code"] == "IMAGE\\_REJECTED 2"
+    assert score[("ailab", "refine")]["failed_by_code"] == "MODERATED 1"
+    written = lake.run_path("run-a", "scorecard.parquet")
+    assert pl.read_parquet(written).equals(run_scorecard(records))
+    assert pl.read_parquet(written)["run_id"].to_list() == ["run-a", "run-a"]  # names its run
     markdown = found[REPORT_KEY].data
     assert "# Try-on run `run-a`" in markdown
+    assert f"- Scorecard: `{written}` (per provider and stage)" in markdown
     sheet_html = lake.full_uri(lake.path("runs", "run-a", "contact_sheet.html"))
     assert f"Contact sheet: `{sheet_html}`" in markdown
     assert f"`{summary.metadata_uri}`" in markdown
