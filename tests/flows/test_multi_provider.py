@@ -234,3 +234,42 @@ async def test_a_blank_or_unchanged_result_falls_back_and_a_rerun_pays_nothing(
     use_emulator.control.reset(faults=True)
     again = await tryon_batch(params)
     assert use_emulator.control.posts() == 0 and again.already_done == 5
+
+
+async def test_the_scorecard_agrees_with_the_emulators_own_counts(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    fast_hidream(use_emulator)
+    # The primary: one blank result, then three paid calls, then no credits (answers 10003).
+    use_emulator.control.set_faults(CC, credits=4, bad_outputs=["blank"])
+    manifest = write_manifest(tmp_path / "m.csv", sample_rows(9))
+    lake = tmp_path / "lake"
+    params = BatchParams(
+        manifest=str(manifest),
+        lake=str(lake),
+        fallback=[HD],
+        compare=["tencent"],
+        limits={"max_in_flight": 1},
+    )
+
+    summary = await tryon_batch(params)
+
+    card = pl.read_parquet(lake / "runs" / summary.run_id / "scorecard.parquet")
+    tryon = {row["provider"]: row for row in card.filter(stage="tryon").iter_rows(named=True)}
+    stats = use_emulator.control.stats()
+    # Calls: the scorecard's attempts are the submissions the emulator answered.
+    assert tryon[CC]["attempts"] == submits(use_emulator, CC_SUBMIT) == 5
+    assert tryon[HD]["attempts"] == submits(use_emulator, HD_SUBMIT)
+    assert tryon["tencent"]["attempts"] == stats.provider("tencent").requests == 9
+    # Outcomes: what the emulator answered with success, less the result the checks refused.
+    cc = stats.provider(CC)
+    codes = {c["code"]: c["count"] for c in tryon[CC]["failed_by_code"]}
+    assert codes == {"OUTPUT_BLANK": 1, "INSUFFICIENT_CREDITS": 1}
+    assert cc.bad_outputs == {"blank": 1} and cc.errors["10003"] == 1
+    assert tryon[CC]["succeeded"] == cc.succeeded - 1 == 3
+    assert tryon[HD]["succeeded"] == submits(use_emulator, HD_SUBMIT) == 6
+    assert tryon["tencent"]["succeeded"] == stats.provider("tencent").succeeded == 9
+    # Fallbacks: out of the primary, into the fallback, as the summary counts rows.
+    assert tryon[CC]["fallbacks_out"] == tryon[HD]["fallbacks_in"] == summary.fell_back == 6
+    assert tryon[CC]["rows"] == 9 and tryon[HD]["rows"] == 6 and tryon["tencent"]["rows"] == 9
+    assert tryon[CC]["provider_ms_p50"] <= tryon[CC]["provider_ms_p95"]
