@@ -725,7 +725,12 @@ def _storage_options(pairs: list[str]) -> dict[str, Any]:
 
 # Terminal headings: narrow, so a run's scorecard fits 80 columns (the page has room for
 # SCORE_HEADINGS' longer ones).
-_SCORE_TERMINAL_HEADINGS = {"succeeded": "ok", "fallbacks_out": "fb out", "fallbacks_in": "fb in"}
+_SCORE_TERMINAL_HEADINGS = {
+    "succeeded": "ok",
+    "failed_by_code": "codes",
+    "fallbacks_out": "fb out",
+    "fallbacks_in": "fb in",
+}
 
 
 def _score_table(score: pl.DataFrame, where: str) -> Table:
@@ -736,12 +741,13 @@ def _score_table(score: pl.DataFrame, where: str) -> Table:
     from tasks.scorecard import SCORE_HEADINGS, scorecard_text_rows
 
     rows = scorecard_text_rows(score)
-    optional = ("skipped", "invalid", "fallbacks_out", "fallbacks_in")
+    optional = ("failed", "skipped", "invalid", "fallbacks_out", "fallbacks_in")
     shown = [
         name
         for name in SCORE_HEADINGS
         if name in score.columns
         and not (name in optional and all(row[name] == "0" for row in rows))
+        and not (name == "failed_by_code" and not any(row[name] for row in rows))
         and not (name == "records" and all(row["records"] == row["rows"] for row in rows))
     ]
     table = Table(
