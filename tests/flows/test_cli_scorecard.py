@@ -118,7 +118,7 @@ def test_every_committed_run_by_default_as_a_table(lake_dir: str) -> None:
     heading = next(line for line in lines if "provider" in line)
     # Columns zero in every row, and records (the same as rows here), are left out.
     assert heading.split() == [
-        "provider", "stage", "rows", "ok", "failed", "failed", "by", "code", "invalid", "calls",
+        "provider", "stage", "rows", "ok", "failed", "codes", "invalid", "calls",
         "p50", "ms", "p95", "ms", "fb", "out", "fb", "in",
     ]  # fmt: skip
     # changeclothes over both runs: 4 rows, 1 succeeded, 2 failed, 1 invalid, 6 calls.
