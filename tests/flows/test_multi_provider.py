@@ -63,9 +63,11 @@ async def test_compare_sends_every_row_to_both_providers_and_a_rerun_pays_nothin
     assert skipped["row_id"].to_list() == ["p1"]
     assert skipped["error_code"].to_list() == ["PROVIDER_CANNOT_TAKE"]
     assert "prompt" in skipped["error_message"][0]
-    # Both providers' results are in the lake, one per row each.
+    # Both providers' results are in the lake, one per row each, and in the contact sheet.
     for uri in records.filter(pl.col("status") == "succeeded")["output_uri"]:
         assert Path(uri).is_file()
+    page = (lake / "runs" / summary.run_id / "contact_sheet.html").read_text()
+    assert "<th>changeclothes</th>" in page and f"<th>{HD}</th>" in page
 
     use_emulator.control.reset()
     again = await tryon_batch(params)
@@ -273,3 +275,28 @@ async def test_the_scorecard_agrees_with_the_emulators_own_counts(
     assert tryon[CC]["fallbacks_out"] == tryon[HD]["fallbacks_in"] == summary.fell_back == 6
     assert tryon[CC]["rows"] == 9 and tryon[HD]["rows"] == 6 and tryon["tencent"]["rows"] == 9
     assert tryon[CC]["provider_ms_p50"] <= tryon[CC]["provider_ms_p95"]
+
+
+async def test_with_the_refiner_on_it_refines_whichever_result_succeeded(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    fast_hidream(use_emulator)
+    use_emulator.control.set_faults("ailab", job_queued_s=0, job_running_s=0)
+    use_emulator.control.set_faults(CC, bad_outputs=["blank"])
+    manifest = write_manifest(tmp_path / "m.csv", sample_rows(1))
+    lake = tmp_path / "lake"
+    summary = await tryon_batch(
+        BatchParams(
+            manifest=str(manifest),
+            lake=str(lake),
+            fallback=[HD],
+            refine=True,
+            refine_gender="woman",
+        )
+    )
+    assert summary.counts == {"succeeded": 1} and summary.refine_counts == {"succeeded": 1}
+    meta = read_metadata(lake)
+    coarse = meta.filter(stage="tryon", status="succeeded")
+    refined = meta.filter(stage="refine")
+    assert coarse["provider"].to_list() == [HD]
+    assert refined["coarse_provider"].to_list() == [HD] and refined["status"][0] == "succeeded"
