@@ -211,36 +211,42 @@ def _start_emulator(stack: ExitStack) -> str:
     return server.base_url
 
 
+# The many-provider options `run` and `validate` share (see README "Choosing a provider").
+RouteOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--route",
+        metavar="CATEGORY=PROVIDER",
+        help="Provider for rows of a category that name none, repeatable "
+        "(e.g. --route dresses=hidream).",
+    ),
+]
+FallbackOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--fallback",
+        metavar="PROVIDER",
+        help="Provider a row goes on to when its provider fails it, repeatable, in order.",
+    ),
+]
+CompareOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--compare",
+        metavar="PROVIDER",
+        help="Provider every valid row also goes to, side by side, repeatable.",
+    ),
+]
+
+
 @app.command()
 def run(
     manifest: Annotated[str, typer.Argument(help="Manifest: CSV/Parquet path or fsspec URL.")],
     lake: Annotated[str, typer.Option(help="Lake root: folder or fsspec URL.")] = "./lake",
     provider: Annotated[str, typer.Option(help="Provider for rows naming none.")] = "changeclothes",
-    route: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--route",
-            metavar="CATEGORY=PROVIDER",
-            help="Provider for rows of a category that name none, repeatable "
-            "(e.g. --route dresses=hidream).",
-        ),
-    ] = None,
-    fallback: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--fallback",
-            metavar="PROVIDER",
-            help="Provider a row goes on to when its provider fails it, repeatable, in order.",
-        ),
-    ] = None,
-    compare: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--compare",
-            metavar="PROVIDER",
-            help="Provider every valid row also goes to, side by side, repeatable.",
-        ),
-    ] = None,
+    route: RouteOption = None,
+    fallback: FallbackOption = None,
+    compare: CompareOption = None,
     emulator: Annotated[
         bool,
         typer.Option(
@@ -424,31 +430,9 @@ def validate(
             "theirs), as `tryon run --provider` does.",
         ),
     ] = None,
-    route: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--route",
-            metavar="CATEGORY=PROVIDER",
-            help="Provider for rows of a category that name none, repeatable "
-            "(e.g. --route dresses=hidream).",
-        ),
-    ] = None,
-    fallback: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--fallback",
-            metavar="PROVIDER",
-            help="Provider a row goes on to when its provider fails it, repeatable, in order.",
-        ),
-    ] = None,
-    compare: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--compare",
-            metavar="PROVIDER",
-            help="Provider every valid row also goes to, side by side, repeatable.",
-        ),
-    ] = None,
+    route: RouteOption = None,
+    fallback: FallbackOption = None,
+    compare: CompareOption = None,
     refine: Annotated[
         bool, typer.Option("--refine", help="Also check the refiner's needs, as `run --refine`.")
     ] = False,

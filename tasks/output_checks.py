@@ -22,6 +22,7 @@ from PIL import Image, ImageChops
 
 from providers.base import ProviderError
 from schemas.results import ErrorKind
+from tasks.images.prepare import EXIF_TRANSPOSE
 
 __all__ = [
     "CHANGE_LEVEL",
@@ -66,16 +67,6 @@ _BACKDROP: Final = (255, 255, 255)  # transparency flattened on white, as input 
 _PERSONS_KEPT: Final = 512
 _PERSONS: OrderedDict[bytes, _Decoded | None] = OrderedDict()
 _PERSONS_LOCK: Final = threading.Lock()
-# Same table as ``ImageOps.exif_transpose``, applied to the thumbnail rather than the image.
-_TRANSPOSE: Final = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 
 
 def _fail(code: str, message: str) -> ProviderError:
@@ -147,7 +138,7 @@ def _thumbnail(image: Image.Image, what: str) -> Image.Image:
         raise _fail(
             "RESULT_NOT_AN_IMAGE", f"{what} does not decode as an image ({type(exc).__name__})"
         ) from None
-    method = _TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    method = EXIF_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
     return thumb.transpose(method) if method is not None else thumb
 
 

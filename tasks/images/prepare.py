@@ -49,7 +49,7 @@ _RESAMPLE: Final = Image.Resampling.LANCZOS
 _REDUCING_GAP: Final = 2.0
 _WHITE: Final = (255, 255, 255)
 # Same table as ``ImageOps.exif_transpose``; applied by hand so it runs after the resize.
-_TRANSPOSE: Final = {
+EXIF_TRANSPOSE: Final = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
     4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -112,8 +112,8 @@ def prepare_image(
             rgb = banded_resize(rgb, target, residual_filter(rgb, residual, candidates))
         else:
             rgb = banded_resize(rgb, target, _RESAMPLE, reducing_gap=_REDUCING_GAP)
-    if orientation in _TRANSPOSE:
-        rgb = rgb.transpose(_TRANSPOSE[orientation])
+    if orientation in EXIF_TRANSPOSE:
+        rgb = rgb.transpose(EXIF_TRANSPOSE[orientation])
     rgb.info = {}  # never carry EXIF/ICC/comments over
     return _encode_within_limit(rgb, profile=profile, source_uri=source_uri, shown=shown)
 
@@ -175,7 +175,7 @@ def _orientation(im: Image.Image) -> int:
         value = im.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception:  # malformed EXIF must not sink an otherwise good image
         return 1
-    return value if isinstance(value, int) and value in _TRANSPOSE else 1
+    return value if isinstance(value, int) and value in EXIF_TRANSPOSE else 1
 
 
 def _fit_size(width: int, height: int, *, profile: ImageProfile, shown: str) -> tuple[int, int]:
