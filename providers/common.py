@@ -36,6 +36,8 @@ class ErrorSpec:
     meaning: str
     name: str | None = None
     http_status: int | None = None
+    # The vendor bills a call answered with this error (most bill successful calls only).
+    charged: bool = False
 
 
 def redact_secrets(text: str, secrets: Iterable[str]) -> str:

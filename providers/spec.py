@@ -16,6 +16,7 @@ import httpx
 from providers.base import Capabilities
 from providers.settings import call_timeout_s
 from schemas.image_profile import ImageProfile
+from schemas.money import Price
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,8 @@ class ProviderSpec:
     requests_per_second: float | None = None
     default_base_url: str = ""  # the vendor's endpoint; TRYON_<NAME>_BASE_URL overrides it
     credential_env: tuple[str, ...] = ()  # the variables holding the account's credentials
+    # The vendor's published price per charged call; None: not published (unknown, never 0).
+    price: Price | None = None
 
     def client_class(self) -> type[Any]:
         module_name, _, class_name = self.client_path.partition(":")

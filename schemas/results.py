@@ -74,6 +74,9 @@ METADATA_SCHEMA: dict[str, pl.DataType] = {
     "provider_ms": pl.Float64(),  # the provider call(s), retries included
     "download_ms": pl.Float64(),  # fetching the result before its URL expires
     "total_ms": pl.Float64(),
+    # What this record's calls cost, in the run's currency: 0 when the vendor charged nothing,
+    # null when the provider's price is unknown or the run counts no money.
+    "cost": pl.Float64(),
 }
 
 
@@ -115,6 +118,7 @@ class RowRecord(BaseModel):
     provider_ms: float | None = None
     download_ms: float | None = None
     total_ms: float | None = None
+    cost: float | None = None
     # Not a column: True when a committed earlier run's metadata already holds this record,
     # so this run reports the row as done without writing it again (no duplicates).
     _already_recorded: bool = PrivateAttr(default=False)

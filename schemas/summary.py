@@ -55,6 +55,12 @@ class RunSummary(BaseModel):
     # Why rows did not succeed: the most frequent (stage, error code) pairs, largest first.
     # Absent from summaries written before it (it defaults to empty).
     top_errors: list[ErrorCount] = Field(default_factory=list)
+    # Money: the run's currency, what its calls cost (None when a price in play is unknown),
+    # the budget it was given, and whether the budget stopped it.
+    currency: str | None = None
+    cost: float | None = None
+    budget: float | None = None
+    budget_exhausted: bool = False
 
     @property
     def exit_code(self) -> int:
