@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
 from flows.params import BatchParams, ProviderLimits, public_params, run_name
-from flows.preflight import run_checks
+from flows.preflight import Preflight, run_checks
 from flows.progress import watchers
 from flows.runners import dask_worker_threads, task_runner_from_env
 from schemas.summary import BatchIncomplete, ErrorCount, RunNotStarted, RunSummary
@@ -27,6 +29,7 @@ from tasks.context import open_run_contexts
 from tasks.error_counts import count_errors
 from tasks.execute import ChunkExecutor, DaskChunks, InProcessChunks
 from tasks.lake import Lake
+from tasks.money import Budget
 from tasks.plan import RunPlan
 from tasks.process import ProgressSink
 from tasks.summary import commit_run, first_fatal, summarize
@@ -55,10 +58,15 @@ def run_id_of_this_run() -> str:
     return str(current) if current else str(uuid.uuid4())
 
 
-async def start_run(params: BatchParams, run_id: str) -> tuple[Lake, RunPlan]:
+async def start_run(params: BatchParams, run_id: str) -> tuple[Lake, Preflight]:
     """The run's checks (``flows.preflight``; ``RunNotStarted`` when one fails, with nothing
-    written), then the lake marked with this run's start, and the run's plan."""
+    written), then the lake marked with this run's start; the checks hold the run's plan."""
     checks = await run_checks(params)
+    if params.budget and dask_worker_threads(FlowRunContext.get().task_runner) is not None:
+        raise RunNotStarted(
+            "a budget is kept by the flow's own process: run without TRYON_TASK_RUNNER=dask, "
+            "or without a budget"
+        )
     try:
         lake = Lake.open(params.lake, storage_options=params.storage_options)
         await asyncio.to_thread(
@@ -68,7 +76,7 @@ async def start_run(params: BatchParams, run_id: str) -> tuple[Lake, RunPlan]:
         )
     except (ValueError, OSError) as exc:
         raise RunNotStarted(f"the lake {params.lake} did not take the run's start: {exc}") from None
-    return lake, checks.plan
+    return lake, checks
 
 
 # Invalid rows listed in the flow's log; all of them are in the lake's metadata.
@@ -109,7 +117,9 @@ def prompts_of(plan: RunPlan) -> dict[int, str]:
     }
 
 
-def chunk_executor(params: BatchParams, sink: ProgressSink) -> ChunkExecutor:
+def chunk_executor(
+    params: BatchParams, sink: ProgressSink, prices: Mapping[str, Decimal | None]
+) -> ChunkExecutor:
     """Chunks on this process's event loop, or on Dask when that is the task runner
     (``TRYON_TASK_RUNNER``, flows/runners.py)."""
     threads = dask_worker_threads(FlowRunContext.get().task_runner)
@@ -118,7 +128,7 @@ def chunk_executor(params: BatchParams, sink: ProgressSink) -> ChunkExecutor:
     return DaskChunks(
         chunk_size=params.chunk_size,
         threads=threads,
-        settings=params.chunk_settings(),
+        settings=params.chunk_settings(prices),
         progress=sink,
     )
 
@@ -141,7 +151,8 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
     """
     started, run_id = time.perf_counter(), run_id_of_this_run()
     provider = params.provider  # a registered name: BatchParams checks it
-    lake, plan = await start_run(params, run_id)
+    lake, checks = await start_run(params, run_id)
+    plan = checks.plan
     log_plan(plan)
     # The caller's sinks (the CLI's progress bar) and a Prefect progress artifact.
     progress = RunProgressArtifact()
@@ -158,12 +169,14 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
             rows_by_provider=plan.rows_by_provider,
             compare=plan.compare,
             fallback=plan.fallback,
-            settings=params.chunk_settings(),
+            prices=checks.prices,
+            budget=(budget := Budget.of(params.budget, params.currency)),
+            settings=params.chunk_settings(checks.prices),
             limits=params.limits,
             refine_limits=params.refine_limits,
             progress=sink,
         )
-        executor = chunk_executor(params, sink)
+        executor = chunk_executor(params, sink, checks.prices)
         per_track = await asyncio.gather(*(executor.run(ctx, rows) for ctx, rows in run.tracks))
         stopped = first_fatal(run.lanes())
 
@@ -178,6 +191,8 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
         stopped=stopped,
         duration_s=time.perf_counter() - started,
         errors=invalid_errors,
+        budget=budget,
+        prices=checks.prices,
     )
     # Last: readers and reruns trust this run's metadata from here on.
     await asyncio.to_thread(commit_run, lake, summary)

@@ -239,6 +239,17 @@ CompareOption = Annotated[
 ]
 
 
+PriceOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--price",
+        metavar="PROVIDER=AMOUNT",
+        help="Price per charged call, in --currency, repeatable (default: TRYON_PRICES, else "
+        "the vendor's published price).",
+    ),
+]
+
+
 @app.command()
 def run(
     manifest: Annotated[str, typer.Argument(help="Manifest: CSV/Parquet path or fsspec URL.")],
@@ -247,6 +258,12 @@ def run(
     route: RouteOption = None,
     fallback: FallbackOption = None,
     compare: CompareOption = None,
+    price: PriceOption = None,
+    currency: Annotated[str, typer.Option(help="Currency of prices and budget.")] = "USD",
+    budget: Annotated[
+        float,
+        typer.Option(help="Most the run may spend, in --currency (0: no cap)."),
+    ] = 0,
     emulator: Annotated[
         bool,
         typer.Option(
@@ -297,6 +314,7 @@ def run(
     from providers.settings import secret_block_name
     from schemas.summary import RunNotStarted
     from tasks.fetch_guard import LOOPBACK
+    from tasks.money import parse_prices
 
     # Every check that needs no Prefect API, before Prefect is even imported: a run that
     # cannot start says why in one line, at once, and leaves nothing behind.
@@ -308,6 +326,12 @@ def run(
             route=parse_routes(route),
             fallback=fallback or [],
             compare=compare or [],
+            prices={
+                k: float(v)
+                for k, v in parse_prices(" ".join(price or []), option="--price").items()
+            },
+            currency=currency,
+            budget=budget,
             chunk_size=chunk_size,
             limits={"max_in_flight": max_in_flight, "requests_per_second": rps},
             max_attempts=max_attempts,
@@ -393,6 +417,19 @@ def run(
     raise typer.Exit(EXIT_OK if allow_row_errors else summary.exit_code)
 
 
+def _cost(summary: RunSummary) -> str:
+    """``0.45 USD (budget 1.00 USD)``; unknown when a price in play is."""
+    currency = summary.currency
+    text = "unknown (a provider's price is unknown: --price)" if summary.cost is None else ""
+    text = text or f"{summary.cost:.4f} {currency}".replace(".0000 ", " ")
+    if summary.budget is not None:
+        text += f" (budget {summary.budget:g} {currency}"
+        text += (
+            ", reached: rows not started are BUDGET_EXHAUSTED)" if summary.budget_exhausted else ")"
+        )
+    return text
+
+
 def _print_outcome(summary: RunSummary, api: PrefectApi) -> None:
     """Where everything is, the counts, and why rows did not succeed (top error codes)."""
 
@@ -402,6 +439,8 @@ def _print_outcome(summary: RunSummary, api: PrefectApi) -> None:
     line(f"Results:  {summary.results_uri}")
     line(f"Metadata: {summary.metadata_uri}  (read with polars.scan_parquet)")
     line(f"Summary:  {summary.summary_uri}")
+    if summary.currency is not None:
+        line(f"Cost:     {_cost(summary)}")
     if summary.fatal_error:
         after = f" ({summary.fell_back} rows went on to a fallback)" if summary.fell_back else ""
         line(Text.assemble(("Stopped calling: ", "red"), summary.fatal_error, after))

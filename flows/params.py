@@ -10,14 +10,16 @@ refiner's gender is a choice with an explicit "unset".
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import PurePosixPath
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from providers.registry import PROVIDERS, provider_spec
+from providers.registry import PROVIDERS, all_specs, provider_spec
 from schemas.manifest import CATEGORIES
 from tasks.chunk_settings import ChunkSettings
 from tasks.fetch_guard import parse_allow_entry
@@ -147,6 +149,28 @@ class BatchParams(BaseModel):
         title="Refiner limits",
         description="Limits on the calls to the refiner.",
     )
+    currency: str = Field(
+        default="USD",
+        title="Currency",
+        description="The currency of prices, costs and the budget (ISO 4217, e.g. USD). A "
+        "provider whose published price is in another currency counts as unknown unless "
+        "its price is given below.",
+    )
+    prices: dict[str, float] = Field(
+        default_factory=dict,
+        title="Prices per call",
+        description="Price per charged call by provider (ailab_refiner for the refiner), in "
+        "the currency above, e.g. changeclothes: 0.05. Not given: the TRYON_PRICES variable "
+        "where the flow runs, else the vendor's published price; else unknown.",
+    )
+    budget: float = Field(
+        default=0,
+        ge=0,
+        title="Budget",
+        description="Most this run may spend, in the currency above: it stops calling before "
+        "a call could pass it, and the rest are skipped (BUDGET_EXHAUSTED); a rerun goes on "
+        "from there. 0 (default): no cap. Needs every price in play to be known.",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         title="Storage options",
@@ -175,10 +199,11 @@ class BatchParams(BaseModel):
         """The refiner's gender for rows without one, or None."""
         return None if self.refine_gender == "unset" else self.refine_gender
 
-    def chunk_settings(self) -> ChunkSettings:
+    def chunk_settings(self, prices: Mapping[str, Decimal | None] | None = None) -> ChunkSettings:
         """The run-wide part of what a chunk in another process needs (its share of slots,
-        rate and any fatal error are filled in per chunk)."""
+        rate and any fatal error are filled in per chunk); ``prices``: the run's, settled."""
         return ChunkSettings(
+            prices={k: None if v is None else str(v) for k, v in (prices or {}).items()},
             lake=self.lake,
             storage_options=self.storage_options,
             max_in_flight=1,
@@ -203,6 +228,26 @@ class BatchParams(BaseModel):
     @classmethod
     def _known_providers(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(provider_spec(name).name for name in value))
+
+    @field_validator("currency")
+    @classmethod
+    def _iso_currency(cls, value: str) -> str:
+        code = value.strip().upper()
+        if len(code) != 3 or not code.isalpha():
+            raise ValueError(f"currency must be an ISO 4217 code such as USD, not {value!r}")
+        return code
+
+    @field_validator("prices")
+    @classmethod
+    def _priced_accounts(cls, value: dict[str, float]) -> dict[str, float]:
+        accounts = {spec.name for spec in all_specs()}
+        for name, amount in value.items():
+            if name not in accounts:
+                known = ", ".join(sorted(accounts))
+                raise ValueError(f"prices: unknown provider {name!r} (known: {known})")
+            if not amount >= 0 or amount == float("inf"):
+                raise ValueError(f"prices: {name} must cost 0 or more, not {amount}")
+        return value
 
     @field_validator("route")
     @classmethod

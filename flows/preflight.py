@@ -25,6 +25,7 @@ import asyncio
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import httpx
 from pydantic import ValidationError
@@ -37,6 +38,7 @@ from schemas.manifest_rows import ValidationReport
 from schemas.summary import RunNotStarted
 from tasks.lake import Lake, LakeNotUsable
 from tasks.manifest import load_manifest, redact_uri
+from tasks.money import run_prices
 from tasks.plan import RunPlan, plan_run
 from tasks.staging import InputStager
 
@@ -62,6 +64,8 @@ class Preflight:
     providers: tuple[str, ...]  # the accounts the run will call: try-on providers, refiner
     missing_credentials: tuple[str, ...] = field(default=())
     needed_by: dict[str, str] = field(default_factory=dict)  # variable -> provider
+    # Each account's price per charged call in the run's currency; None: unknown.
+    prices: dict[str, Decimal | None] = field(default_factory=dict)
 
 
 def check_run(params: BatchParams, *, emulator: bool = False) -> Preflight:
@@ -82,6 +86,7 @@ def check_run(params: BatchParams, *, emulator: bool = False) -> Preflight:
         fallback=params.fallback,
     )
     specs = _specs_in_use(plan, refine=params.refine)
+    prices = _check_prices(params, specs)
     lake = _open_lake(params)
     missing: dict[str, str] = {}
     for spec in specs:
@@ -106,6 +111,7 @@ def check_run(params: BatchParams, *, emulator: bool = False) -> Preflight:
         providers=tuple(spec.name for spec in specs),
         missing_credentials=tuple(missing),
         needed_by=missing,
+        prices=prices,
     )
 
 
@@ -203,6 +209,23 @@ def _specs_in_use(plan: RunPlan, *, refine: bool) -> list[ProviderSpec]:
     with rows, compared or fallen back to, and the refiner's when the run refines."""
     specs = [PROVIDERS[name] for name in plan.providers()]
     return [*specs, REFINER] if refine else specs
+
+
+def _check_prices(params: BatchParams, specs: Sequence[ProviderSpec]) -> dict[str, Decimal | None]:
+    """Each account's price; a budget needs every one of them known."""
+    try:
+        prices = run_prices(specs, currency=params.currency, given=params.prices)
+    except ValueError as exc:  # a malformed TRYON_PRICES
+        raise RunNotStarted(f"{exc}: expected e.g. changeclothes=0.05,hidream=0.04") from None
+    unknown = [name for name, price in prices.items() if price is None]
+    if params.budget and unknown:
+        given = " ".join(f"--price {name}=AMOUNT" for name in unknown)
+        raise RunNotStarted(
+            f"a budget needs the price of every provider the run may call, and "
+            f"{', '.join(unknown)} has none in {params.currency}: give it ({given}, or the "
+            f"prices parameter, or TRYON_PRICES where the flow runs)"
+        )
+    return prices
 
 
 def _who(spec: ProviderSpec) -> str:

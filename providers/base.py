@@ -84,6 +84,7 @@ class ProviderError(Exception):
         http_status: int | None = None,
         request_id: str | None = None,
         retry_after: float | None = None,
+        charged: bool = False,
     ) -> None:
         super().__init__(f"[{provider} {code}] {message}")
         self.kind = kind
@@ -93,6 +94,7 @@ class ProviderError(Exception):
         self.http_status = http_status
         self.request_id = request_id
         self.retry_after = retry_after
+        self.charged = charged  # the vendor bills this answer (its error table says so)
 
     @property
     def retryable(self) -> bool:
@@ -111,6 +113,7 @@ class ProviderError(Exception):
             "http_status": self.http_status,
             "request_id": self.request_id,
             "retry_after": self.retry_after,
+            "charged": self.charged,
         }
 
 

@@ -128,7 +128,9 @@ class ResponseContext:
         retry_after = lowered.get("retry-after") if read_retry_after else None
         self.retry_after = parse_retry_after(retry_after)
 
-    def error(self, kind: ErrorKind, code: str, message: str) -> ProviderError:
+    def error(
+        self, kind: ErrorKind, code: str, message: str, *, charged: bool = False
+    ) -> ProviderError:
         return ProviderError(
             kind=kind,
             code=code,
@@ -137,10 +139,11 @@ class ResponseContext:
             http_status=self.status,
             request_id=self.request_id,
             retry_after=self.retry_after,
+            charged=charged,
         )
 
-    def fail(self, kind: ErrorKind, code: str, message: str) -> NoReturn:
-        raise self.error(kind, code, message)
+    def fail(self, kind: ErrorKind, code: str, message: str, *, charged: bool = False) -> NoReturn:
+        raise self.error(kind, code, message, charged=charged)
 
     def fail_without_json(self, body: bytes, *, fatal: Collection[int] = (401, 403)) -> NoReturn:
         """An answer without the vendor's JSON: malformed (permanent) with a 2xx; otherwise the
@@ -157,7 +160,8 @@ class ResponseContext:
     def fail_code(self, code: int, spec: ErrorSpec, message: str) -> NoReturn:
         """A numeric vendor code found in the vendor's error table: its kind, its name."""
         name = spec.name or f"CODE_{code}"
-        self.fail(spec.kind, name, f"code {code} {name} ({spec.meaning}): {message}")
+        message = f"code {code} {name} ({spec.meaning}): {message}"
+        self.fail(spec.kind, name, message, charged=spec.charged)
 
 
 def unsupported_request(provider: str, message: str) -> ProviderError:

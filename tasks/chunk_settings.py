@@ -47,3 +47,5 @@ class ChunkSettings(BaseModel):
     refine_fatal: dict[str, Any] | None = None
     track: str = "primary"  # schemas.results.PRIMARY_TRACK, or the compared provider's name
     fallbacks: list[LaneShare] = Field(default_factory=list)  # in the order rows try them
+    # Each account's price per charged call (a decimal string), for the records' cost.
+    prices: dict[str, str | None] = Field(default_factory=dict)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence, Sized
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Protocol
 
 import httpx
@@ -28,6 +29,7 @@ from tasks.fetch_guard import inputs_client_for
 from tasks.images import PreparedImageCache
 from tasks.lake import Lake
 from tasks.ledger import WorkLedger
+from tasks.money import Budget
 from tasks.process import Lane, ProgressSink, RetryPolicy, RunContext, rows_in_progress
 from tasks.report import ThumbnailBank
 from tasks.staging import InputStager
@@ -117,6 +119,9 @@ async def standalone_context(
         )
         if settings.fatal:
             lane.state.fatal = error_from_fields(settings.fatal)
+        for priced in (lane, refine):
+            if priced is not None and (amount := settings.prices.get(priced.name)) is not None:
+                priced.price = Decimal(amount)
         fallbacks = []
         for share in settings.fallbacks:
             fallback = await open_lane(
@@ -127,6 +132,8 @@ async def standalone_context(
             )
             if share.fatal:
                 fallback.state.fatal = error_from_fields(share.fatal)
+            if (amount := settings.prices.get(share.provider)) is not None:
+                fallback.price = Decimal(amount)
             fallbacks.append(open_stager(stack, lake, fallback))
         yield RunContext(
             run_id=run_id,
@@ -224,6 +231,8 @@ async def open_run_contexts(
     progress: ProgressSink,
     compare: Mapping[str, Sized] | None = None,
     fallback: Sequence[str] = (),
+    prices: Mapping[str, Decimal | None] | None = None,
+    budget: Budget | None = None,
 ) -> RunContexts:
     """The run's working context, closed with ``stack``: the guarded inputs client,
     credentials from Secret blocks, one leased lane per provider account (own, compared,
@@ -239,6 +248,7 @@ async def open_run_contexts(
     names = list(dict.fromkeys(names + (list(fallback) if rows_by_provider else [])))
     # Credentials the environment lacks may come from Prefect Secret blocks.
     await load_secret_blocks(credential_env_names(names, refine=settings.refine))
+    prices = prices or {}
     refine = await open_leased_lane(stack, REFINER, refine_limits) if settings.refine else None
     lanes: dict[str, Lane] = {}
     for name in names:
@@ -247,6 +257,10 @@ async def open_run_contexts(
             lanes[name] = open_stager(stack, lake, lane)
         except ValueError as exc:
             raise RunNotStarted(str(exc)) from None
+    for lane in [*lanes.values(), *([refine] if refine else [])]:
+        lane.price = prices.get(lane.name)
+        if budget is not None:
+            budget.lanes.append(lane)
     images = PreparedImageCache()
     # Contact-sheet thumbnails made as rows go, while the CPU waits on providers.
     thumbnails = ThumbnailBank()
@@ -269,6 +283,7 @@ async def open_run_contexts(
             progress=progress,
             ledger=WorkLedger(lake, run_id),
             thumbnails=thumbnails,
+            budget=budget,
         )
 
     tracks = [(context(name, PRIMARY_TRACK), rows) for name, rows in rows_by_provider.items()]

@@ -30,6 +30,7 @@ from schemas.manifest import ManifestRow
 from schemas.results import PRIMARY_TRACK, ErrorKind, RowRecord, Stage, Status
 from tasks.images import ImageInputError, prepare_image
 from tasks.ledger import DoneEntry, work_key
+from tasks.money import BUDGET_EXHAUSTED
 from tasks.plan import provider_problems, refine_not_applicable
 from tasks.provider_calls import call_provider, store_result, with_retries
 from tasks.run_context import (
@@ -181,14 +182,15 @@ async def _remember(ctx: RunContext, record: RowRecord) -> None:
     await ctx.ledger.forget_job(record.work_key)
 
 
-def _new_record(ctx: RunContext, row: ManifestRow, stage: Stage, provider: str) -> RowRecord:
+def _new_record(ctx: RunContext, row: ManifestRow, stage: Stage, lane: Lane) -> RowRecord:
     return RowRecord(
         run_id=ctx.run_id,
         row_id=row.id,
         row_index=row.row_index,
         stage=stage,
-        provider=provider,
+        provider=lane.name,
         track=ctx.track,
+        cost=lane.cost_of_calls(0),  # charged calls add their price (tasks.provider_calls)
         status=Status.FAILED,
         person_image=row.person_image,
         garment_image=row.garment_image,
@@ -366,12 +368,17 @@ async def _try_on_chain(ctx: RunContext, row: ManifestRow) -> tuple[list[RowReco
     records: list[RowRecord] = []
     coarse = None
     for i, lane in enumerate(chain):
-        record = _new_record(ctx, row, Stage.TRYON, lane.name)
+        record = _new_record(ctx, row, Stage.TRYON, lane)
         record.fallback_from = names[i - 1] if i else None
         outcome = await _try_on(ctx, lane, row, record, then=names[1:] if i == 0 else ())
         records.append(record)
         coarse = outcome.coarse
-        if record.status == Status.SUCCEEDED or outcome.input_failed or i + 1 == len(chain):
+        if (
+            record.status == Status.SUCCEEDED
+            or outcome.input_failed
+            or record.error_code == BUDGET_EXHAUSTED  # the run's cap: no provider may go on
+            or i + 1 == len(chain)
+        ):
             break
         record.fallback_to = names[i + 1]
     final = records[-1]
@@ -392,7 +399,7 @@ def _cannot_take(ctx: RunContext, row: ManifestRow) -> RowRecord | None:
     problems = provider_problems(row, ctx.lane.name, ctx.lane.client.capabilities)
     if not problems:
         return None
-    record = _new_record(ctx, row, Stage.TRYON, ctx.lane.name)
+    record = _new_record(ctx, row, Stage.TRYON, ctx.lane)
     record.status = Status.SKIPPED
     record.error_kind, record.error_code = ErrorKind.PERMANENT, "PROVIDER_CANNOT_TAKE"
     record.error_message = "; ".join(problems)
@@ -404,7 +411,7 @@ async def _refine(
 ) -> RowRecord:
     lane = ctx.refine
     assert lane is not None
-    record = _new_record(ctx, row, Stage.REFINE, lane.name)
+    record = _new_record(ctx, row, Stage.REFINE, lane)
     record.coarse_provider = coarse_record.provider
     reason, code = refine_not_applicable(row), "REFINE_NOT_APPLICABLE"
     if reason is None and coarse is None:

@@ -55,12 +55,26 @@ async def _resume_job(
     client: _Resumable = lane.client  # type: ignore[assignment]
     try:
         async with lane.semaphore:  # a running job holds a provider slot, as when submitted
-            return await client.wait(job.job_id)
+            result = await client.wait(job.job_id)
     except ProviderError as exc:
         if exc.kind is not ErrorKind.PERMANENT:
             raise
         await ctx.ledger.forget_job(key)
         return None
+    # Submitted by the run that crashed, paid for now: no record of that run holds it.
+    _charge(ctx, lane, record, reserved=False)
+    return result
+
+
+def _charge(ctx: RunContext, lane: Lane, record: RowRecord, *, reserved: bool) -> None:
+    """The vendor charged one call of ``record``'s: into its cost and the run's spend."""
+    if ctx.budget is not None:
+        if reserved:
+            ctx.budget.settle(lane.price, charged=True)
+        elif lane.price is not None:
+            ctx.budget.spent += lane.price
+    if lane.price is not None:
+        record.cost = (record.cost or 0.0) + float(lane.price)
 
 
 async def call_provider(
@@ -95,12 +109,17 @@ async def call_provider(
             await lane.rate.acquire()
             if lane.state.fatal:
                 raise lane.state.fatal
+            if ctx.budget is not None:  # BUDGET_EXHAUSTED stops every lane, this one too
+                ctx.budget.reserve(lane.price, lane.name)
             attempts[0] += 1
+            charged = False
             try:
                 # Checked again as the submission leaves: another row may learn of a fatal
                 # error while this one builds its request.
                 with gated_call(lambda: lane.state.fatal is None):
-                    return await submit(on_submitted)
+                    result = await submit(on_submitted)
+                charged = True
+                return result
             except CallNotSent:
                 attempts[0] -= 1  # nothing reached the provider
                 raise lane.state.fatal or ProviderError(
@@ -109,6 +128,14 @@ async def call_provider(
                     message="stopped before sending",
                     provider=lane.name,
                 ) from None
+            except ProviderError as exc:
+                charged = exc.charged  # most vendors bill successful calls only
+                raise
+            finally:
+                if charged:
+                    _charge(ctx, lane, record, reserved=True)
+                elif ctx.budget is not None:
+                    ctx.budget.settle(lane.price, charged=False)
 
     return await with_retries(ctx, one_call)
 

@@ -13,6 +13,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Literal, Protocol
 
 import httpx
@@ -23,6 +24,7 @@ from schemas.results import PRIMARY_TRACK, RowRecord
 from tasks.images import PreparedImageCache
 from tasks.lake import Lake
 from tasks.ledger import WorkLedger
+from tasks.money import Budget
 from tasks.staging import InputStager
 
 
@@ -94,6 +96,7 @@ class Lane:
     max_in_flight: int
     requests_per_second: float | None = None
     stager: InputStager | None = None
+    price: Decimal | None = None  # per charged call, in the run's currency; None: unknown
     state: RunState = field(default_factory=RunState)
     semaphore: asyncio.Semaphore = field(init=False)  # calls in flight
     rate: RateLimiter = field(init=False)
@@ -109,6 +112,16 @@ class Lane:
     @property
     def profile(self) -> ImageProfile:
         return self.client.profile
+
+    def stop(self, error: ProviderError) -> None:
+        """No call starts on this lane from now on (the first run-fatal error wins)."""
+        if self.state.fatal is None:
+            self.state.fatal = error
+            self.state.fatal_at = time.time()
+
+    def cost_of_calls(self, charged: int) -> float | None:
+        """What ``charged`` calls cost, for a record's ``cost``; None when the price is unknown."""
+        return None if self.price is None else float(self.price * charged)
 
 
 def rows_in_progress(max_in_flight: int) -> int:
@@ -141,6 +154,7 @@ class RunContext:
     progress: ProgressSink | None = None
     ledger: WorkLedger | None = None  # None: no reuse of earlier work (benchmarks, tests)
     thumbnails: ThumbnailSink | None = None  # contact-sheet thumbnails made during the run
+    budget: Budget | None = None  # the run's spend, and its cap when it has one
     work_locks: dict[str, tuple[asyncio.Lock, int]] = field(default_factory=dict)
     row_slots: asyncio.Semaphore = field(init=False)  # rows in progress: bounds prefetch, memory
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from schemas.results import PRIMARY_TRACK, Stage, Status
 from schemas.summary import ErrorCount, RunSummary
 from tasks.error_counts import top_errors
 from tasks.lake import Lake
+from tasks.money import Budget
 
 if TYPE_CHECKING:
     from tasks.process import Lane, RunState
@@ -34,8 +36,11 @@ def summarize(
     stopped: RunState | None,
     duration_s: float,
     errors: Sequence[ErrorCount] = (),
+    budget: Budget | None = None,
+    prices: Mapping[str, Decimal | None] | None = None,
 ) -> RunSummary:
-    """``errors``: counted outside the chunks (the invalid rows)."""
+    """``errors``: counted outside the chunks (the invalid rows). ``prices``: each account's
+    in the run (the cost is unknown when one is)."""
     counts: Counter[str] = Counter({str(Status.INVALID): invalid_rows} if invalid_rows else {})
     refine_counts: Counter[str] = Counter()
     compare_counts: dict[str, Counter[str]] = {}
@@ -70,6 +75,14 @@ def summarize(
         ),
         chunk_processes=sorted({o.process for o in outcomes}),
         top_errors=top_errors([errors, *(o.errors for o in outcomes)]),
+        currency=budget.currency if budget else None,
+        cost=(
+            None
+            if prices is None or None in prices.values()
+            else round(sum(o.cost for o in outcomes), 6)
+        ),
+        budget=float(budget.limit) if budget and budget.limit is not None else None,
+        budget_exhausted=bool(budget and budget.exhausted),
     )
 
 

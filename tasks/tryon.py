@@ -57,6 +57,7 @@ class ChunkOutcome(BaseModel):
     counts: dict[str, dict[str, int]]
     unfinished: int  # records a retry should redo
     fell_back: int = 0  # rows whose outcome is a fallback provider's
+    cost: float = 0.0  # what the chunk's calls cost (records of unknown price count 0)
     metadata_uri: str | None  # None when every record is already in a committed run's metadata
     provider_calls: int
     already_done: int = 0  # try-on records done and recorded by earlier, committed runs
@@ -128,6 +129,7 @@ async def _process_chunk(
         # Each record counts the calls it really made; chunks overlap, so a delta of the
         # lane's shared counter would also count other chunks' calls.
         provider_calls=sum(r.attempts for r in records),
+        cost=sum(r.cost or 0.0 for r in records),
         already_done=sum(r.already_recorded and r.stage == Stage.TRYON for r in outcomes),
         fatal=error_fields(ctx.lane.state.fatal),
         refine_fatal=error_fields(ctx.refine.state.fatal) if ctx.refine else None,

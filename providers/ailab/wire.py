@@ -108,6 +108,7 @@ def _text(value: object) -> str:
 def _error_from(
     env: _Envelope, body: bytes, provider: str, secrets: list[str], *, request_id: str | None
 ) -> ProviderError:
+    charged = False
     if env.payload is None:
         snippet = body_snippet(body)
         if env.status == 200:
@@ -119,6 +120,7 @@ def _error_from(
     else:
         kind, code = classify(env.status, env.code, env.legacy_code)
         spec = ERROR_TABLE.get(code)
+        charged = spec.charged if spec else False
         meaning = f" ({spec.meaning})" if spec else ""
         vendor = env.code or env.legacy_code or "no code"
         message = f"HTTP {env.status}, {vendor}{meaning}: {env.message or 'no message'}"
@@ -130,6 +132,7 @@ def _error_from(
         http_status=env.status,
         request_id=request_id or env.request_id,
         retry_after=env.retry_after,
+        charged=charged,
     )
 
 

@@ -249,7 +249,8 @@ def parse_response(
         code, message = _error_fields(error)
         spec = ERROR_TABLE.get(code)
         meaning = f" ({spec.meaning})" if spec else ""
-        ctx.fail(classify_code(code), code, f"{code}{meaning}: {message}")
+        charged = spec.charged if spec else False
+        ctx.fail(classify_code(code), code, f"{code}{meaning}: {message}", charged=charged)
     if status != 200:
         kind, code = _classify_status(status)
         ctx.fail(kind, code, f"HTTP {status} with a Response but no Error")

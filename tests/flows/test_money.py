@@ -1,0 +1,103 @@
+"""Money end to end against the emulator: a record's cost is what the vendor charged, a budget
+caps the calls a run pays for, and a rerun with more budget goes on without paying twice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from emulator.server import EmulatorServer
+from flows.batch import BatchIncomplete, BatchParams, RunNotStarted, tryon_batch
+from tests.flows.test_batch import CC, read_metadata, sample_rows, write_manifest
+
+pytestmark = pytest.mark.e2e
+
+CC_SUBMIT = "POST /api/openapi/change-clothes"
+PRICE = 0.1
+
+
+def priced(manifest: Path, lake: Path, **fields: object) -> BatchParams:
+    return BatchParams(
+        manifest=str(manifest),
+        lake=str(lake),
+        prices={CC: PRICE},
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def test_a_budget_of_k_calls_pays_k_and_a_rerun_with_more_finishes_without_paying_twice(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    use_emulator.control.set_faults(CC, latency_s=0.05)  # calls overlap: reservations matter
+    manifest = write_manifest(tmp_path / "m.csv", sample_rows(8))
+    lake = tmp_path / "lake"
+
+    with pytest.raises(BatchIncomplete) as caught:
+        await tryon_batch(priced(manifest, lake, budget=0.3, limits={"max_in_flight": 4}))
+
+    summary = caught.value.summary
+    assert use_emulator.control.posts(CC_SUBMIT) == 3  # never a fourth, though 4 in flight
+    assert summary.counts == {"succeeded": 3, "skipped": 5}
+    assert summary.budget_exhausted and summary.cost == pytest.approx(0.3)
+    assert summary.currency == "USD" and summary.budget == 0.3
+    assert "BUDGET_EXHAUSTED" in (summary.fatal_error or "")
+    meta = read_metadata(lake)
+    skipped = meta.filter(status="skipped")
+    assert (skipped["error_code"] == "BUDGET_EXHAUSTED").all()
+    assert (skipped["attempts"] == 0).all() and (skipped["cost"] == 0).all()
+    assert meta.filter(status="succeeded")["cost"].to_list() == [PRICE] * 3
+
+    use_emulator.control.reset()
+    again = await tryon_batch(priced(manifest, lake, budget=1.0))
+    assert again.counts == {"succeeded": 8} and not again.budget_exhausted
+    assert use_emulator.control.posts(CC_SUBMIT) == 5  # only the rows the budget stopped
+    assert again.cost == pytest.approx(0.5) and again.already_done == 3
+
+
+async def test_only_charged_calls_cost_and_a_refused_result_was_charged(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    # A processing failure (500) is not billed and is retried; the retry is. A blank result
+    # was billed by the vendor though the checks refuse it.
+    use_emulator.control.set_faults(CC, forced_codes=[500], bad_outputs=["blank"])
+    manifest = write_manifest(tmp_path / "m.csv", sample_rows(1))
+    lake = tmp_path / "lake"
+    with pytest.raises(BatchIncomplete) as caught:
+        await tryon_batch(priced(manifest, lake, budget=0.1, limits={"max_in_flight": 1}))
+    # The budget of one call was enough: the uncharged 500 gave its reservation back.
+    record = read_metadata(lake).row(0, named=True)
+    assert record["attempts"] == 2 and record["error_code"] == "OUTPUT_BLANK"
+    assert record["cost"] == pytest.approx(PRICE)
+    assert caught.value.summary.cost == pytest.approx(PRICE)
+    assert not caught.value.summary.budget_exhausted
+
+
+async def test_costs_are_unknown_without_prices_and_a_budget_then_refuses_to_start(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    manifest = write_manifest(tmp_path / "m.csv", sample_rows(2))
+    summary = await tryon_batch(
+        BatchParams(manifest=str(manifest), lake=str(tmp_path / "lake"), currency="EUR")
+    )
+    assert summary.currency == "EUR" and summary.cost is None
+    assert read_metadata(tmp_path / "lake")["cost"].is_null().all()
+
+    use_emulator.control.reset()
+    lake = tmp_path / "lake-2"
+    with pytest.raises(RunNotStarted, match=r"--price changeclothes=AMOUNT"):
+        await tryon_batch(
+            BatchParams(manifest=str(manifest), lake=str(lake), currency="EUR", budget=5)
+        )
+    assert use_emulator.control.posts() == 0 and not lake.exists()
+
+
+async def test_prices_from_the_workers_environment(
+    use_emulator: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRYON_PRICES", f"{CC}=0.25")
+    manifest = write_manifest(tmp_path / "m.csv", sample_rows(2))
+    summary = await tryon_batch(BatchParams(manifest=str(manifest), lake=str(tmp_path / "l")))
+    assert summary.cost == pytest.approx(0.5)
+    assert read_metadata(tmp_path / "l")["cost"].to_list() == [0.25, 0.25]
+    assert summary.currency == "USD"
