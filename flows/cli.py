@@ -771,6 +771,7 @@ def _score_table(score: pl.DataFrame, where: str) -> Table:
         if name in score.columns
         and not (name in optional and all(row[name] == "0" for row in rows))
         and not (name == "failed_by_code" and not any(row[name] for row in rows))
+        and not (name == "cost" and all(row[name] == "-" for row in rows))
         and not (name == "records" and all(row["records"] == row["rows"] for row in rows))
     ]
     table = Table(

@@ -60,6 +60,11 @@ METADATA_SCHEMA: dict[str, pl.DataType] = {
     "garment_image": pl.String(),
     "lower_garment_image": pl.String(),
     "category": pl.String(),
+    # The rest of the row's request, as the manifest gave it: with the input URIs, what
+    # `tryon plan` matches to tell work already done without fetching an image.
+    "prompt": pl.String(),
+    "garment_description": pl.String(),
+    "gender": pl.String(),
     "person_sha256": pl.String(),  # hashes of the prepared inputs actually sent
     "garment_sha256": pl.String(),
     "output_sha256": pl.String(),
@@ -104,6 +109,9 @@ class RowRecord(BaseModel):
     garment_image: str | None = None
     lower_garment_image: str | None = None
     category: str | None = None
+    prompt: str | None = None
+    garment_description: str | None = None
+    gender: str | None = None
     person_sha256: str | None = None
     garment_sha256: str | None = None
     output_sha256: str | None = None

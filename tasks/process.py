@@ -196,6 +196,9 @@ def _new_record(ctx: RunContext, row: ManifestRow, stage: Stage, lane: Lane) -> 
         garment_image=row.garment_image,
         lower_garment_image=row.lower_garment_image,
         category=row.category,
+        prompt=row.prompt,
+        garment_description=row.garment_description,
+        gender=row.gender or ctx.default_gender,  # as sent: part of the work's identity
         started_at=datetime.now(UTC),
     )
 

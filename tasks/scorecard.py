@@ -21,7 +21,9 @@ Columns (one row per provider and stage; per run too with ``by_run``):
   closest ranks, numpy's default) of ``provider_ms`` over the records that made calls
   (``attempts > 0`` and ``provider_ms`` set); null when none did;
 - ``fallbacks_out``: records with ``fallback_to`` set (the row went on to another provider);
-- ``fallbacks_in``: records with ``fallback_from`` set (the row came from another provider).
+- ``fallbacks_in``: records with ``fallback_from`` set (the row came from another provider);
+- ``cost``: what the records' calls cost (``cost`` summed; null when a record's price was
+  unknown). Runs in different currencies are not told apart here: keep ``--run`` to one.
 
 A run's scorecard leaves out the records an earlier committed run's metadata holds
 (``already_recorded``): this run made no call for them and its metadata does not hold them, so
@@ -85,6 +87,7 @@ SCORECARD_INPUTS: Final = (
     "attempts",
     "provider_ms",
     "started_at",
+    "cost",
 )
 
 CODE_SCHEMA: Final = pl.Struct({"code": pl.String(), "count": pl.Int64()})
@@ -100,6 +103,7 @@ SCORECARD_SCHEMA: Final[dict[str, pl.DataType]] = {
     "provider_ms_p95": pl.Float64(),
     "fallbacks_out": pl.Int64(),
     "fallbacks_in": pl.Int64(),
+    "cost": pl.Float64(),  # what the calls cost in the run's currency; null when unknown
 }
 # Short headings for tables people read (the page, the terminal), in the order shown.
 SCORE_HEADINGS: Final = {
@@ -118,6 +122,7 @@ SCORE_HEADINGS: Final = {
     "provider_ms_p95": "p95 ms",
     "fallbacks_out": "fallbacks out",
     "fallbacks_in": "fallbacks in",
+    "cost": "cost",
 }
 _STAGE_ORDER: Final = {str(Stage.TRYON): 0, str(Stage.REFINE): 1}
 
@@ -138,9 +143,11 @@ def run_scorecard(records: Iterable[RowRecord]) -> pl.DataFrame:
     return scorecard(records_frame(records), by_run=True)
 
 
-def align_records(records: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
-    """``records`` with exactly ``SCORECARD_INPUTS``, typed as the metadata schema: a column a
-    part was written without (before it existed) is null."""
+def align_records(
+    records: pl.LazyFrame | pl.DataFrame, columns: Sequence[str] = SCORECARD_INPUTS
+) -> pl.LazyFrame:
+    """``records`` with exactly ``columns``, typed as the metadata schema: a column a part was
+    written without (before it existed) is null."""
     lazy = records.lazy()
     present = set(lazy.collect_schema().names())
     return lazy.select(
@@ -148,7 +155,7 @@ def align_records(records: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
         if name in present
         # A part from before the column existed: its rows had no such thing.
         else pl.lit(None, dtype=METADATA_SCHEMA[name]).alias(name)
-        for name in SCORECARD_INPUTS
+        for name in columns
     )
 
 
@@ -175,6 +182,8 @@ def scorecard(records: pl.LazyFrame | pl.DataFrame, *, by_run: bool = False) -> 
         provider_ms_p95=ms.quantile(0.95, "linear"),
         fallbacks_out=pl.col("fallback_to").is_not_null().sum(),
         fallbacks_in=pl.col("fallback_from").is_not_null().sum(),
+        # Unknown as soon as one record's price was: a partial sum would read as the whole.
+        cost=pl.when(pl.col("cost").is_null().any()).then(None).otherwise(pl.col("cost").sum()),
     )
     codes = (
         base.filter(status == str(Status.FAILED))
@@ -278,12 +287,14 @@ class CommittedRuns:
     skipped: tuple[str, ...] = ()
 
 
-def read_committed(lake: Lake, runs: Sequence[str] | None = None) -> CommittedRuns:
+def read_committed(
+    lake: Lake, runs: Sequence[str] | None = None, columns: Sequence[str] = SCORECARD_INPUTS
+) -> CommittedRuns:
     """The records of the lake's committed runs (``runs`` only, when given), blocking.
 
     Reads ``metadata/run_id=<id>/*.parquet`` of each run whose ``_COMMITTED`` marker exists,
-    through the lake's filesystem (local or any fsspec store), only the scorecard's columns;
-    parts written before a column existed read it as null.
+    through the lake's filesystem (local or any fsspec store), only ``columns`` (``run_id``
+    among them); parts written before a column existed read it as null.
     """
     metadata = lake.metadata_dir()
     if runs is None:
@@ -304,23 +315,24 @@ def read_committed(lake: Lake, runs: Sequence[str] | None = None) -> CommittedRu
         folder = lake.path("metadata", f"run_id={run_id}")
         for part in sorted(lake.fs.glob(folder + "/*.parquet")):
             # The partition names the run, whatever an old part's own column says.
-            frames.append(align_records(_read_part(lake, part)).with_columns(run_id=pl.lit(run_id)))
+            frame = align_records(_read_part(lake, part, columns), columns)
+            frames.append(frame.with_columns(run_id=pl.lit(run_id)))
         if (start := _run_start(lake, run_id)) is not None:
             starts[run_id] = start
     records = (
         pl.concat(frames, how="vertical").collect()
         if frames
-        else align_records(records_to_frame([])).collect()
+        else align_records(records_to_frame([]), columns).collect()
     )
     return CommittedRuns(records, tuple(read), starts, tuple(missing), tuple(skipped))
 
 
-def _read_part(lake: Lake, path: str) -> pl.DataFrame:
+def _read_part(lake: Lake, path: str, columns: Sequence[str]) -> pl.DataFrame:
     with lake.fs.open(path, "rb") as handle:
         data = BytesIO(handle.read())
     present = set(pl.read_parquet_schema(data))
     data.seek(0)
-    return pl.read_parquet(data, columns=[c for c in SCORECARD_INPUTS if c in present])
+    return pl.read_parquet(data, columns=[c for c in columns if c in present])
 
 
 def _run_start(lake: Lake, run_id: str) -> datetime | None:
@@ -350,6 +362,8 @@ def scorecard_rows(frame: pl.DataFrame) -> list[dict[str, str | int | float | No
         for name in ("provider_ms_p50", "provider_ms_p95"):
             if row[name] is not None:
                 row[name] = round(row[name], 1)
+        if row.get("cost") is not None:
+            row["cost"] = round(row["cost"], 6)
         rows.append(row)
     return rows
 
@@ -365,7 +379,17 @@ def scorecard_flat(frame: pl.DataFrame) -> pl.DataFrame:
 
 def scorecard_text_rows(frame: pl.DataFrame) -> list[dict[str, str]]:
     """Every cell as text (an HTML or terminal table): times in whole ms, "-" when none."""
-    return [{name: _text(value) for name, value in row.items()} for row in scorecard_rows(frame)]
+    return [
+        {name: _money(value) if name == "cost" else _text(value) for name, value in row.items()}
+        for row in scorecard_rows(frame)
+    ]
+
+
+def _money(value: object) -> str:
+    """An amount as people write it: 0.3, 12.0575; "-" when unknown."""
+    if not isinstance(value, float):
+        return "-"
+    return f"{value:.4f}".rstrip("0").rstrip(".")
 
 
 def _text(value: object) -> str:

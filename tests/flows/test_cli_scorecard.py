@@ -141,7 +141,7 @@ def test_json_figures_of_one_run(lake_dir: str) -> None:
         "succeeded": 1, "failed": 1, "skipped": 0, "invalid": 1,
         "failed_by_code": [{"code": "MODERATED", "count": 1}], "attempts": 2,
         "provider_ms_p50": 200.0, "provider_ms_p95": 290.0,
-        "fallbacks_out": 1, "fallbacks_in": 0,
+        "fallbacks_out": 1, "fallbacks_in": 0, "cost": None,
     }  # fmt: skip
     hidream = score[("hidream", "tryon")]
     assert (hidream["rows"], hidream["succeeded"], hidream["fallbacks_in"]) == (1, 1, 1)

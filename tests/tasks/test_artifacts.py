@@ -235,7 +235,7 @@ async def test_run_outputs_are_published_and_read_back(
         "provider": "changeclothes", "stage": "tryon", "rows": 5, "records": 5,
         "succeeded": 2, "failed": 2, "skipped": 0, "invalid": 1, "failed_by_code": None,
         "attempts": 0, "provider_ms_p50": None, "provider_ms_p95": None,
-        "fallbacks_out": 0, "fallbacks_in": 0,
+        "fallbacks_out": 0, "fallbacks_in": 0, "cost": None,
     }  # fmt: skip
     assert score[("changeclothes", "tryon")]["failed_by_code"] == "IMAGE\\_REJECTED 2"
     assert score[("ailab", "refine")]["failed_by_code"] == "MODERATED 1"

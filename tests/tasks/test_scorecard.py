@@ -26,6 +26,7 @@ from tasks.scorecard import (
     scorecard_bytes,
     scorecard_flat,
     scorecard_rows,
+    scorecard_text_rows,
 )
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -257,3 +258,18 @@ def test_committed_runs_are_read_back_old_parts_included(tmp_path: Path) -> None
     assert asked.runs == ("run-old",) and asked.not_committed == ("nope", "../x")
     assert asked.records["run_id"].unique().to_list() == ["run-old"]
     assert read_committed(Lake.open(str(tmp_path / "empty"))).records.height == 0
+
+
+def test_cost_adds_up_per_provider_and_is_unknown_when_a_price_was() -> None:
+    records = [
+        rec(0, "changeclothes", Status.SUCCEEDED, cost=0.1, attempts=1),
+        rec(1, "changeclothes", Status.FAILED, cost=0.0, attempts=1),  # not charged
+        rec(2, "changeclothes", Status.SUCCEEDED, cost=0.1, attempts=1),
+        rec(0, "hidream", Status.SUCCEEDED, cost=None, attempts=1),  # price unknown
+        rec(1, "hidream", Status.SUCCEEDED, cost=0.04, attempts=1),
+    ]
+    card = by_provider(run_scorecard(records))
+    assert card[("changeclothes", "tryon")]["cost"] == pytest.approx(0.2)
+    assert card[("hidream", "tryon")]["cost"] is None
+    text = {row["provider"]: row["cost"] for row in scorecard_text_rows(run_scorecard(records))}
+    assert text == {"changeclothes": "0.2", "hidream": "-"}
