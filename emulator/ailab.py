@@ -64,6 +64,9 @@ CLOTHES_TYPES: dict[str, str] = {  # clothes_type -> composite region
 }
 GENDERS = ("woman", "man")
 MB = 1024 * 1024
+# The vendor's billing notes (each API's page): "Each successful API request consumes N credits
+# [...]. Failed requests are not billed." A task that ends failed gives its credit back.
+FAILED_JOBS_BILLED = False
 
 # Every public error_detail.code by its documented HTTP status (doc/response-description):
 # one "<status> <code> <code>..." line each.
@@ -230,7 +233,7 @@ class _AILabApi(VendorApi[str]):
 
     async def _account_call(
         self,
-        process: Callable[[Request], Awaitable[Response]],
+        process: Callable[[Request, Credit], Awaitable[Response]],
         request: Request,
         admitted: Admitted,
         credit: Credit,
@@ -243,7 +246,7 @@ class _AILabApi(VendorApi[str]):
                 credit.take(token, self.state.config.trial_keys.get(token))
             except QuotaError:
                 raise VendorError("ERROR_NOT_ENOUGH_CREDITS") from None
-        return await process(request)
+        return await process(request, credit)
 
     def _authenticate(self, request: Request) -> str:
         token = request.headers.get(KEY_HEADER)
@@ -255,7 +258,7 @@ class _AILabApi(VendorApi[str]):
 
     # -- the endpoints ------------------------------------------------------------------------
 
-    async def _try_on(self, request: Request) -> Response:
+    async def _try_on(self, request: Request, credit: Credit) -> Response:
         async with _form(request) as form:
             _task_type(form)
             clothes_type = _choice(form, "clothes_type", tuple(CLOTHES_TYPES))
@@ -268,9 +271,9 @@ class _AILabApi(VendorApi[str]):
             rendered = await self.state.composites.get_or_compute(key, compute)
             return await common.handed_out(self.state, self.provider, rendered.result, person)
 
-        return self._submit(request, render, kind="tryon")
+        return self._submit(request, credit, render, kind="tryon")
 
-    async def _refine(self, request: Request) -> Response:
+    async def _refine(self, request: Request, credit: Credit) -> Response:
         async with _form(request) as form:
             _task_type(form)
             _choice(form, "gender", GENDERS)
@@ -291,10 +294,14 @@ class _AILabApi(VendorApi[str]):
             refined = bytes(await self.state.composites.get_or_compute(key, compute))
             return await common.handed_out(self.state, self.provider, refined, person)
 
-        return self._submit(request, render, kind="refiner")
+        return self._submit(request, credit, render, kind="refiner")
 
     def _submit(
-        self, request: Request, render: Callable[[], Awaitable[bytes]], kind: str
+        self,
+        request: Request,
+        credit: Credit,
+        render: Callable[[], Awaitable[bytes]],
+        kind: str,
     ) -> Response:
         plan = self.provider.plan
         # Always draw, so the failure rate's setting never shifts later draws.
@@ -312,9 +319,10 @@ class _AILabApi(VendorApi[str]):
             render=stored,
             meta={"kind": kind},
         )
+        credit.hold_for_job(job, bills_failure=FAILED_JOBS_BILLED)
         return JSONResponse({**envelope(200), "task_type": "async", "task_id": job.job_id})
 
-    async def _query(self, request: Request) -> Response:
+    async def _query(self, request: Request, credit: Credit) -> Response:
         task_id = request.query_params.get("task_id", "").strip()
         if not task_id:
             raise VendorError("MISSING_PARAMETERS", "task_id is required")
@@ -324,13 +332,15 @@ class _AILabApi(VendorApi[str]):
         kind = job.meta.get("kind")
         phase = job.phase()
         if phase is JobPhase.FAILED:
-            return self._task_failed(kind, "the task failed")
+            return self._task_failed(kind, job.meta.get("failure", "the task failed"))
         url = ""
         if phase is JobPhase.DONE:
             try:
                 url = await job.outcome()
             except composite.UndecodableImage as exc:
-                return self._task_failed(kind, f"an input does not decode: {exc}")
+                job.meta["failure"] = f"an input does not decode: {exc}"
+                job.fail()
+                return self._task_failed(kind, job.meta["failure"])
         task_status = {JobPhase.QUEUED: 0, JobPhase.RUNNING: 1, JobPhase.DONE: 2}[phase]
         body: dict[str, Any] = {**envelope(200), "task_status": task_status}
         if kind == "tryon":  # the try-on doc's answer shape

@@ -21,6 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from emulator import composite
+from emulator.jobs import EmulatedJob
 from emulator.state import EmulatorState, ProviderState, QuotaTicket
 
 # Starlette's default caps a non-file part at 1 MB; a data: URI of a few-MB image is bigger.
@@ -173,7 +174,8 @@ def rate_limited(provider: ProviderState, body: dict[str, Any]) -> JSONResponse:
 
 class Credit:
     """The account credit one call takes (``ProviderState.take_quota``): given back unless the
-    call succeeds, so failures cost nothing."""
+    call succeeds, so failures cost nothing (no vendor documents a billed error); the credit of
+    a call that starts an async job may go with the job (``hold_for_job``)."""
 
     def __init__(self, provider: ProviderState) -> None:
         self._provider = provider
@@ -186,6 +188,14 @@ class Credit:
     def refund(self) -> None:
         if self._ticket is not None:
             self._ticket.refund()
+
+    def hold_for_job(self, job: EmulatedJob, *, bills_failure: bool) -> None:
+        """The call started the async ``job``. Unless the vendor bills a job that fails
+        (``bills_failure``), the credit goes with the job: given back if it fails."""
+        if bills_failure or self._ticket is None:
+            return  # committed with the call, as any other
+        ticket, self._ticket = self._ticket, None
+        self._provider.hold_for_job(ticket, job)
 
     def commit(self) -> None:
         if self._ticket is not None:

@@ -88,6 +88,9 @@ CODES: dict[int, tuple[str, int]] = {
     40401: ("TASK_NOT_FOUND", 200),
     50000: ("INTERNAL_ERROR", 500),
 }
+# Billing: the doc says nothing of it. As the client assumes (``bills_failed_jobs``), a job that
+# ends failed or moderated gives back the credit its submission took.
+FAILED_JOBS_BILLED = False
 # ---- end of UNVERIFIED ------------------------------------------------------------------------
 
 FORCED_STATUS = re.compile(r"^task_status:(-?\d+)$")
@@ -143,7 +146,7 @@ class _JobRender:
         return common.store_result(self.state, self.base_url, data)
 
 
-_Process = Callable[[Request, bytes, int | None], Awaitable[dict[str, Any]]]
+_Process = Callable[[Request, bytes, int | None, Credit], Awaitable[dict[str, Any]]]
 
 
 class _HiDreamApi(VendorApi[int]):
@@ -185,7 +188,7 @@ class _HiDreamApi(VendorApi[int]):
                 credit.take(self.api_key, None)
             except QuotaError:
                 raise VendorError(40201) from None
-        return JSONResponse(await process(request, admitted.body, final_status))
+        return JSONResponse(await process(request, admitted.body, final_status, credit))
 
     def _pop_forced(self, submission: bool) -> int | str | None:
         """The next forced code; a ``task_status:N`` waits in the queue for a submission."""
@@ -217,7 +220,9 @@ class _HiDreamApi(VendorApi[int]):
 
     # -- submit ---------------------------------------------------------------------------------
 
-    async def _submit(self, request: Request, raw: bytes, forced: int | None) -> dict[str, Any]:
+    async def _submit(
+        self, request: Request, raw: bytes, forced: int | None, credit: Credit
+    ) -> dict[str, Any]:
         content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if content_type != "application/json":
             raise VendorError(40001, "content-type must be application/json")
@@ -278,6 +283,7 @@ class _HiDreamApi(VendorApi[int]):
             # What was asked, ids excluded: the same images again is a resubmission.
             content=cache_key(*(f"{f}={body.get(f) or ''}" for f in IMAGE_FIELDS)),
         )
+        credit.hold_for_job(job, bills_failure=FAILED_JOBS_BILLED)
         if notify_url:
             task = asyncio.create_task(self._notify(job, notify_url))
             self._background.add(task)  # kept referenced until done (the loop holds weak refs)
@@ -335,7 +341,9 @@ class _HiDreamApi(VendorApi[int]):
 
     # -- results --------------------------------------------------------------------------------
 
-    async def _results(self, request: Request, raw: bytes, forced: int | None) -> dict[str, Any]:
+    async def _results(
+        self, request: Request, raw: bytes, forced: int | None, credit: Credit
+    ) -> dict[str, Any]:
         task_id = request.query_params.get("task_id", "").strip()
         if not task_id:
             raise VendorError(40001, "task_id is required")
@@ -358,7 +366,7 @@ class _HiDreamApi(VendorApi[int]):
                 status = STATUS_DONE
             except composite.UndecodableImage as exc:
                 # The header looked fine but the image does not decode: the job fails.
-                job.will_fail = True
+                job.fail()
                 job.meta.update(final_status=STATUS_FAILED, description=f"bad input: {exc}")
                 status = STATUS_FAILED
         else:

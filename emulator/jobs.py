@@ -47,6 +47,9 @@ class EmulatedJob:
     polls: int = 0
     content: str | None = None  # a digest of what was asked (see ``JobStore.submit``)
     clock: Clock = time.monotonic  # the store's (``submitted`` is on it)
+    # Gives back the credit the submission took, for a vendor that bills successful jobs only
+    # (``ProviderState.hold_for_job``); run once, when the job is found failed.
+    on_fail: Callable[[], None] | None = None
 
     def phase(self, now: float | None = None) -> JobPhase:
         elapsed = (self.clock() if now is None else now) - self.submitted
@@ -55,6 +58,17 @@ class EmulatedJob:
         if elapsed < self.queued_s + self.running_s:
             return JobPhase.RUNNING
         return JobPhase.FAILED if self.will_fail else JobPhase.DONE
+
+    def give_back(self) -> None:
+        """Run ``on_fail`` (once): the job failed."""
+        refund, self.on_fail = self.on_fail, None
+        if refund is not None:
+            refund()
+
+    def fail(self) -> None:
+        """End the job failed though its time said done (an input found not to decode)."""
+        self.will_fail = True
+        self.give_back()
 
     async def outcome(self) -> Any:
         """The job's result, rendered once (only call when ``phase()`` is DONE)."""

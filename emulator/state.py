@@ -20,7 +20,7 @@ from urllib.parse import unquote
 import httpx
 
 from emulator.config import BadOutput, EmulatorConfig, FaultPlan
-from emulator.jobs import Clock, JobStore, Sleep
+from emulator.jobs import Clock, EmulatedJob, JobPhase, JobStore, Sleep
 from emulator.stats import CacheStats, EmulatorStats, ProviderStats
 
 CALL_LOG_LIMIT = 200_000
@@ -83,6 +83,8 @@ class ProviderState:
         # Its own stream: drawing for results never shifts the gateway's fault draws.
         self._output_rng = random.Random(f"outputs:{seed}:{name}")
         self.in_flight = 0
+        # Async jobs holding their submission's credit until they end (``hold_for_job``).
+        self._held: list[EmulatedJob] = []
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -106,6 +108,7 @@ class ProviderState:
 
     def current_plan(self) -> FaultPlan:
         """The plan with the counters as they stand (credits left, queues as they are)."""
+        self.settle_jobs()
         return self.plan.model_copy(
             update={
                 "credits": self.credits_remaining,
@@ -144,6 +147,7 @@ class ProviderState:
 
     def take_quota(self, token: str, trial_limit: int | None) -> QuotaTicket:
         """Reserve one call for ``token``; raises ``QuotaError`` when none is left."""
+        self.settle_jobs()
         if trial_limit is not None:
             if self.trial_used[token] >= trial_limit:
                 raise QuotaError("trial")
@@ -155,6 +159,30 @@ class ProviderState:
             self.credits_remaining -= 1
             return QuotaTicket(self, token, credit=True, trial=False)
         return QuotaTicket(self, token, credit=False, trial=False)
+
+    def hold_for_job(self, ticket: QuotaTicket, job: EmulatedJob) -> None:
+        """``ticket``'s credit goes with ``job``, an async job its call started: given back if
+        the job fails (a vendor that bills successful jobs only), kept once it is done."""
+        job.on_fail = ticket.refund
+        self._held.append(job)
+
+    def settle_jobs(self) -> None:
+        """Give back the credits of held jobs that have failed by now (a vendor does when the
+        job ends, polled or not); done ones keep theirs and are let go."""
+        running: list[EmulatedJob] = []
+        for job in self._held:
+            phase = job.phase()
+            if phase is JobPhase.FAILED:
+                job.give_back()
+            elif phase is not JobPhase.DONE:
+                running.append(job)
+        self._held = running
+
+    def drop_held_jobs(self) -> None:
+        """Forget held jobs' credits (the counters restart)."""
+        for job in self._held:
+            job.on_fail = None
+        self._held = []
 
     def record(self, code: int | str) -> None:
         """Count one answered vendor call by its outcome (vendor code, HTTP status, 'timeout')."""
@@ -368,6 +396,7 @@ class EmulatorState:
         for name, ps in self.providers.items():
             fresh = ProviderState(name, self.config.fault_plan(name), self.config.seed)
             ps.plan, ps.forced, ps.bad_outputs = fresh.plan, fresh.forced, fresh.bad_outputs
+            ps.drop_held_jobs()
             ps.credits_remaining, ps.trial_used = fresh.credits_remaining, fresh.trial_used
             ps._fault_rng, ps.seed_rng = fresh._fault_rng, fresh.seed_rng
             ps._output_rng = fresh._output_rng

@@ -35,6 +35,8 @@ class ProviderSpec:
     credential_env: tuple[str, ...] = ()  # the variables holding the account's credentials
     # The vendor's published price per charged call; None: not published (unknown, never 0).
     price: Price | None = None
+    # Whether the vendor bills an async job it accepted that then fails (submit-then-poll only).
+    bills_failed_jobs: bool = False
 
     def client_class(self) -> type[Any]:
         module_name, _, class_name = self.client_path.partition(":")

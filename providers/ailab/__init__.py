@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from providers.ailab.settings import (
     API_KEY_ENV,
+    BILLS_FAILED_JOBS,
     CAPABILITIES,
     DEFAULT_BASE_URL,
     MAX_IN_FLIGHT,
     NAME,
+    PRICE,
     PROFILE,
     REFINER_MAX_IN_FLIGHT,
     REFINER_NAME,
+    REFINER_PRICE,
     REFINER_PROFILE,
 )
 from providers.base import Capabilities
@@ -25,6 +28,8 @@ SPEC = ProviderSpec(
     capabilities=CAPABILITIES,
     default_base_url=DEFAULT_BASE_URL,
     credential_env=(API_KEY_ENV,),
+    price=PRICE,
+    bills_failed_jobs=BILLS_FAILED_JOBS,
 )
 # The try-on account's endpoint and key. No rows are planned against it: no request shapes.
 REFINER_SPEC = ProviderSpec(
@@ -35,4 +40,6 @@ REFINER_SPEC = ProviderSpec(
     capabilities=Capabilities(),
     default_base_url=DEFAULT_BASE_URL,
     credential_env=(API_KEY_ENV,),
+    price=REFINER_PRICE,
+    bills_failed_jobs=BILLS_FAILED_JOBS,
 )

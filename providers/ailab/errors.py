@@ -1,4 +1,9 @@
-"""AILabTools' public error codes and how each affects the run (shared by both clients)."""
+"""AILabTools' public error codes and how each affects the run (shared by both clients).
+
+Billing: the vendor bills successful calls only, per its billing notes on each API's page
+("Each successful API request consumes N credits [...]. Failed requests are not billed.",
+www.ailabtools.com/docs, 2026-06-25; see ``settings.PRICE``): no code here is ``charged``.
+"""
 
 from __future__ import annotations
 

@@ -30,6 +30,13 @@ options):
 - the result field: ``output.image_url`` (refiner doc), ``data.image`` (try-on doc) or
   ``data.images[0]`` (other AILab async APIs) - the first non-empty wins;
 - the task id may also come as ``data.task_id`` (as other AILab APIs answer).
+
+Balance: the vendor documents ``GET /api/common/query-credits`` (header ``ailabapi-api-key``),
+answering the public fields and ``data: [{unique_sign, name, balance, total,
+last_recharge_balance, balance_warning, first_buy_time, last_update_time}]``, one entry per kind
+of credit (``common``: universal credits; ``portrait_try_on_clothes``,
+``portrait_try_on_clothes_refiner``: packs for one API) (www.ailabtools.com/docs/ai-common/
+querying-credits/api). No seed doc covers it and it is unverified: not implemented.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from providers.changeclothes.settings import (
     DEFAULT_BASE_URL,
     MAX_IN_FLIGHT,
     NAME,
+    PRICE,
     PROFILE,
 )
 from providers.spec import ProviderSpec
@@ -20,4 +21,5 @@ SPEC = ProviderSpec(
     capabilities=CAPABILITIES,
     default_base_url=DEFAULT_BASE_URL,
     credential_env=(API_KEY_ENV,),
+    price=PRICE,
 )

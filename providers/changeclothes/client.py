@@ -5,6 +5,9 @@
 JSON ``{code, msg, data}``; ``code`` 200 is success. The document does not say which HTTP
 status comes with an error, so ``parse_response`` reads the JSON ``code`` whatever the status
 and falls back to the HTTP status only when the body is not the vendor's JSON.
+
+Balance: docs 000/001 document no endpoint for the account's credits (they point to the
+dashboard's pricing page only), so a run cannot read what is left before it starts.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""ChangeClothesAI's response codes (doc 000; both endpoints share them)."""
+"""ChangeClothesAI's response codes (doc 000; both endpoints share them).
+
+Billing is not documented beyond "API calls consume credits from your account" (docs 000/001):
+we assume only successful calls are billed, so no code here is ``charged``.
+"""
 
 from __future__ import annotations
 

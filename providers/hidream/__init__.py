@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from providers.hidream.settings import (
     API_KEY_ENV,
+    BILLS_FAILED_JOBS,
     CAPABILITIES,
     DEFAULT_BASE_URL,
     MAX_IN_FLIGHT,
     NAME,
+    PRICE,
     PROFILE,
 )
 from providers.spec import ProviderSpec
@@ -20,4 +22,6 @@ SPEC = ProviderSpec(
     capabilities=CAPABILITIES,
     default_base_url=DEFAULT_BASE_URL,
     credential_env=(API_KEY_ENV,),
+    price=PRICE,
+    bills_failed_jobs=BILLS_FAILED_JOBS,
 )

@@ -7,7 +7,8 @@ means accepted. Everything after that is UNVERIFIED (the document stops at submi
 result endpoint, its status values and its shape are constructor options; the defaults follow
 DESIGN.md and HiDream's sibling APIs as third parties call them (``<submit path>/results``,
 ``result.sub_task_results[].task_status``/``image``). The document lists no error codes either:
-``errors.ERROR_TABLE`` is a placeholder to fill from live calls.
+``errors.ERROR_TABLE`` is a placeholder to fill from live calls. Nor does it document an
+endpoint for the account's balance or credits.
 """
 
 from __future__ import annotations

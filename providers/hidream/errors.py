@@ -5,6 +5,9 @@ Doc 003 documents no code but 0 (success). These are the codes the project's emu
 show the vendor's. With an HTTP error status the status decides the kind (401/403/402 fatal,
 429/5xx transient, other 4xx permanent); this table decides only for codes arriving with a
 2xx, and unknown codes are permanent.
+
+Billing is not documented either: we assume only successful calls (and jobs, see
+``settings.BILLS_FAILED_JOBS``) are billed, so no code here is ``charged``.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from providers.tencent.settings import (
     DEFAULT_BASE_URL,
     MAX_IN_FLIGHT,
     NAME,
+    PRICE,
     PROFILE,
     SECRET_ID_ENV,
     SECRET_KEY_ENV,
@@ -21,4 +22,5 @@ SPEC = ProviderSpec(
     capabilities=CAPABILITIES,
     default_base_url=DEFAULT_BASE_URL,
     credential_env=(SECRET_ID_ENV, SECRET_KEY_ENV),
+    price=PRICE,
 )

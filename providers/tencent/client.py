@@ -14,6 +14,12 @@ Choices not fixed by the document (configurable, unverified against a live accou
   else ``TENCENTCLOUD_SECURITY_TOKEN`` (the Terraform provider's); the Python SDK reads none.
 - ``RspImgType`` defaults to ``url`` (the vendor's default is base64, which the document warns
   may fail for large results); the URL lives 1 hour, so the flow downloads it at once.
+
+Balance: doc 002 documents no AI Art endpoint for it. Tencent Cloud's Billing API has
+``DescribeAccountBalance`` (``billing.intl.tencentcloudapi.com``, Version 2018-07-09, TC3-signed,
+no parameters; ``Response.RealBalance`` etc., in cents): the whole account's cash, not the
+ChangeClothes resource packages a run draws on first. Not a seed doc's and not verified: not
+implemented.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Tencent Cloud's error codes (``Response.Error.Code``) and how each affects the run."""
+"""Tencent Cloud's error codes (``Response.Error.Code``) and how each affects the run.
+
+Billing: doc 002 does not say which answers are billed (its ``ResourceUnavailable.*`` codes
+only say an account cannot pay); we assume only successful calls are billed, so no code here is
+``charged``.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ ERROR_TABLE: dict[str, ErrorSpec] = {
     "FailedOperation.RequestTimeout": ErrorSpec(_T, "backend service timed out"),
     "FailedOperation.RpcFail": ErrorSpec(_T, "RPC failed (algorithm service malfunction)"),
     "FailedOperation.ServerError": ErrorSpec(_T, "internal service error"),
-    # Unknown failure on their side: one more attempt is cheap (failed calls are not billed).
+    # Unknown failure on their side: one more attempt is cheap (failed calls are not billed, we
+    # assume: see above).
     "FailedOperation.Unknown": ErrorSpec(_T, "unknown error"),
     "InvalidParameter.InvalidParameter": ErrorSpec(_P, "invalid parameters"),
     "InvalidParameterValue.ImageEmpty": ErrorSpec(_P, "no image input"),

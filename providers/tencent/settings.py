@@ -7,6 +7,7 @@ from typing import Final
 
 from providers.base import Capabilities
 from schemas.image_profile import ImageProfile
+from schemas.money import Price
 
 NAME: Final = "tencent"
 DEFAULT_BASE_URL: Final = "https://aiart.intl.tencentcloudapi.com"  # doc 002's (intl accounts)
@@ -34,3 +35,8 @@ CLOTHES_TYPES: Final[dict[str, str]] = {
     "dresses": "Dress",
 }
 CAPABILITIES: Final = Capabilities(categories=frozenset(CLOTHES_TYPES), needs_urls=True)
+# Unknown. Doc 002 states no price, and Tencent Cloud's billing overview for the product
+# (tencentcloud.com/document/product/1238/63495, "Image Creation Large Model", read 2026-12)
+# prices only Image Style Transfer (0.08 USD/pic, less by monthly volume), not ChangeClothes;
+# nor do the China site's 混元生图 pages found.
+PRICE: Final[Price | None] = None
