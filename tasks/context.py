@@ -61,7 +61,12 @@ async def open_lane(
         provider_http_client(max_connections=rows_in_progress(in_flight), timeout=PROVIDER_TIMEOUT)
     )
     client = spec.make_client(http=http)
-    return Lane(client=client, max_in_flight=in_flight, requests_per_second=requests_per_second)
+    return Lane(
+        client=client,
+        max_in_flight=in_flight,
+        requests_per_second=requests_per_second,
+        bills_failed_jobs=spec.bills_failed_jobs,
+    )
 
 
 def open_stager(stack: AsyncExitStack, lake: Lake, lane: Lane) -> Lane:

@@ -97,7 +97,10 @@ async def call_provider(
         if resumed is not None:
             return resumed
 
+    accepted = [False]  # an async job was accepted in this attempt
+
     async def on_submitted(job_id: str) -> None:
+        accepted[0] = True
         record.request_id = job_id
         if ctx.ledger is not None and key is not None:
             await ctx.ledger.record_job(key, lane.name, job_id)
@@ -112,7 +115,7 @@ async def call_provider(
             if ctx.budget is not None:  # BUDGET_EXHAUSTED stops every lane, this one too
                 ctx.budget.reserve(lane.price, lane.name)
             attempts[0] += 1
-            charged = False
+            charged = accepted[0] = False
             try:
                 # Checked again as the submission leaves: another row may learn of a fatal
                 # error while this one builds its request.
@@ -129,7 +132,8 @@ async def call_provider(
                     provider=lane.name,
                 ) from None
             except ProviderError as exc:
-                charged = exc.charged  # most vendors bill successful calls only
+                # Most vendors bill successful calls only; some, an accepted job that fails.
+                charged = exc.charged or (accepted[0] and lane.bills_failed_jobs)
                 raise
             finally:
                 if charged:

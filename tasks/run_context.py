@@ -97,6 +97,7 @@ class Lane:
     requests_per_second: float | None = None
     stager: InputStager | None = None
     price: Decimal | None = None  # per charged call, in the run's currency; None: unknown
+    bills_failed_jobs: bool = False  # the vendor charges an accepted job that then fails
     state: RunState = field(default_factory=RunState)
     semaphore: asyncio.Semaphore = field(init=False)  # calls in flight
     rate: RateLimiter = field(init=False)

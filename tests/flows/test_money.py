@@ -101,3 +101,19 @@ async def test_prices_from_the_workers_environment(
     assert summary.cost == pytest.approx(0.5)
     assert read_metadata(tmp_path / "l")["cost"].to_list() == [0.25, 0.25]
     assert summary.currency == "USD"
+
+
+async def test_a_published_price_is_the_default_in_its_currency(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    # AILabTools publishes its price (providers/ailab/settings.py): no --price needed.
+    from providers.ailab.settings import PRICE
+
+    assert PRICE is not None and PRICE.currency == "USD"
+    use_emulator.control.set_faults("ailab", job_queued_s=0, job_running_s=0)
+    manifest = write_manifest(tmp_path / "m.csv", sample_rows(3))
+    summary = await tryon_batch(
+        BatchParams(manifest=str(manifest), lake=str(tmp_path / "lake"), provider="ailab", budget=1)
+    )
+    assert summary.counts == {"succeeded": 3}
+    assert summary.cost == pytest.approx(3 * float(PRICE.amount))
