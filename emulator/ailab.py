@@ -265,7 +265,9 @@ class _AILabApi(VendorApi[str]):
             person = await self._image(form, "person_image", TRYON_RULE)
             garment = await self._image(form, "clothes_image", TRYON_RULE)
         region = CLOTHES_TYPES[clothes_type]
-        key, compute = common.garment_render(self.state, person, garment, region, label="ailab")
+        key, compute = common.garment_render(
+            self.state, person, garment, region, label="ailab", vendor="ailab"
+        )
 
         async def render() -> bytes:
             rendered = await self.state.composites.get_or_compute(key, compute)

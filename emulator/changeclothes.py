@@ -146,7 +146,9 @@ class _ChangeClothesApi(VendorApi[int]):
         self._check_harmful(description, "garmentDesc")
         person = await self._image(form, "modelImg")
         garment = await self._image(form, "garmentImg")
-        key, compute = common.garment_render(self.state, person, garment, category, label="garment")
+        key, compute = common.garment_render(
+            self.state, person, garment, category, label="garment", vendor="changeclothes"
+        )
         rendered = await self.state.composites.get_or_compute(key, compute)
         result = await common.handed_out(self.state, self.provider, rendered.result, person)
         return {

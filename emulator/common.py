@@ -277,17 +277,30 @@ class VendorApi(Generic[CodeT]):
 
 
 def garment_render(
-    state: EmulatorState, person: bytes, garment: bytes, category: str, *, label: str
+    state: EmulatorState, person: bytes, garment: bytes, category: str, *, label: str, vendor: str
 ) -> tuple[str, Callable[[], composite.Rendered]]:
     """The composite-cache key and the render of ``garment`` worn on ``person``: in fast mode
     the category's prerendered picture, else the real composite. ``label`` keeps one route's
     entries apart from another's."""
     max_side = state.config.composite_max_side
     if state.config.fast_mode:
-        fast = partial(composite.prerendered, "garment", category, max_side)
+        fast = partial(composite.prerendered, "garment", category, max_side, vendor_tag(vendor))
         return f"fast|{label}|{category}|{max_side}", fast
     key = cache_key(label, category, str(max_side), person, garment)
-    return key, partial(composite.render_garment, person, garment, category, max_side=max_side)
+    render = partial(
+        composite.render_garment,
+        person,
+        garment,
+        category,
+        max_side=max_side,
+        tag=vendor_tag(vendor),
+    )
+    return key, render
+
+
+def vendor_tag(vendor: str) -> str:
+    """The label a vendor's results carry: its own, so two vendors never answer alike."""
+    return f"{composite.LABEL} {vendor}"
 
 
 async def handed_out(

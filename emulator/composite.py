@@ -135,9 +135,16 @@ def _webp(image: Image.Image, *, lossless: bool = False) -> bytes:
 
 
 def render_garment(
-    person_bytes: bytes, garment_bytes: bytes, category: str, *, max_side: int = 768
+    person_bytes: bytes,
+    garment_bytes: bytes,
+    category: str,
+    *,
+    max_side: int = 768,
+    tag: str = LABEL,
 ) -> Rendered:
-    """The garment pasted onto the person in the category's region, plus the region mask."""
+    """The garment pasted onto the person in the category's region, plus the region mask.
+    ``tag``: the corner label; each vendor's names it, so two vendors never answer the same
+    bytes (as real ones never do)."""
     try:
         person = decode(person_bytes, max_side)
     except UndecodableImage as exc:
@@ -153,7 +160,7 @@ def render_garment(
     x = box[0] + (box_w - cutout.width) // 2
     y = box[1] + (box_h - cutout.height) // 2
     person.paste(cutout, (x, y), cutout)
-    _label(person)
+    _label(person, tag)
     return Rendered(_webp(person), _mask(person.size, box), person.width, person.height)
 
 
@@ -213,11 +220,14 @@ def synthetic_garment(colour: tuple[int, int, int] = (200, 30, 40), size: int = 
 
 
 @lru_cache(maxsize=16)
-def prerendered(kind: str, category: str, max_side: int = 768) -> Rendered:
-    """Fast mode's fixed answer per endpoint kind and category, rendered once per process."""
+def prerendered(kind: str, category: str, max_side: int = 768, tag: str = LABEL) -> Rendered:
+    """Fast mode's fixed answer per endpoint kind, category and vendor tag, rendered once per
+    process."""
     if kind == "prompt":
         return render_prompt(synthetic_person(), "emulator fast mode", max_side=max_side)
-    return render_garment(synthetic_person(), synthetic_garment(), category, max_side=max_side)
+    return render_garment(
+        synthetic_person(), synthetic_garment(), category, max_side=max_side, tag=tag
+    )
 
 
 def bad_output(kind: BadOutput, result: bytes, person: bytes, *, max_side: int = 768) -> bytes:

@@ -425,9 +425,11 @@ def _compose(person: bytes, layers: tuple[tuple[bytes, str], ...], max_side: int
     """Each garment drawn in turn onto the person (upper, then lower), as WEBP bytes."""
     image = person
     for garment, category in layers:
-        image = composite.render_garment(image, garment, category, max_side=max_side).result
+        image = composite.render_garment(
+            image, garment, category, max_side=max_side, tag=common.vendor_tag("hidream")
+        ).result
     return image
 
 
 def _prerendered(category: str, max_side: int) -> bytes:
-    return composite.prerendered("garment", category, max_side).result
+    return composite.prerendered("garment", category, max_side, common.vendor_tag("hidream")).result

@@ -351,9 +351,13 @@ def _render(
 ) -> bytes:
     """The composite (WEBP) with the vendor's logo; CPU-bound, runs in a worker thread."""
     if fast:
-        rendered = composite.prerendered("garment", category, max_side)
+        rendered = composite.prerendered(
+            "garment", category, max_side, common.vendor_tag("tencent")
+        )
     else:
-        rendered = composite.render_garment(person, garment, category, max_side=max_side)
+        rendered = composite.render_garment(
+            person, garment, category, max_side=max_side, tag=common.vendor_tag("tencent")
+        )
     if not logo_add:
         return rendered.result
     image = Image.open(io.BytesIO(rendered.result)).convert("RGB")

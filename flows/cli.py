@@ -9,6 +9,7 @@ not start (bad manifest, unknown provider, missing key, lake): one line says why
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import platform
@@ -549,6 +550,119 @@ def parse_routes(values: list[str] | None) -> dict[str, str]:
             raise ValueError(f"--route {value!r}: expected CATEGORY=PROVIDER, e.g. dresses=hidream")
         routes[category.strip()] = provider.strip()
     return routes
+
+
+@app.command("plan")
+def plan_cmd(
+    manifest: Annotated[str, typer.Argument(help="Manifest: CSV/Parquet path or fsspec URL.")],
+    lake: Annotated[str, typer.Option(help="Lake root: folder or fsspec URL.")] = "./lake",
+    provider: Annotated[str, typer.Option(help="Provider for rows naming none.")] = "changeclothes",
+    route: RouteOption = None,
+    fallback: FallbackOption = None,
+    compare: CompareOption = None,
+    price: PriceOption = None,
+    currency: Annotated[str, typer.Option(help="Currency of prices.")] = "USD",
+    max_in_flight: Annotated[
+        int | None, typer.Option(help="Provider calls in flight (default: provider's).")
+    ] = None,
+    rps: Annotated[float | None, typer.Option(help="Provider requests per second.")] = None,
+    refine: Annotated[
+        bool, typer.Option("--refine", help="Chain the AILabTools refiner onto each result.")
+    ] = False,
+    refine_gender: Annotated[
+        str | None, typer.Option(help="woman|man, for rows without a gender (refiner).")
+    ] = None,
+    output_format: Annotated[
+        str, typer.Option("--format", help="table (default), or json for scripts.")
+    ] = "table",
+) -> None:
+    """What a run with these options would do and cost, before it runs: rows to do and already
+    done in the lake, calls, cost and time, per provider and stage. No provider is called and
+    no image fetched."""
+    from pydantic import ValidationError
+
+    from flows.estimate import estimate_for
+    from flows.params import BatchParams
+    from flows.preflight import describe_invalid_params
+    from schemas.summary import RunNotStarted
+    from tasks.money import parse_prices
+
+    try:
+        if output_format not in ("table", "json"):
+            raise ValueError(f"--format must be table or json, not {output_format!r}")
+        params = BatchParams(
+            manifest=manifest,
+            lake=lake,
+            provider=provider,
+            route=parse_routes(route),
+            fallback=fallback or [],
+            compare=compare or [],
+            prices={
+                k: float(v)
+                for k, v in parse_prices(" ".join(price or []), option="--price").items()
+            },
+            currency=currency,
+            limits={"max_in_flight": max_in_flight, "requests_per_second": rps},
+            refine=refine,
+            refine_gender=refine_gender,
+        )
+        estimate = estimate_for(params)
+    except ValidationError as exc:
+        _cannot_start(describe_invalid_params(exc))
+    except (ValueError, RunNotStarted) as exc:
+        _cannot_start(str(exc))
+    if output_format == "json":
+        payload = {
+            "currency": estimate.currency,
+            "calls": estimate.calls,
+            "cost": estimate.cost,
+            "seconds": estimate.seconds,
+            "invalid_rows": len(estimate.plan.invalid),
+            "lines": estimate.lines.to_dicts(),
+        }
+        out.print_json(json.dumps(payload))
+        return
+    out.print(_estimate_table(estimate))
+    invalid = len(estimate.plan.invalid)
+    if invalid:
+        out.print(f"{invalid} invalid rows: nothing is paid for them (tryon validate lists them)")
+    cost = "unknown (a provider's price is unknown: --price P=AMOUNT)"
+    if estimate.cost is not None:
+        cost = f"{estimate.cost:.4f}".rstrip("0").rstrip(".") + f" {estimate.currency}"
+    duration = "unknown (no recorded calls in the lake)"
+    if estimate.seconds is not None:
+        duration = f"about {_uptime(estimate.seconds)}"
+    out.print(f"Estimate: {estimate.calls} calls, cost {cost}, {duration}", markup=False)
+    out.print(
+        "Retries and fallbacks are not counted (a fallback line is its most); an image "
+        'changed in place under the same URI is counted done. See README "Money".',
+        markup=False,
+    )
+
+
+def _estimate_table(estimate: Any) -> Table:
+    from rich import box
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    headings = ("provider", "stage", "track", "rows", "done", "to do", "calls", "price", "cost")
+    names = estimate.lines["provider"].to_list() + estimate.lines["track"].to_list()
+    for heading in (*headings, "time"):
+        text = heading in headings[:3]
+        # Names are never cut: a terminal too narrow wraps the table's lines instead.
+        width = max(map(len, [heading, *names])) if text else None
+        table.add_column(heading, justify="left" if text else "right", min_width=width)
+    for line in estimate.lines.iter_rows(named=True):
+        price = "unknown" if line["price"] is None else f"{line['price']:g}"
+        cost = "unknown" if line["cost"] is None else f"{line['cost']:.4f}".rstrip("0").rstrip(".")
+        took = "-" if line["seconds"] is None else _uptime(line["seconds"])
+        table.add_row(
+            *(Text(str(line[k])) for k in ("provider", "stage", "track")),
+            *(str(line[k]) for k in ("rows", "done", "to_do", "calls")),
+            price,
+            cost,
+            took,
+        )
+    return table
 
 
 def _print_invalid_rows(invalid: InvalidRows) -> None:

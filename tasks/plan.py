@@ -179,6 +179,12 @@ def plan_run(
     )
 
 
+def provider_capability_checks(specs: Mapping[str, ProviderSpec]) -> list[tuple[pl.Expr, pl.Expr]]:
+    """The request-shape rules of ``specs`` as (fails, reason) pairs over a frame with the
+    provider in ``__provider`` and booleans for garment and lower garment images."""
+    return _capability_checks(specs, refine=False, refine_gender=None)
+
+
 def _capability_checks(
     specs: Mapping[str, ProviderSpec], *, refine: bool, refine_gender: str | None
 ) -> list[tuple[pl.Expr, pl.Expr]]:

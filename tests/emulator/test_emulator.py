@@ -14,6 +14,7 @@ import pytest
 from pydantic import SecretStr
 
 from emulator import AsyncEmulatorControl, EmulatorConfig, FaultPlan, build_app
+from emulator.common import vendor_tag
 from emulator.composite import (
     REGIONS,
     render_garment,
@@ -314,7 +315,9 @@ async def test_fast_mode_returns_prerendered_results(
     one, two = [await client.download(r.result_url) for r in (first, second)]
     assert one == two  # inputs are not decoded in fast mode
     assert decode(one).shape[0] > 0
-    expected = render_garment(synthetic_person(), synthetic_garment(), "upper_body")
+    expected = render_garment(
+        synthetic_person(), synthetic_garment(), "upper_body", tag=vendor_tag("changeclothes")
+    )
     assert one == expected.result
     with pytest.raises(Exception, match="INVALID_PARAM"):
         await client.try_on(garment_request(b"plain text, not an image", garment))

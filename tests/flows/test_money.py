@@ -117,3 +117,43 @@ async def test_a_published_price_is_the_default_in_its_currency(
     )
     assert summary.counts == {"succeeded": 3}
     assert summary.cost == pytest.approx(3 * float(PRICE.amount))
+
+
+async def test_the_plan_counts_the_calls_and_cost_the_run_then_makes(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    from flows.estimate import estimate_for
+
+    fast = {"job_queued_s": 0, "job_running_s": 0}
+    use_emulator.control.set_faults("hidream", **fast)
+    use_emulator.control.set_faults("ailab", **fast)
+    rows = sample_rows(8)
+    lake = tmp_path / "lake"
+    options = {
+        "prices": {CC: PRICE, "hidream": 0.2, "ailab_refiner": 0.05},
+        "refine": True,
+        "refine_gender": "woman",
+        "compare": ["hidream"],
+    }
+    # Three rows done by an earlier run, with the refiner and the comparison.
+    first = write_manifest(tmp_path / "first.csv", rows[:3])
+    await tryon_batch(BatchParams(manifest=str(first), lake=str(lake), **options))  # type: ignore[arg-type]
+    use_emulator.control.reset()
+
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    params = BatchParams(manifest=str(manifest), lake=str(lake), **options)  # type: ignore[arg-type]
+    estimate = estimate_for(params)
+    lines = {(r["provider"], r["track"]): r for r in estimate.lines.iter_rows(named=True)}
+    assert lines[(CC, "primary")]["done"] == 3 and lines[(CC, "primary")]["calls"] == 5
+    assert lines[("hidream", "hidream")]["calls"] == 5
+    assert lines[("ailab_refiner", "primary")]["calls"] == 5
+    assert use_emulator.control.posts() == 0  # planning called nobody
+
+    summary = await tryon_batch(params)
+
+    assert use_emulator.control.posts(CC_SUBMIT) == lines[(CC, "primary")]["calls"]
+    assert use_emulator.control.posts("POST /api-pub/ec/v3/image/vton") == 5
+    # Every call the run made, refiner's included, the plan counted: 5 + 5 + 2 x 5.
+    assert estimate.calls == summary.provider_calls == 20
+    assert summary.cost == pytest.approx(estimate.cost)
+    assert estimate.cost == pytest.approx(5 * PRICE + 5 * 0.2 + 10 * 0.05)
