@@ -130,6 +130,23 @@ async def test_deployment_runs_with_parameters_into_the_lake(
     assert (lake / "runs" / str(flow_run.id) / "_COMMITTED").is_file()
 
 
+async def test_the_plan_deployment_estimates_on_a_worker_without_calling(
+    deployed: Deployed, client: Any, tmp_path: Path
+) -> None:
+    reset_emulator(deployed.emulator)
+    params = {
+        "manifest": str(SAMPLE_MANIFEST),
+        "lake": str(tmp_path / "lake"),
+        "prices": {"changeclothes": 0.05},
+    }
+    flow_run = await run_and_wait(client, "tryon-plan/plan", {"params": params})
+    assert flow_run.state.is_completed(), flow_run.state
+    result = await flow_run.state.result(raise_on_failure=True)  # type: ignore[union-attr]
+    assert result["calls"] == 8 and result["cost"] == pytest.approx(0.4)
+    assert deployed.emulator.control.posts() == 0
+    assert not (tmp_path / "lake").exists()  # the plan writes nothing
+
+
 async def test_parameters_are_checked_against_the_schema(deployed: Deployed, client: Any) -> None:
     """enforce_parameter_schema: a bad parameter is refused when the run is created."""
     from prefect.exceptions import PrefectHTTPStatusError
