@@ -27,6 +27,7 @@ from schemas.summary import BatchIncomplete, ErrorCount, RunNotStarted, RunSumma
 from tasks.artifacts import ProgressTee, RunProgressArtifact, publish_run_outputs
 from tasks.context import open_run_contexts
 from tasks.error_counts import count_errors
+from tasks.events import emit_run_events
 from tasks.execute import ChunkExecutor, DaskChunks, InProcessChunks
 from tasks.lake import Lake
 from tasks.money import Budget
@@ -200,6 +201,7 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
     logger.info("run %s: %s", run_id, summary.one_line())
     # For people: the contact sheet in the lake, a summary table and a report in Prefect.
     await publish_run_outputs(lake, summary, bank=run.thumbnails, prompts=prompts_of(plan))
+    await emit_run_events(summary)  # tryon.run.completed (and budget-exhausted): automations
     if summary.fatal_error is not None:
         logger.error("stopped calling after a run-fatal error: %s", summary.fatal_error)
     if summary.unfinished:
