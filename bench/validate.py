@@ -10,7 +10,11 @@ fresh process, interleaved and repeated (the best run counts; the machine is sha
   checked), timed inside the process;
 * ``core_provider``: the same plus the run's plan for a provider (``--provider --refine``);
 * ``cli`` / ``cli_provider``: the command end to end (interpreter, imports, output to a file),
-  and ``cli_floor``: ``tryon --help``, what any command costs before it starts.
+  and ``cli_floor``: ``tryon --help``, what any command costs before it starts;
+* ``core_plan`` / ``cli_plan``: ``tryon plan`` with the same options, against a lake whose one
+  committed run already did a third of the rows (``flows.estimate.estimate_for``: the plan,
+  the prices, the lake's records read and matched to every row), inside the process and end
+  to end.
 
 Peak RSS is each process's own high-water mark (``ru_maxrss``, from ``wait4``). Writes
 ``bench/results/validate.json`` with the figures and the ratio against ``read_csv``.
@@ -39,7 +43,13 @@ from schemas.manifest import KNOWN_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-TARGETS = {"core_ratio_vs_read_csv_max": 3.0, "core_peak_rss_mb_max": 1024.0}
+TARGETS = {
+    "core_ratio_vs_read_csv_max": 3.0,
+    "core_peak_rss_mb_max": 1024.0,
+    # "tryon plan ... in at most a few times the time of tryon validate on it"
+    "plan_ratio_vs_validate_max": 3.0,
+}
+DONE_SHARE = 1 / 3  # of the valid rows, done by the bench lake's committed run
 PROVIDER = "hidream"  # no prompt endpoint: prompt rows are invalid for it
 HEADER = KNOWN_COLUMNS  # every column a manifest may have
 PEOPLE, GARMENTS = 300, 200
@@ -168,6 +178,18 @@ def child(what: str, manifest: str) -> dict[str, Any]:
     from tasks.manifest import load_manifest
     from tasks.plan import plan_run
 
+    if what == "core_plan":
+        from flows.estimate import estimate_for
+        from flows.params import BatchParams
+
+        params = BatchParams(
+            manifest=manifest, lake=_lake_of(manifest), provider=PROVIDER, refine=True
+        )
+        t0, c0 = time.perf_counter(), time.process_time()
+        estimate = estimate_for(params)
+        s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        done = int(estimate.lines["done"].sum())
+        return {"s": s, "cpu_s": cpu_s, "calls": estimate.calls, "done": done}
     t0, c0 = time.perf_counter(), time.process_time()
     report = load_manifest(manifest, known_providers=sorted(PROVIDERS), check_files=True)
     invalid = len(report.invalid)
@@ -176,6 +198,50 @@ def child(what: str, manifest: str) -> dict[str, Any]:
         invalid = len(plan.invalid)
     s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     return {"s": s, "cpu_s": cpu_s, "rows": report.n_rows, "invalid": invalid}
+
+
+def _lake_of(manifest: str) -> str:
+    return str(Path(manifest).with_name("lake"))
+
+
+def write_done_lake(manifest: Path) -> int:
+    """A lake with one committed run that did a third of the manifest's valid rows (their
+    try-on and refine records, with the requests as a run records them). Returns how many."""
+    import polars as pl
+
+    from providers.registry import PROVIDERS
+    from schemas.results import METADATA_SCHEMA
+    from tasks.estimate import REQUEST
+    from tasks.lake import Lake
+    from tasks.manifest import load_manifest
+    from tasks.plan import plan_run
+
+    report = load_manifest(str(manifest), known_providers=sorted(PROVIDERS), check_files=True)
+    rows = plan_run(report, default_provider=PROVIDER, refine=True).rows_by_provider[PROVIDER]
+    requests = rows.frame(REQUEST)
+    done = requests.head(int(requests.height * DONE_SHARE))
+    tryon = done.with_columns(
+        run_id=pl.lit("bench-run"),
+        stage=pl.lit("tryon"),
+        provider=pl.lit(PROVIDER),
+        status=pl.lit("succeeded"),
+        attempts=pl.lit(1, pl.Int32()),
+        provider_ms=pl.lit(2500.0),
+    )
+    refined = tryon.with_columns(
+        stage=pl.lit("refine"), provider=pl.lit("ailab_refiner"), coarse_provider=pl.lit(PROVIDER)
+    )
+    both = pl.concat([tryon, refined], how="diagonal")
+    frame = both.select(
+        pl.col(c).cast(t) if c in both.columns else pl.lit(None, t).alias(c)
+        for c, t in METADATA_SCHEMA.items()
+    )
+    lake = Lake.open(_lake_of(str(manifest)))
+    staged = Path(lake.run_path("bench-run", "parts"))  # commit_run publishes these
+    staged.mkdir(parents=True)
+    frame.write_parquet(staged / "part-bench.parquet")
+    lake.commit_run("bench-run", {"run_id": "bench-run"})
+    return done.height
 
 
 def measure(argv: list[str], stdout: Path) -> dict[str, Any]:
@@ -211,6 +277,11 @@ def scenarios(manifest: Path) -> dict[str, list[str]]:
         "core_provider": [*own, "core_provider", str(manifest)],
         "cli": [*cli, "validate", str(manifest)],
         "cli_provider": [*cli, "validate", str(manifest), "--provider", PROVIDER, "--refine"],
+        "core_plan": [*own, "core_plan", str(manifest)],
+        "cli_plan": [
+            *[*cli, "plan", str(manifest), "--provider", PROVIDER, "--refine"],
+            *["--lake", _lake_of(str(manifest))],
+        ],
         "cli_floor": [*cli, "--help"],
     }
 
@@ -226,7 +297,7 @@ def summarise(runs: list[dict[str, Any]], timed_inside: bool) -> dict[str, Any]:
         "s_runs": [round(t, 3) for t in times],
         "cpu_s_best": round(min(cpu), 3),
         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
-        **{k: runs[-1][k] for k in ("rows", "invalid", "exit") if k in runs[-1]},
+        **{k: runs[-1][k] for k in ("rows", "invalid", "exit", "calls", "done") if k in runs[-1]},
     }
 
 
@@ -254,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = tmp / "manifest.csv"
         log(f"writing {args.rows} rows to {manifest}")
         written = write_manifest(manifest, args.rows)
+        written["done_in_lake"] = write_done_lake(manifest)
         runs: dict[str, list[dict[str, Any]]] = {}
         for round_ in range(args.runs):  # interleaved: a busy spell hits every scenario alike
             for name, command in scenarios(manifest).items():
@@ -279,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{name}_vs_read_csv": round(results[name]["s_best"] / read["s_best"], 2)
         for name in ("core", "core_provider", "cli", "cli_provider")
     }
+    ratios["core_plan_vs_core_provider"] = round(
+        results["core_plan"]["s_best"] / results["core_provider"]["s_best"], 2
+    )
+    ratios["cli_plan_vs_cli_provider"] = round(
+        results["cli_plan"]["s_best"] / results["cli_provider"]["s_best"], 2
+    )
     ratios["core_cpu_vs_read_csv_cpu"] = round(
         results["core"]["cpu_s_best"] / read["cpu_s_best"], 2
     )
@@ -293,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             "core_within_3x_read_csv": ratios["core_vs_read_csv"]
             <= TARGETS["core_ratio_vs_read_csv_max"],
             "core_under_1gib": results["core"]["peak_rss_mb"] < TARGETS["core_peak_rss_mb_max"],
+            "plan_within_3x_validate": ratios["cli_plan_vs_cli_provider"]
+            <= TARGETS["plan_ratio_vs_validate_max"],
         },
         "machine": machine_facts(),
         "git": {"at_start": git_at_start, "at_end": git_state()},
