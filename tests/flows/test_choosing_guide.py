@@ -51,3 +51,19 @@ async def test_the_choosing_guide_runs_as_written(tmp_path: Path) -> None:
     assert "hidream" in routed["provider"].to_list()
     # The scorecard adds the runs up: both providers, with the calls they took.
     assert "changeclothes" in outputs[-1] and "hidream" in outputs[-1]
+
+
+MONEY = re.compile(r"<!-- money: cli -->\n```bash\n(?P<script>.*?)```", re.DOTALL)
+
+
+async def test_the_money_guide_plans_as_written(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "sample", tmp_path / "sample")
+    block = MONEY.search((REPO / "README.md").read_text())
+    assert block is not None, "the README lost its tagged Money block"
+    (line,) = [line for line in block["script"].splitlines() if line.strip()]
+    assert line.startswith(TRYON)
+    done = await asyncio.to_thread(tryon, *shlex.split(line.removeprefix(TRYON)), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 8 valid rows at 0.05, and the refiner (published price) on the 5 it applies to.
+    assert "Estimate: 13 calls, cost 0.775 USD" in done.stdout
+    assert not (tmp_path / "lake").exists()
