@@ -167,6 +167,9 @@ class RunReport:
     scorecard_uri: str | None = None
     duration_s: float | None = None
     fatal_error: str | None = None
+    currency: str | None = None  # set: the run counted money
+    cost: float | None = None  # None with a currency: a price in play was unknown
+    budget: float | None = None
 
 
 def _md(text: object, *, limit: int | None = None) -> str:
@@ -196,6 +199,12 @@ def render_report_markdown(report: RunReport) -> str:
         summary += f" {_md(stage_name)}: {parts}."
     if report.duration_s is not None:
         summary += f" Took {report.duration_s:.1f} s."
+    if report.currency is not None:
+        currency = _md(report.currency)
+        spent = f"{report.cost:g} {currency}" if report.cost is not None else "unknown"
+        budget = f" of a {report.budget:g} {currency} budget" if report.budget is not None else ""
+        unknown = " (a provider's price is unknown)" if report.cost is None else ""
+        summary += f" Cost: {spent}{budget}{unknown}."
     lines += [summary, ""]
     if report.fatal_error:
         lines += [f"**Stopped submitting after a run-fatal error:** {_md(report.fatal_error)}", ""]
@@ -410,6 +419,12 @@ class RunFacts(Protocol):
     def duration_s(self) -> float: ...
     @property
     def fatal_error(self) -> str | None: ...
+    @property
+    def currency(self) -> str | None: ...
+    @property
+    def cost(self) -> float | None: ...
+    @property
+    def budget(self) -> float | None: ...
 
 
 async def publish_run_outputs(
@@ -493,6 +508,9 @@ async def publish_run_outputs(
         scorecard_uri=score_uri,
         duration_s=run.duration_s,
         fatal_error=run.fatal_error,
+        currency=run.currency,
+        cost=run.cost,
+        budget=run.budget,
     )
     try:
         await publish_report_markdown(report)

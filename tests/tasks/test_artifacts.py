@@ -60,6 +60,9 @@ class Summary:
     summary_uri: str
     duration_s: float
     fatal_error: str | None = None
+    currency: str | None = None
+    cost: float | None = None
+    budget: float | None = None
 
 
 def record(index: int, row_id: str, status: Status, **fields: Any) -> RowRecord:
@@ -176,6 +179,23 @@ def test_report_markdown_escapes_untrusted_text(tmp_path: Path) -> None:
     moderated = next(line for line in markdown.splitlines() if "MODERATED" in line)
     assert moderated.replace("\\|", "").count("|") == 8
     assert "| `IMAGE_REJECTED` | permanent | 2 | `bad-1`, `bad-2` |" in markdown
+
+
+def test_report_markdown_states_the_cost_and_budget(tmp_path: Path) -> None:
+    records = sample_records(Lake.open(str(tmp_path)))
+    base = {
+        "run_id": "run-a",
+        "total_rows": 5,
+        "counts": count_statuses(records),
+        "failures": [],
+        "results_uri": "/lake/outputs",
+        "metadata_uri": "/lake/metadata/**/*.parquet",
+    }
+    spent = render_report_markdown(RunReport(**base, currency="USD", cost=0.45, budget=1.0))
+    assert "Cost: 0.45 USD of a 1 USD budget." in spent
+    unknown = render_report_markdown(RunReport(**base, currency="EUR"))
+    assert "Cost: unknown (a provider's price is unknown)." in unknown
+    assert "Cost" not in render_report_markdown(RunReport(**base))
 
 
 def test_scorecard_table_escapes_codes_and_keeps_numbers(tmp_path: Path) -> None:
