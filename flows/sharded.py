@@ -10,6 +10,7 @@ the whole sharded run cheap.
 from __future__ import annotations
 
 import asyncio
+from decimal import ROUND_DOWN, Decimal
 
 import polars as pl
 from prefect import flow, get_run_logger
@@ -62,6 +63,18 @@ def shard_frame(rows: ManifestRows) -> pl.DataFrame:
     return rows.frame(KNOWN_COLUMNS).select(KNOWN_COLUMNS)
 
 
+def shard_budgets(budget: float, rows: list[int]) -> list[float]:
+    """The run's budget split over its shards by their rows, rounded down to a millionth, so
+    together they stay within it: each shard is a run with its own budget. 0: no cap."""
+    if not budget:
+        return [0.0] * len(rows)
+    total = sum(rows) or 1
+    step = Decimal("0.000001")
+    whole = Decimal(str(budget))
+    # A shard's 0 would mean no cap: one with nothing left gets the smallest amount instead.
+    return [float(max(step, (whole * n / total).quantize(step, rounding=ROUND_DOWN))) for n in rows]
+
+
 def name_of_this_sharded_run() -> str:
     """E.g. ``manifest-changeclothes-3-shards-20250601T140322Z``; its shards' runs are named
     after their shard manifests (``shard-0000-changeclothes-...``)."""
@@ -112,6 +125,7 @@ async def tryon_sharded(
     parts = split_rows(report.valid, shards)
     limit = params.limits.global_max_in_flight or spec.max_in_flight
     share = max(1, (params.limits.max_in_flight or limit) // max(1, len(parts)))
+    budgets = shard_budgets(params.budget, [len(rows) for rows in parts])
     runs = []
     for index, rows in enumerate(parts):
         path = lake.run_path(run_id, "shards", f"shard-{index:04d}.parquet")
@@ -121,6 +135,7 @@ async def tryon_sharded(
             update={
                 "manifest": lake.full_uri(path),
                 "limits": params.limits.model_copy(update={"max_in_flight": share}),
+                "budget": budgets[index],
             }
         )
         runs.append((index, len(rows), shard_params))
