@@ -243,6 +243,13 @@ async def prefect_texts(since: float) -> Iterator[tuple[str, str]]:
             offset += 200
         for artifact in await client.read_artifacts():
             texts.append((f"artifact {artifact.key}", artifact.model_dump_json()))
+        # The runs' events (payloads: counts, errors, lake) as far as the server stored them.
+        from prefect.events.filters import EventFilter, EventNameFilter
+
+        events = await client.read_events(
+            filter=EventFilter(event=EventNameFilter(prefix=["tryon.run."])), limit=50
+        )
+        texts += [(f"event {e.event}", e.model_dump_json()) for e in events.events]
         for flow_run in await client.read_flow_runs(limit=200):
             texts.append((f"flow run {flow_run.name}", flow_run.model_dump_json()))
             states = await client.read_flow_run_states(flow_run.id)
