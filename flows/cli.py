@@ -422,7 +422,8 @@ def _cost(summary: RunSummary) -> str:
     """``0.45 USD (budget 1.00 USD)``; unknown when a price in play is."""
     currency = summary.currency
     text = "unknown (a provider's price is unknown: --price)" if summary.cost is None else ""
-    text = text or f"{summary.cost:.4f} {currency}".replace(".0000 ", " ")
+    amount = "" if summary.cost is None else f"{summary.cost:.6f}".rstrip("0").rstrip(".")
+    text = text or f"{amount} {currency}"
     if summary.budget is not None:
         text += f" (budget {summary.budget:g} {currency}"
         text += (

@@ -157,3 +157,28 @@ async def test_the_plan_counts_the_calls_and_cost_the_run_then_makes(
     assert estimate.calls == summary.provider_calls == 20
     assert summary.cost == pytest.approx(estimate.cost)
     assert estimate.cost == pytest.approx(5 * PRICE + 5 * 0.2 + 10 * 0.05)
+
+
+async def test_the_cli_takes_prices_and_a_budget_and_says_what_was_spent(tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.flows.test_run_explains import tryon
+
+    write_manifest(tmp_path / "m.csv", sample_rows(4))
+    run = ["run", "m.csv", "--emulator", "--lake", "lake", "--no-progress"]
+    done = await asyncio.to_thread(
+        tryon, *run, "--price", f"{CC}=0.1", "--budget", "0.2", "--max-in-flight", "1",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Cost:     0.2 USD (budget 0.2 USD, reached: rows not started are BUDGET_EXHAUSTED)" in (
+        done.stdout
+    )
+    assert "2 succeeded / 0 failed / 0 invalid / 2 skipped of 4 rows" in done.stdout
+    for bad, said in (
+        (["--price", f"{CC}=cheap"], f"--price {CC}: 'cheap' is not an amount"),
+        (["--budget", "5", "--currency", "EUR"], "a budget needs the price"),
+        (["--currency", "dollars"], "currency must be an ISO 4217 code"),
+    ):
+        refused = await asyncio.to_thread(tryon, *run, *bad, cwd=tmp_path)
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
