@@ -141,8 +141,12 @@ async def test_the_plan_deployment_estimates_on_a_worker_without_calling(
     }
     flow_run = await run_and_wait(client, "tryon-plan/plan", {"params": params})
     assert flow_run.state.is_completed(), flow_run.state
-    result = await flow_run.state.result(raise_on_failure=True)  # type: ignore[union-attr]
-    assert result["calls"] == 8 and result["cost"] == pytest.approx(0.4)
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    (table,) = await client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+    )
+    assert table.key == "tryon-run-plan" and "8 calls, cost 0.4 USD" in table.description
     assert deployed.emulator.control.posts() == 0
     assert not (tmp_path / "lake").exists()  # the plan writes nothing
 
