@@ -2,8 +2,10 @@
 
 Endpoints (sources in ``providers/ailab/wire.py``): ``POST /api/portrait/editing/try-on-clothes``,
 ``POST /api/portrait/enhance/try-on-clothes-refiner`` (multipart, header ``ailabapi-api-key``,
-``task_type=async``) and ``GET /api/common/query-async-task-result?task_id=``. Both endpoints
-bill the one "ailab" account (one fault plan, one credit counter). Jobs live in
+``task_type=async``), ``GET /api/common/query-async-task-result?task_id=`` and
+``GET /api/common/query-credits``. Both endpoints bill the one "ailab" account (one fault plan,
+one credit counter) in the vendor's credits: ``FaultPlan.credits`` is the universal credits
+left, 10 taken by a try-on and 25 by a refine, and query-credits answers it. Jobs live in
 ``state.jobs``: queued for ``job_queued_s``, running for ``job_running_s``, then done (result
 rendered on first need, stored with ``result_ttl_s``; the vendor keeps 24 h) or failed
 (``async_failure_rate``). A task is forgotten ``result_ttl_s`` after it ended.
@@ -16,12 +18,13 @@ Faults: latency, HTML 503, hangs (then 504 ``AI_SERVICE_TIMEOUT``), 429 rate lim
 ``Retry-After``, credits exhausted (429 ``ERROR_NOT_ENOUGH_CREDITS``). ``forced_codes`` apply to
 the next calls (submits and polls alike): a string is an ``error_detail.code`` from ``CODES``
 (sent with its documented status); an int is a bare HTTP status with an empty code (429 looks
-like the injected rate limit).
+like the injected rate limit). The balance query takes none of these: see ``query_credits``.
 """
 
 from __future__ import annotations
 
 import io
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -57,6 +60,8 @@ KEY_HEADER = "ailabapi-api-key"
 TRYON_PATH = "/api/portrait/editing/try-on-clothes"
 REFINER_PATH = "/api/portrait/enhance/try-on-clothes-refiner"
 QUERY_PATH = "/api/common/query-async-task-result"
+CREDITS_PATH = "/api/common/query-credits"
+_ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 CLOTHES_TYPES: dict[str, str] = {  # clothes_type -> composite region
     "upper_body": "upper_body",
     "lower_body": "lower_body",
@@ -65,8 +70,17 @@ CLOTHES_TYPES: dict[str, str] = {  # clothes_type -> composite region
 GENDERS = ("woman", "man")
 MB = 1024 * 1024
 # The vendor's billing notes (each API's page): "Each successful API request consumes N credits
-# [...]. Failed requests are not billed." A task that ends failed gives its credit back.
+# [...]. Failed requests are not billed." A task that ends failed gives its credits back.
 FAILED_JOBS_BILLED = False
+# N: 10 on the try-on's page, 25 on the refiner's ("Billing Instructions"). Kept apart from the
+# client's settings on purpose, as the code table is.
+TRYON_CREDITS = 10
+REFINER_CREDITS = 25
+# query-credits' universal credits ("all APIs supported"), the ones a call here takes.
+UNIVERSAL_SIGN = "common"
+# The balance answered when the plan sets no credits (unlimited): a billion credits, a thousand
+# times the vendor's biggest pack (1,000,000), so any plan a test or a bench makes fits.
+UNLIMITED_BALANCE = 1_000_000_000
 
 # Every public error_detail.code by its documented HTTP status (doc/response-description):
 # one "<status> <code> <code>..." line each.
@@ -152,6 +166,13 @@ MISSING_KEY_CODE = "ERROR_APPLICATIONS_NOT_EXISTS"
 FAILED_TASK_CODE = "ERROR_TASK_STOPPED_PROCESSING"
 # An unknown or expired task id.
 UNKNOWN_TASK_CODE = "ERROR_RESOURCE_NOT_FOUND"
+# query-credits called with another method than GET: "Illegal operation", the code the table
+# puts under HTTP 405 (Method Not Allowed).
+WRONG_METHOD_CODE = "ERROR_ILLEGAL_OPERATION"
+# query-credits' entries besides ``common`` (sign, name), listed first and empty: an account
+# may hold one API's own credits, and a client must pick the universal entry by its sign, not
+# by its place.
+OTHER_CREDIT_ENTRIES = (("portrait_try_on_clothes", "Try on Clothes"),)
 # A gateway rate limit: HTTP 429, empty code, this error_msg, Retry-After.
 RATE_LIMIT_MESSAGE = "Too Many Requests"
 # "MB" in the docs read as MiB.
@@ -186,6 +207,8 @@ def routes(state: EmulatorState) -> list[Route]:
         Route(TRYON_PATH, api.try_on, methods=["POST"], name="ailab_try_on"),
         Route(REFINER_PATH, api.refine, methods=["POST"], name="ailab_refiner"),
         Route(QUERY_PATH, api.query, methods=["GET"], name="ailab_query_task"),
+        # Every method, so a wrong one gets the vendor's code rather than Starlette's 405.
+        Route(CREDITS_PATH, api.query_credits, methods=_ANY_METHOD, name="ailab_query_credits"),
     ]
 
 
@@ -221,13 +244,48 @@ class _AILabApi(VendorApi[str]):
         )
 
     async def try_on(self, request: Request) -> Response:
-        return await self._call(request, partial(self._account_call, self._try_on, charge=True))
+        call = partial(self._account_call, self._try_on, cost=TRYON_CREDITS)
+        return await self._call(request, call)
 
     async def refine(self, request: Request) -> Response:
-        return await self._call(request, partial(self._account_call, self._refine, charge=True))
+        call = partial(self._account_call, self._refine, cost=REFINER_CREDITS)
+        return await self._call(request, call)
 
     async def query(self, request: Request) -> Response:
-        return await self._call(request, partial(self._account_call, self._query, charge=False))
+        return await self._call(request, partial(self._account_call, self._query, cost=0))
+
+    async def query_credits(self, request: Request) -> Response:
+        """The account's credits left, as query-credits answers them.
+
+        Outside the fault plan (no injected faults, latency or forced codes, no fault draws):
+        a run asks it once before starting, and a code queued for the next submit, or the
+        seeded draws of a fault rate, must not be spent on that question."""
+        try:
+            if request.method != "GET":
+                raise VendorError(WRONG_METHOD_CODE, f"{request.method} {CREDITS_PATH}: use GET")
+            token = self._authenticate(request)
+        except VendorError as exc:
+            return self._error(exc.code, exc.detail)
+        balance = float(self._balance(token))
+        configured = self.provider.plan.credits  # the last credits set: "total purchased"
+        total = float(UNLIMITED_BALANCE if configured is None else configured)
+        now = int(time.time())
+        data = [_credit_entry(sign, name, 0.0, 0.0, now) for sign, name in OTHER_CREDIT_ENTRIES]
+        data.append(
+            _credit_entry(UNIVERSAL_SIGN, "Universal credits", balance, max(total, balance), now)
+        )
+        self.provider.record(200)
+        return JSONResponse({**envelope(200), "data": data})
+
+    def _balance(self, token: str) -> int:
+        """The credits ``token`` may still spend: a trial key's calls left at the try-on's
+        price (trial keys count calls), else the account's, ``UNLIMITED_BALANCE`` for none."""
+        trial_limit = self.state.config.trial_keys.get(token)
+        if trial_limit is not None:
+            return max(0, trial_limit - self.provider.trial_used[token]) * TRYON_CREDITS
+        self.provider.settle_jobs()  # a failed job's credits are back
+        left = self.provider.credits_remaining
+        return UNLIMITED_BALANCE if left is None else left
 
     # -- one call, in the order a real gateway + service would answer --------------------------
 
@@ -238,12 +296,13 @@ class _AILabApi(VendorApi[str]):
         admitted: Admitted,
         credit: Credit,
         *,
-        charge: bool,
+        cost: int,
     ) -> Response:
+        """``cost``: the credits a successful call takes (0: free, as a poll)."""
         token = self._authenticate(request)
-        if charge:
+        if cost:
             try:
-                credit.take(token, self.state.config.trial_keys.get(token))
+                credit.take(token, self.state.config.trial_keys.get(token), cost)
             except QuotaError:
                 raise VendorError("ERROR_NOT_ENOUGH_CREDITS") from None
         return await process(request, credit)
@@ -421,6 +480,20 @@ class _AILabApi(VendorApi[str]):
         self.provider.record(code)
         status = CODES.get(code, 400)  # an unknown forced code: a plain client error
         return JSONResponse(envelope(status, code, detail or ""), status_code=status)
+
+
+def _credit_entry(sign: str, name: str, balance: float, total: float, now: int) -> dict[str, Any]:
+    """One entry of query-credits' ``data``, every documented field set."""
+    return {
+        "unique_sign": sign,
+        "name": name,
+        "balance": balance,
+        "total": total,
+        "last_recharge_balance": total,
+        "balance_warning": 0.0,
+        "first_buy_time": now,
+        "last_update_time": now,
+    }
 
 
 @asynccontextmanager

@@ -181,9 +181,10 @@ class Credit:
         self._provider = provider
         self._ticket: QuotaTicket | None = None
 
-    def take(self, token: str, trial_limit: int | None) -> None:
-        """Reserve the call; raises ``QuotaError`` when the account (or trial key) has none left."""
-        self._ticket = self._provider.take_quota(token, trial_limit)
+    def take(self, token: str, trial_limit: int | None, cost: int = 1) -> None:
+        """Reserve the call (``cost`` credits); raises ``QuotaError`` when the account (or trial
+        key) has not enough left."""
+        self._ticket = self._provider.take_quota(token, trial_limit, cost)
 
     def refund(self) -> None:
         if self._ticket is not None:

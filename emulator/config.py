@@ -25,7 +25,13 @@ class FaultPlan(BaseModel):
     timeout_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="Calls that hang.")
     timeout_s: float = Field(default=600.0, gt=0.0, description="How long a hanging call hangs.")
     credits: int | None = Field(
-        default=None, ge=0, description="Successful calls left before the credit-exhausted code."
+        default=None,
+        ge=0,
+        description=(
+            "Credits left before the credit-exhausted code: one per successful call, or the"
+            " vendor's own count where it bills in credits (ailab: 10 a try-on, 25 a refine)."
+            " None: unlimited."
+        ),
     )
     forced_codes: list[int | str] = Field(
         default_factory=list,

@@ -53,13 +53,14 @@ class QuotaTicket:
     credit: bool
     trial: bool
     done: bool = False
+    cost: int = 1  # the credits taken (``take_quota``)
 
     def refund(self) -> None:
         if self.done:
             return
         self.done = True
         if self.credit and self.provider.credits_remaining is not None:
-            self.provider.credits_remaining += 1
+            self.provider.credits_remaining += self.cost
         if self.trial:
             self.provider.trial_used[self.token] -= 1
 
@@ -145,8 +146,10 @@ class ProviderState:
             self.bad_outputs_served[kind] += 1
         return kind
 
-    def take_quota(self, token: str, trial_limit: int | None) -> QuotaTicket:
-        """Reserve one call for ``token``; raises ``QuotaError`` when none is left."""
+    def take_quota(self, token: str, trial_limit: int | None, cost: int = 1) -> QuotaTicket:
+        """Reserve one call for ``token``, taking ``cost`` credits (the vendor's price where it
+        bills in credits; a trial key counts calls); raises ``QuotaError`` when they are not
+        all there."""
         self.settle_jobs()
         if trial_limit is not None:
             if self.trial_used[token] >= trial_limit:
@@ -154,10 +157,10 @@ class ProviderState:
             self.trial_used[token] += 1
             return QuotaTicket(self, token, credit=False, trial=True)
         if self.credits_remaining is not None:
-            if self.credits_remaining <= 0:
+            if self.credits_remaining < cost:
                 raise QuotaError("credits")
-            self.credits_remaining -= 1
-            return QuotaTicket(self, token, credit=True, trial=False)
+            self.credits_remaining -= cost
+            return QuotaTicket(self, token, credit=True, trial=False, cost=cost)
         return QuotaTicket(self, token, credit=False, trial=False)
 
     def hold_for_job(self, ticket: QuotaTicket, job: EmulatedJob) -> None:

@@ -37,6 +37,17 @@ class ProviderSpec:
     price: Price | None = None
     # Whether the vendor bills an async job it accepted that then fails (submit-then-poll only).
     bills_failed_jobs: bool = False
+    # The vendor's credits one charged call takes, where it bills in credits and says how many
+    # (what a balance in credits is compared with); None: not in credits, or not published.
+    credits_per_call: int | None = None
+    # Specs whose calls draw on one balance (one key: a provider and its refiner) share this
+    # name; empty: the spec's own name (see ``account_name``).
+    account: str = ""
+
+    @property
+    def account_name(self) -> str:
+        """The balance this provider's calls draw on: ``account``, else its own name."""
+        return self.account or self.name
 
     def client_class(self) -> type[Any]:
         module_name, _, class_name = self.client_path.partition(":")

@@ -1,9 +1,10 @@
 """AILabTools: Try on Clothes (a provider) and its Refiner (chained onto any provider's coarse
-result with ``--refine``). One account, one wire: two specs."""
+result with ``--refine``). One account, one wire, one credit balance: two specs."""
 
 from __future__ import annotations
 
 from providers.ailab.settings import (
+    ACCOUNT,
     API_KEY_ENV,
     BILLS_FAILED_JOBS,
     CAPABILITIES,
@@ -12,10 +13,12 @@ from providers.ailab.settings import (
     NAME,
     PRICE,
     PROFILE,
+    REFINER_CREDITS,
     REFINER_MAX_IN_FLIGHT,
     REFINER_NAME,
     REFINER_PRICE,
     REFINER_PROFILE,
+    TRYON_CREDITS,
 )
 from providers.base import Capabilities
 from providers.spec import ProviderSpec
@@ -30,6 +33,8 @@ SPEC = ProviderSpec(
     credential_env=(API_KEY_ENV,),
     price=PRICE,
     bills_failed_jobs=BILLS_FAILED_JOBS,
+    credits_per_call=TRYON_CREDITS,  # settings.py: the try-on page's Billing Instructions
+    account=ACCOUNT,
 )
 # The try-on account's endpoint and key. No rows are planned against it: no request shapes.
 REFINER_SPEC = ProviderSpec(
@@ -42,4 +47,6 @@ REFINER_SPEC = ProviderSpec(
     credential_env=(API_KEY_ENV,),
     price=REFINER_PRICE,
     bills_failed_jobs=BILLS_FAILED_JOBS,
+    credits_per_call=REFINER_CREDITS,  # settings.py: the refiner page's Billing Instructions
+    account=ACCOUNT,  # the try-on's key, so the try-on's balance
 )

@@ -1,7 +1,8 @@
 """AILabTools clients: Try on Clothes (a provider) and Try on Clothes Refiner, one account.
 
 Both submit over the same wire (``wire.py``: multipart with ``task_type=async``, a task id, one
-shared poll); each names only its endpoint, its form fields and its image profile.
+shared poll, the account's credit balance); each names only its endpoint, its form fields and
+its image profile.
 """
 
 from __future__ import annotations
@@ -126,6 +127,13 @@ class _AILabAccount:
 
     async def poll(self, job_id: str) -> JobStatus:
         return await self._wire.poll(job_id)
+
+    async def credits_balance(self) -> int | None:
+        """The account's universal credits left (``GET /api/common/query-credits``, see
+        ``wire.parse_credits``): the one balance the try-on (10 a call) and the refiner (25)
+        draw on. Never None: the vendor documents it. Raises a classified ``ProviderError``
+        (a bad key is FATAL)."""
+        return await self._wire.credits_balance()
 
 
 class AILabTryOnClient(_AILabAccount, AsyncJobClient):

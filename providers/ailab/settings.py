@@ -42,8 +42,14 @@ CAPABILITIES: Final = Capabilities(
 # $0.003, so a budget holds whatever pack the account bought from: bigger packs make a call
 # cheaper (the docs' own "≈" figures use $0.0027).
 CREDIT_USD: Final = Decimal("0.003")  # $6 / 2,000 credits
+# Credits per successful call ("Billing Instructions": ``BillingInstructions creditsPerRequest``
+# 10 on docs/ai-portrait/editing/try-on-clothes.mdx, 25 on .../enhance/
+# try-on-clothes-refiner.mdx): what ``GET /api/common/query-credits`` is compared with.
 TRYON_CREDITS: Final = 10
 REFINER_CREDITS: Final = 25
+# Both APIs take one key's universal credits (``common`` in query-credits, "all APIs
+# supported"): one balance, so a plan's try-ons and refines are checked against it together.
+ACCOUNT: Final = "ailab"
 _PRICING = (
     "www.ailabtools.com/docs/ai-portrait/{page}, Billing Instructions (ailabtools-tobias/"
     "ailabtools-docs 6ddd5d1, 2026-06-25): {credits} credits per successful request; credits"

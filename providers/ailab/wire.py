@@ -31,18 +31,34 @@ options):
   ``data.images[0]`` (other AILab async APIs) - the first non-empty wins;
 - the task id may also come as ``data.task_id`` (as other AILab APIs answer).
 
-Balance: the vendor documents ``GET /api/common/query-credits`` (header ``ailabapi-api-key``),
-answering the public fields and ``data: [{unique_sign, name, balance, total,
-last_recharge_balance, balance_warning, first_buy_time, last_update_time}]``, one entry per kind
-of credit (``common``: universal credits; ``portrait_try_on_clothes``,
-``portrait_try_on_clothes_refiner``: packs for one API) (www.ailabtools.com/docs/ai-common/
-querying-credits/api). No seed doc covers it and it is unverified: not implemented.
+Balance: ``GET /api/common/query-credits``, header ``ailabapi-api-key``, no parameters.
+Read in the docs (not tried on a live account): www.ailabtools.com/docs/ai-common/
+querying-credits/api, from repo ailabtools-tobias/ailabtools-docs at 6ddd5d1 (2026-06-25),
+``docs/ai-common/querying-credits/api.mdx`` and the schema in ``openapi.json``; the official
+SDK ailabtools/ailabtools-sdk ``packages/go/common.go`` reads ``data`` as a list too. The answer
+is the public fields plus a required ``data`` array, "credit entries grouped by API", each
+``{unique_sign, name, balance, total, last_recharge_balance, balance_warning, first_buy_time,
+last_update_time}``: ``balance`` a float, the "current credit balance"; ``total`` the credits
+ever bought; the two times Unix timestamps. ``unique_sign`` ``common`` is "Universal credits (all
+APIs supported)"; each other sign is one API's own credits (``portrait_try_on_clothes``,
+``portrait_try_on_clothes_refiner``, ...). Success is HTTP 200 and errors are the public table's,
+as for every call (a bad key: 401 ``ERROR_APPLICATIONS_NOT_EXISTS`` or
+``ERROR_USER_NOT_EXISTS``, fatal). ``credits_balance`` answers the ``common`` entry's balance,
+rounded down: the credits both APIs can spend.
+
+UNVERIFIED: that the billing notes' "10 credits" / "25 credits" are counted in the same unit as
+``balance`` (the docs use one word, "credits", for both); what an account with no universal
+credits answers (we read no ``common`` entry as 0); whether one API's own credits are spent
+before the universal ones (they are not counted, so the balance can only be understated and a
+check errs on refusing). The docs' first example (2025) showed ``data`` as one object, against
+their own field table; the schema and examples since show an array, the only shape accepted.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -58,6 +74,9 @@ from schemas.results import ErrorKind
 
 KEY_HEADER = "ailabapi-api-key"
 QUERY_PATH = "/api/common/query-async-task-result"
+CREDITS_PATH = "/api/common/query-credits"
+# query-credits' ``unique_sign`` of the universal credits, the ones both APIs bill.
+UNIVERSAL_CREDITS = "common"
 
 _log = logging.getLogger(__name__)
 
@@ -254,6 +273,56 @@ def parse_task_result(
     return JobStatus(state=JobState.SUCCEEDED, result=result)
 
 
+def parse_credits(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    provider: str = NAME,
+    redact: Iterable[str] = (),
+) -> int:
+    """A query-credits answer -> the universal credits left (``common``), rounded down.
+
+    Vendor errors are classified by the error table (a bad key is fatal); a 200 that is not the
+    documented shape is a PERMANENT ``MALFORMED_RESPONSE`` naming what is wrong.
+    """
+    secrets = [s for s in redact if s]
+    env = _envelope(status, headers, body)
+    if not env.ok:
+        raise _error_from(env, body, provider, secrets, request_id=None)
+    assert env.payload is not None
+
+    def malformed(what: str) -> ProviderError:
+        return ProviderError(
+            kind=ErrorKind.PERMANENT,
+            code="MALFORMED_RESPONSE",
+            message=f"query-credits answered {what}",
+            provider=provider,
+            http_status=status,
+            request_id=env.request_id,
+        )
+
+    entries = env.payload.get("data")
+    if not isinstance(entries, list):
+        raise malformed(f"without a data array (data: {type(entries).__name__})")
+    balances: list[float] = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("unique_sign"), str):
+            raise malformed(f"data[{index}] without a unique_sign")
+        balance = entry.get("balance")
+        # bool is an int to Python, and json.loads takes NaN and Infinity: none is a balance.
+        if isinstance(balance, bool) or not isinstance(balance, int | float):
+            raise malformed(f"data[{index}] without a numeric balance")
+        if not math.isfinite(balance):
+            raise malformed(f"data[{index}] with balance {balance}")
+        if entry["unique_sign"] == UNIVERSAL_CREDITS:
+            balances.append(balance)
+    if len(balances) > 1:
+        raise malformed(f"{len(balances)} {UNIVERSAL_CREDITS!r} entries")
+    # No universal credits listed: none to spend (see the module docstring).
+    return math.floor(balances[0]) if balances else 0
+
+
 # -- the wire: one key, one base URL, shared by both clients -----------------------------------
 
 
@@ -302,6 +371,19 @@ class Wire:
             response.headers,
             response.content,
             task_id=task_id,
+            provider=self.provider,
+            redact=[key],
+        )
+
+    async def credits_balance(self) -> int:
+        """The account's universal credits left (``parse_credits``); raises ``ProviderError``."""
+        key = self._api_key.get_secret_value()
+        response = await self._send("GET", CREDITS_PATH)
+        _log.debug("%s query-credits -> HTTP %s", self.provider, response.status_code)
+        return parse_credits(
+            response.status_code,
+            response.headers,
+            response.content,
             provider=self.provider,
             redact=[key],
         )

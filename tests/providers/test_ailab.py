@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from pydantic import SecretStr
 
-from emulator.ailab import CODES
+from emulator.ailab import CODES, UNLIMITED_BALANCE
 from providers.ailab.client import (
     DEFAULT_POLL_POLICY,
     REFINER_PATH,
@@ -31,14 +31,32 @@ from providers.ailab.client import (
 from providers.ailab.errors import CREDITS_CODE, ERROR_TABLE
 from providers.ailab.settings import PROFILE as AILAB
 from providers.ailab.settings import REFINER_PROFILE as AILAB_REFINER
-from providers.ailab.wire import KEY_HEADER, QUERY_PATH, parse_submit, parse_task_result
+from providers.ailab.settings import TRYON_CREDITS
+from providers.ailab.wire import (
+    CREDITS_PATH,
+    KEY_HEADER,
+    QUERY_PATH,
+    UNIVERSAL_CREDITS,
+    parse_credits,
+    parse_submit,
+    parse_task_result,
+)
 from providers.base import JobState, PollPolicy, ProviderError, RefineRequest, TryOnRequest
 from providers.registry import REFINER, provider_spec
 from schemas.image_profile import ImageProfile
 from schemas.results import ErrorKind
 from tasks.images import image_profile_fits, prepare_image
 from tests import images
-from tests.contract import DELETED_KEY, TRIAL_KEY, TRIAL_LIMIT, Emulated, ImageHost
+from tests.contract import (
+    CONTRACT_CONFIG,
+    DELETED_KEY,
+    TRIAL_KEY,
+    TRIAL_LIMIT,
+    Emulated,
+    Emulators,
+    FakeClock,
+    ImageHost,
+)
 from tests.images import band_diff, decode, garment_jpeg, garment_request, person_jpeg, prepared
 from tests.providers.sites import Ai, assert_secret_kept, expect_error, free_port
 
@@ -261,7 +279,7 @@ async def test_every_public_code_is_answered_and_classified(
 async def test_credits_429_is_fatal_but_rate_limit_429_is_transient(
     ai: Ai, tryon: AILabTryOnClient, person: bytes, garment: bytes
 ) -> None:
-    await ai.quick_jobs(credits=1)
+    await ai.quick_jobs(credits=TRYON_CREDITS)  # one try-on's worth
     assert (await tryon.try_on(garment_request(person, garment))).result_url
     credits = await expect_error(tryon.try_on(garment_request(person, garment)))
     assert (credits.kind, credits.code, credits.http_status) == (
@@ -296,7 +314,7 @@ async def test_trial_key_runs_out_of_credits(ai: Ai, person: bytes, garment: byt
 async def test_rejected_calls_cost_no_credit(
     ai: Ai, tryon: AILabTryOnClient, person: bytes, garment: bytes
 ) -> None:
-    await ai.faults(credits=1)
+    await ai.faults(credits=TRYON_CREDITS)
     gif = flat((300, 300), "GIF")
     error = await expect_error(tryon.submit(garment_request(person, gif)))
     assert error.code == "UNSUPPORTED_FILE_TYPES"
@@ -313,6 +331,151 @@ async def test_bad_keys_are_fatal(
     client = ai.client(api_key=SecretStr(api_key))
     error = await expect_error(client.submit(garment_request(person, garment)))
     assert (error.kind, error.code, error.http_status) == (ErrorKind.FATAL, code, 401)
+
+
+# -- the account's balance (GET /api/common/query-credits) -----------------------------------
+
+
+async def test_balance_is_answered_and_parsed(
+    ai: Ai, tryon: AILabTryOnClient, refiner: AILabRefinerClient
+) -> None:
+    assert await tryon.credits_balance() == UNLIMITED_BALANCE  # no credits set: unlimited
+    await ai.faults(credits=1234)
+    # One key, one balance: both clients read the same universal credits.
+    assert await tryon.credits_balance() == await refiner.credits_balance() == 1234
+
+    response = await ai.http.get(
+        ai.base_url + CREDITS_PATH, headers={KEY_HEADER: ai.key.get_secret_value()}
+    )
+    body = response.json()
+    assert (response.status_code, body["error_code"], body["error_detail"]["code"]) == (200, 0, "")
+    signs = [entry["unique_sign"] for entry in body["data"]]
+    assert signs[-1] == UNIVERSAL_CREDITS and len(signs) > 1  # found by its sign, not place
+    common = body["data"][-1]
+    assert common["balance"] == 1234.0 and isinstance(common["balance"], float)  # "float"
+    assert set(common) == {
+        "unique_sign",
+        "name",
+        "balance",
+        "total",
+        "last_recharge_balance",
+        "balance_warning",
+        "first_buy_time",
+        "last_update_time",
+    }
+    assert parse_credits(response.status_code, response.headers, response.content) == 1234
+
+
+async def test_balance_goes_down_by_each_call_s_credits(
+    ai: Ai,
+    tryon: AILabTryOnClient,
+    refiner: AILabRefinerClient,
+    person: bytes,
+    garment: bytes,
+) -> None:
+    await ai.quick_jobs(credits=100)
+    result = await tryon.try_on(garment_request(person, garment))
+    assert await tryon.credits_balance() == 100 - 10  # a try-on: 10 credits
+    assert result.result_url
+    coarse_webp = await tryon.download(result.result_url)
+    coarse = encode(Image.open(io.BytesIO(coarse_webp)).convert("RGB"), "JPEG", quality=95)
+    assert (await refiner.refine(refine_request(person, garment, coarse))).result_url
+    assert await refiner.credits_balance() == 100 - 10 - 25  # a refine: 25 more
+    # What the specs say a call takes is what the balance lost.
+    assert (provider_spec(PROVIDER).credits_per_call, REFINER.credits_per_call) == (10, 25)
+
+    # 65 left: two refines (50), then 15, too few for another (25) but enough for a try-on.
+    for _ in range(2):
+        assert await refiner.submit(refine_request(person, garment, coarse))
+    error = await expect_error(refiner.submit(refine_request(person, garment, coarse)))
+    assert (error.kind, error.code) == (ErrorKind.FATAL, CREDITS_CODE)
+    assert await tryon.submit(garment_request(person, garment))
+    assert await tryon.credits_balance() == 5
+
+
+async def test_failed_calls_leave_the_balance_alone(
+    ai: Ai, tryon: AILabTryOnClient, person: bytes, garment: bytes
+) -> None:
+    await ai.quick_jobs(credits=15)
+    # Refused at submit (an unsupported file), and by a code the plan forces.
+    error = await expect_error(tryon.submit(garment_request(person, flat((300, 300), "GIF"))))
+    assert error.code == "UNSUPPORTED_FILE_TYPES"
+    await ai.faults(forced_codes=["ERROR_NO_FACE_IN_FILE"])
+    error = await expect_error(tryon.submit(garment_request(person, garment)))
+    assert error.code == "ERROR_NO_FACE_IN_FILE"
+    assert await tryon.credits_balance() == 15
+    # Accepted, then the task failed: held while it ran, given back when it ended.
+    await ai.faults(async_failure_rate=1.0)
+    error = await expect_error(tryon.try_on(garment_request(person, garment)))
+    assert error.code == "ERROR_TASK_STOPPED_PROCESSING"
+    assert await tryon.credits_balance() == 15
+    # One try-on's worth is left, not two: the second is refused and costs nothing.
+    await ai.faults(async_failure_rate=0.0)
+    assert await tryon.try_on(garment_request(person, garment))
+    error = await expect_error(tryon.submit(garment_request(person, garment)))
+    assert (error.kind, error.code) == (ErrorKind.FATAL, CREDITS_CODE)
+    assert await tryon.credits_balance() == 5
+
+
+async def test_a_trial_key_s_balance_is_its_calls_left(
+    ai: Ai, person: bytes, garment: bytes
+) -> None:
+    client = ai.client(api_key=SecretStr(TRIAL_KEY))
+    assert await client.credits_balance() == TRIAL_LIMIT * 10
+    assert await client.submit(garment_request(person, garment))
+    assert await client.credits_balance() == (TRIAL_LIMIT - 1) * 10
+
+
+async def test_balance_with_a_bad_key_is_fatal_and_never_shows_it(
+    emulators: Emulators,
+    clock: FakeClock,
+    image_host: ImageHost,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    # An emulator whose auth errors quote the key back, as a careless vendor's would.
+    echoing = emulators.start(CONTRACT_CONFIG.model_copy(update={"echo_credentials": True}))
+    on = Ai(emulators.http, echoing, clock, image_host)
+    wrong = on.client(api_key=SecretStr(SECRET))
+    refiner = on.refiner(api_key=SecretStr(SECRET))
+    errors = [
+        await expect_error(wrong.credits_balance()),
+        await expect_error(refiner.credits_balance()),
+    ]
+    for error in errors:
+        assert (error.kind, error.code, error.http_status) == (
+            ErrorKind.FATAL,
+            "ERROR_APPLICATIONS_NOT_EXISTS",
+            401,
+        )
+        assert "***" in error.message  # the echo was there, and was blanked out
+    assert {e.provider for e in errors} == {"ailab", "ailab_refiner"}
+    deleted = await expect_error(on.client(api_key=SecretStr(DELETED_KEY)).credits_balance())
+    assert (deleted.kind, deleted.code) == (ErrorKind.FATAL, "ERROR_USER_NOT_EXISTS")
+    assert_secret_kept(SECRET, errors, [wrong, refiner, wrong._wire, refiner._wire])
+    assert SECRET not in caplog.text
+
+
+async def test_emulator_query_credits_is_strict_and_outside_the_fault_plan(ai: Ai) -> None:
+    url, key = ai.base_url + CREDITS_PATH, ai.key.get_secret_value()
+    no_key = await ai.http.get(url)
+    assert (no_key.status_code, no_key.json()["error_detail"]["code"]) == (
+        401,
+        "ERROR_APPLICATIONS_NOT_EXISTS",
+    )
+    posted = await ai.http.post(url, headers={KEY_HEADER: key})
+    assert (posted.status_code, posted.json()["error_detail"]["code"]) == (
+        405,
+        "ERROR_ILLEGAL_OPERATION",
+    )
+    with pytest.raises(ProviderError) as info:
+        parse_credits(posted.status_code, posted.headers, posted.content)
+    assert (info.value.kind, info.value.code) == (ErrorKind.PERMANENT, "ERROR_ILLEGAL_OPERATION")
+
+    # A run asks before it starts: the question spends no code queued for the next call.
+    await ai.faults(credits=40, forced_codes=["ERROR_GATEWAY"], error_rate_5xx=1.0)
+    assert await ai.client().credits_balance() == 40
+    assert (await ai.control.faults())[PROVIDER].forced_codes == ["ERROR_GATEWAY"]
 
 
 # -- asynchronous failures and deadlines -----------------------------------------------------
@@ -693,3 +856,84 @@ def test_task_result_errors_about_the_call_are_raised() -> None:
     failed = parse_task_result(422, {}, _body(422, "ERROR_NO_FACE_IN_FILE"), task_id="t")
     assert failed.state is JobState.FAILED and failed.error is not None
     assert failed.error.code == "ERROR_NO_FACE_IN_FILE"
+
+
+def _credits_body(*entries: Any, **extra: Any) -> bytes:
+    data = [
+        {
+            "unique_sign": sign,
+            "name": sign,
+            "balance": balance,
+            "total": 2000.0,
+            "last_recharge_balance": 2000.0,
+            "balance_warning": 0.0,
+            "first_buy_time": 0,
+            "last_update_time": 0,
+        }
+        for sign, balance in entries
+    ]
+    return _body(200, **{"data": data, **extra})
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (_credits_body(("common", 1990.0)), 1990),
+        (_credits_body(("common", 99.9)), 99),  # a part of a credit pays no call
+        # API-specific credits are not counted, wherever they are listed.
+        (_credits_body(("portrait_try_on_clothes", 500.0), ("common", 30)), 30),
+        (_credits_body(("common", 30), ("portrait_try_on_clothes_refiner", 500.0)), 30),
+        (_credits_body(("portrait_try_on_clothes", 500.0)), 0),  # no universal credits
+        (_credits_body(), 0),
+    ],
+)
+def test_credits_answers(body: bytes, expected: int) -> None:
+    assert parse_credits(200, {}, body) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "what"),
+    [
+        (_body(200), "without a data array"),
+        # The docs' 2025 example: one object, not an array.
+        (_body(200, data={"unique_sign": "common", "balance": 10.0}), "without a data array"),
+        (_body(200, data=["common"]), "data[0] without a unique_sign"),
+        (_body(200, data=[{"balance": 10.0}]), "data[0] without a unique_sign"),
+        (_credits_body(("common", "10")), "data[0] without a numeric balance"),
+        (_credits_body(("common", None)), "data[0] without a numeric balance"),
+        (_credits_body(("common", True)), "data[0] without a numeric balance"),
+        (_credits_body(("x", 1.0), ("common", float("nan"))), "data[1] with balance nan"),
+        (_credits_body(("common", 1.0), ("common", 2.0)), "2 'common' entries"),
+    ],
+)
+def test_malformed_credits_answers_are_permanent(body: bytes, what: str) -> None:
+    with pytest.raises(ProviderError) as info:
+        parse_credits(200, {}, body, provider="ailab_refiner")
+    error = info.value
+    assert (error.kind, error.code, error.provider) == (
+        ErrorKind.PERMANENT,
+        "MALFORMED_RESPONSE",
+        "ailab_refiner",
+    )
+    assert what in error.message and "query-credits" in error.message
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind", "code"),
+    [
+        (200, b"<html>maintenance</html>", ErrorKind.PERMANENT, "MALFORMED_RESPONSE"),
+        (502, b"<html>bad gateway</html>", ErrorKind.TRANSIENT, "HTTP_502"),
+        (401, _body(401, "ERROR_USER_NOT_EXISTS"), ErrorKind.FATAL, "ERROR_USER_NOT_EXISTS"),
+        (403, _body(403, "ERROR_USER_LOCKED"), ErrorKind.FATAL, "ERROR_USER_LOCKED"),
+        (503, _body(503, "AI_SERVICE_FLOW_RESTRICTION"), ErrorKind.TRANSIENT, None),
+        # An error code with HTTP 200 is an error still, whatever data it carries.
+        (200, _body(200, "ERROR_PARAMETERS", data=[]), ErrorKind.PERMANENT, "ERROR_PARAMETERS"),
+    ],
+)
+def test_credits_errors_are_classified_by_the_error_table(
+    status: int, body: bytes, kind: ErrorKind, code: str | None
+) -> None:
+    with pytest.raises(ProviderError) as info:
+        parse_credits(status, {}, body)
+    assert info.value.kind is kind
+    assert info.value.code == (code or "AI_SERVICE_FLOW_RESTRICTION")

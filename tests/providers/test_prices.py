@@ -14,7 +14,7 @@ import emulator.hidream
 from emulator import FaultPlan
 from emulator.common import Credit
 from emulator.jobs import JobStore
-from emulator.state import ProviderState
+from emulator.state import ProviderState, QuotaError
 from providers import ailab, changeclothes, hidream, tencent
 from providers.ailab.errors import ERROR_TABLE as AILAB_ERRORS
 from providers.base import JobState
@@ -46,6 +46,17 @@ def test_a_price_is_unknown_or_sourced(spec: ProviderSpec) -> None:
     assert spec.price.amount > 0
     assert spec.price.currency in ISO_4217
     assert spec.price.source.strip()
+
+
+def test_credits_per_call_and_shared_accounts() -> None:
+    # AILabTools' Billing Instructions: 10 credits a try-on, 25 a refine; one key, one balance.
+    assert (ailab.SPEC.credits_per_call, REFINER.credits_per_call) == (10, 25)
+    assert ailab.SPEC.account_name == REFINER.account_name == "ailab"
+    assert REFINER.name != ailab.SPEC.name  # two specs, one balance
+    # The others do not bill in counted credits (or do not say how many): each its own.
+    for spec in (changeclothes.SPEC, tencent.SPEC, hidream.SPEC):
+        assert spec.credits_per_call is None
+        assert spec.account_name == spec.name
 
 
 def test_published_prices() -> None:
@@ -92,6 +103,8 @@ def test_the_emulator_reads_the_same_rules() -> None:
     assert emulator.ailab.FAILED_JOBS_BILLED is ailab.SPEC.bills_failed_jobs
     assert emulator.ailab.FAILED_JOBS_BILLED is REFINER.bills_failed_jobs
     assert emulator.hidream.FAILED_JOBS_BILLED is hidream.SPEC.bills_failed_jobs
+    assert ailab.SPEC.credits_per_call == emulator.ailab.TRYON_CREDITS
+    assert REFINER.credits_per_call == emulator.ailab.REFINER_CREDITS
 
 
 # -- the emulator bills as the vendors do -------------------------------------------------------
@@ -101,14 +114,18 @@ async def credits(site: Ai | Hd | Tc) -> int | None:
     return (await site.control.faults())[site.provider].credits
 
 
+# The AILab account counts the vendor's credits: 10 a try-on (TRYON), 25 a refine.
+TRYON = 10
+
+
 async def test_ailab_failed_task_gives_its_credit_back(
     ai: Ai, person: bytes, garment: bytes
 ) -> None:
-    await ai.quick_jobs(credits=1, async_failure_rate=1.0)
+    await ai.quick_jobs(credits=TRYON, async_failure_rate=1.0)
     client = ai.client()
     error = await expect_error(client.try_on(standard_request(ai, person, garment)))
     assert (error.kind, error.code) == (ErrorKind.PERMANENT, "ERROR_TASK_STOPPED_PROCESSING")
-    assert await credits(ai) == 1
+    assert await credits(ai) == TRYON
 
     await ai.faults(async_failure_rate=0.0)
     assert (await client.try_on(standard_request(ai, person, garment))).result_url
@@ -118,12 +135,12 @@ async def test_ailab_failed_task_gives_its_credit_back(
 async def test_ailab_credit_comes_back_when_the_task_fails_unpolled(
     ai: Ai, person: bytes, garment: bytes
 ) -> None:
-    await ai.quick_jobs(credits=1, async_failure_rate=1.0)
+    await ai.quick_jobs(credits=TRYON, async_failure_rate=1.0)
     client = ai.client()
     task_id = await client.submit(standard_request(ai, person, garment))
     assert await credits(ai) == 0  # held while the task runs
     await ai.sleep(0.1)
-    assert await credits(ai) == 1  # the task ended failed: nobody polled it
+    assert await credits(ai) == TRYON  # the task ended failed: nobody polled it
     assert await client.submit(standard_request(ai, person, garment))
     assert (await client.poll(task_id)).state is JobState.FAILED
 
@@ -131,16 +148,16 @@ async def test_ailab_credit_comes_back_when_the_task_fails_unpolled(
 async def test_ailab_task_whose_input_does_not_decode_is_not_billed(
     ai: Ai, person: bytes, garment: bytes
 ) -> None:
-    await ai.quick_jobs(credits=1)
+    await ai.quick_jobs(credits=TRYON)
     client = ai.client()
     truncated = person[: len(person) // 2]  # its header reads, its pixels do not
     task_id = await client.submit(standard_request(ai, truncated, garment))
     await ai.sleep(0.1)
     assert await credits(ai) == 0  # done by the clock: billed, until it renders
     assert (await client.poll(task_id)).state is JobState.FAILED
-    assert await credits(ai) == 1
+    assert await credits(ai) == TRYON
     assert (await client.poll(task_id)).state is JobState.FAILED  # and stays failed
-    assert await credits(ai) == 1
+    assert await credits(ai) == TRYON
 
 
 async def test_hidream_failed_job_gives_its_credit_back(
@@ -167,20 +184,22 @@ async def test_tencent_rejected_call_costs_nothing(tc: Tc) -> None:
     assert error.code == "ResourceUnavailable.LowBalance"
 
 
-@pytest.mark.parametrize(("bills_failure", "left"), [(False, 1), (True, 0)])
+@pytest.mark.parametrize(("bills_failure", "left"), [(False, 30), (True, 5)])
 async def test_a_held_credit_follows_the_vendor_s_rule(bills_failure: bool, left: int) -> None:
     clock = FakeClock()
-    account = ProviderState("vendor", FaultPlan(credits=1), seed=1)
+    account = ProviderState("vendor", FaultPlan(credits=30), seed=1)
     jobs = JobStore(clock.now)
 
     async def render() -> str:
         return "url"
 
     credit = Credit(account)
-    credit.take("token", None)
+    credit.take("token", None, cost=25)  # a call priced in credits takes them all
     job = jobs.submit(provider="vendor", queued_s=0, running_s=1, will_fail=True, render=render)
     credit.hold_for_job(job, bills_failure=bills_failure)
     credit.commit()  # the submission itself succeeded
-    assert account.current_plan().credits == 0
+    assert account.current_plan().credits == 5
+    with pytest.raises(QuotaError):  # 5 left: not enough for another
+        account.take_quota("token", None, cost=25)
     await clock.sleep(2)
     assert account.current_plan().credits == left
