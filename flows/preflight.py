@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 import httpx
+import polars as pl
 from pydantic import ValidationError
 
 from flows.params import BatchParams
@@ -35,6 +36,7 @@ from providers.registry import PROVIDERS, REFINER, ProviderSpec
 from providers.settings import base_url, call_timeout_s, credential, secret_block_name
 from schemas.manifest import ManifestError
 from schemas.manifest_rows import ValidationReport
+from schemas.results import ErrorKind
 from schemas.summary import RunNotStarted
 from tasks.lake import Lake, LakeNotUsable
 from tasks.manifest import load_manifest, redact_uri
@@ -43,6 +45,7 @@ from tasks.plan import RunPlan, plan_run
 from tasks.staging import InputStager
 
 _API_PROBE_TIMEOUT_S = 5.0
+_BALANCE_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 
 __all__ = [
     "Preflight",
@@ -145,10 +148,70 @@ async def check_secret_blocks(checks: Preflight, *, cli: bool = False) -> None:
 
 
 async def run_checks(params: BatchParams) -> Preflight:
-    """Both steps, for the flow: nothing is written to the lake before they pass."""
+    """Every step, for the flow: nothing is written to the lake before they pass."""
     checks = await asyncio.to_thread(check_run, params)
     await check_secret_blocks(checks)
+    await check_balances(params, checks)
     return checks
+
+
+async def check_balances(params: BatchParams, checks: Preflight) -> None:
+    """Where a vendor documents its account's credit balance (``ProviderSpec.credits_per_call``
+    and a client with ``credits_balance``), the plan must be payable: the credits the rows to
+    do need (``tasks.estimate``: rows earlier runs did are free; fallbacks, which may not be
+    needed, are left out) against the balance, read once per account. Raises
+    ``RunNotStarted`` when it is short, or when the account refuses the key."""
+    specs = [PROVIDERS[name] for name in checks.providers if name in PROVIDERS]
+    specs += [REFINER] if REFINER.name in checks.providers else []
+    billed = [spec for spec in specs if spec.credits_per_call]
+    if not billed:
+        return
+    from providers.base import ProviderError
+    from providers.transport import provider_http_client
+    from tasks.estimate import estimate_run, read_done_work
+
+    lake = _open_lake(params)
+    done = await asyncio.to_thread(
+        read_done_work, lake if lake.fs.exists(lake.metadata_dir()) else None
+    )
+    lines = estimate_run(
+        checks.plan,
+        done=done,
+        prices=checks.prices,
+        limits={},
+        refine=params.refine,
+        refine_gender=params.gender_for_refiner,
+    ).filter(pl.col("track") != "fallback")
+    calls = dict(lines.group_by("provider").agg(pl.col("calls").sum()).iter_rows())
+    accounts: dict[str, list[ProviderSpec]] = {}
+    for spec in billed:
+        accounts.setdefault(spec.account_name, []).append(spec)
+    async with provider_http_client(max_connections=1, timeout=_BALANCE_TIMEOUT) as http:
+        for account, members in accounts.items():
+            needs = {
+                spec.name: calls.get(spec.name, 0) * (spec.credits_per_call or 0)
+                for spec in members
+            }
+            needed = sum(needs.values())
+            if not needed:
+                continue
+            try:
+                balance = await members[0].make_client(http=http).credits_balance()
+            except ProviderError as exc:
+                if exc.kind is ErrorKind.FATAL:
+                    raise RunNotStarted(f"{account}: its credit balance: {exc}") from None
+                continue  # the balance is unknown for now: the run's own calls will tell
+            if balance is not None and balance < needed:
+                parts = " + ".join(
+                    f"{calls.get(spec.name, 0)} {spec.name} calls x {spec.credits_per_call}"
+                    for spec in members
+                    if needs[spec.name]
+                )
+                raise RunNotStarted(
+                    f"{account} has {balance} credits and this run needs {needed} ({parts}; "
+                    f"rows earlier runs did are free): top up the account, or run fewer rows "
+                    f"(`tryon plan` shows what each provider gets)"
+                )
 
 
 def missing_credentials_message(

@@ -182,3 +182,24 @@ async def test_the_cli_takes_prices_and_a_budget_and_says_what_was_spent(tmp_pat
     ):
         refused = await asyncio.to_thread(tryon, *run, *bad, cwd=tmp_path)
         assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+
+
+async def test_a_run_the_account_cannot_pay_does_not_start(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    # AILabTools documents its credit balance (10 credits a try-on): the run checks it first.
+    use_emulator.control.set_faults("ailab", credits=25, job_queued_s=0, job_running_s=0)
+    manifest = write_manifest(tmp_path / "m.csv", sample_rows(3))
+    lake = tmp_path / "lake"
+    params = BatchParams(manifest=str(manifest), lake=str(lake), provider="ailab")
+    with pytest.raises(RunNotStarted, match=r"ailab has 25 credits and this run needs 30"):
+        await tryon_batch(params)
+    assert use_emulator.control.posts() == 0 and not lake.exists()
+
+    use_emulator.control.set_faults("ailab", credits=30)
+    summary = await tryon_batch(params)
+    assert summary.counts == {"succeeded": 3}
+    # Done rows are free: the same manifest needs nothing more of an empty account.
+    use_emulator.control.set_faults("ailab", credits=0)
+    again = await tryon_batch(params)
+    assert again.already_done == 3 and use_emulator.control.posts("POST") == 3
