@@ -613,15 +613,7 @@ def plan_cmd(
     except (ValueError, RunNotStarted) as exc:
         _cannot_start(str(exc))
     if output_format == "json":
-        payload = {
-            "currency": estimate.currency,
-            "calls": estimate.calls,
-            "cost": estimate.cost,
-            "seconds": estimate.seconds,
-            "invalid_rows": len(estimate.plan.invalid),
-            "lines": estimate.lines.to_dicts(),
-        }
-        out.print_json(json.dumps(payload))
+        out.print_json(json.dumps(estimate.to_json()))
         return
     out.print(_estimate_table(estimate))
     invalid = len(estimate.plan.invalid)

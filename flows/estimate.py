@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 import polars as pl
 
@@ -33,6 +34,17 @@ class RunEstimate:
     prices: dict[str, Decimal | None]
     lake_runs: int  # committed runs the lake holds (what "done" was matched against)
 
+    def to_json(self) -> dict[str, Any]:
+        """The estimate as plain data: ``tryon plan --format json``, the flow's result."""
+        return {
+            "currency": self.currency,
+            "calls": self.calls,
+            "cost": self.cost,
+            "seconds": self.seconds,
+            "invalid_rows": len(self.plan.invalid),
+            "lines": self.lines.to_dicts(),
+        }
+
 
 def _limits(spec: ProviderSpec, params: BatchParams) -> Limits:
     limits = params.refine_limits if spec is REFINER else params.limits
@@ -54,15 +66,7 @@ def estimate_for(params: BatchParams) -> RunEstimate:
         )
     except ManifestError as exc:
         raise RunNotStarted(f"{exc} ({redact_uri(params.manifest)})") from None
-    plan = plan_run(
-        report,
-        default_provider=params.provider,
-        refine=params.refine,
-        refine_gender=params.gender_for_refiner,
-        route=params.route,
-        compare=params.compare,
-        fallback=params.fallback,
-    )
+    plan = plan_run(report, **params.plan_options())
     specs = [PROVIDERS[name] for name in plan.providers()] + ([REFINER] if params.refine else [])
     try:
         prices = run_prices(specs, currency=params.currency, given=params.prices)

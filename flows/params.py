@@ -199,6 +199,17 @@ class BatchParams(BaseModel):
         """The refiner's gender for rows without one, or None."""
         return None if self.refine_gender == "unset" else self.refine_gender
 
+    def plan_options(self) -> dict[str, Any]:
+        """``tasks.plan.plan_run``'s options for this run: where its rows go."""
+        return {
+            "default_provider": self.provider,
+            "refine": self.refine,
+            "refine_gender": self.gender_for_refiner,
+            "route": self.route,
+            "compare": self.compare,
+            "fallback": self.fallback,
+        }
+
     def chunk_settings(self, prices: Mapping[str, Decimal | None] | None = None) -> ChunkSettings:
         """The run-wide part of what a chunk in another process needs (its share of slots,
         rate and any fatal error are filled in per chunk); ``prices``: the run's, settled."""

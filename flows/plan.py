@@ -52,11 +52,4 @@ async def tryon_plan(params: BatchParams) -> dict[str, Any]:
         key=PLAN_TABLE_KEY,
         description=f"Plan at {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {line}",
     )
-    return {
-        "currency": estimate.currency,
-        "calls": estimate.calls,
-        "cost": estimate.cost,
-        "seconds": estimate.seconds,
-        "invalid_rows": len(estimate.plan.invalid),
-        "lines": estimate.lines.to_dicts(),
-    }
+    return estimate.to_json()

@@ -79,15 +79,7 @@ def check_run(params: BatchParams, *, emulator: bool = False) -> Preflight:
     the keys it accepts, once the checks have passed: credentials and staging are not checked.
     """
     report = _check_manifest(params)
-    plan = plan_run(
-        report,
-        default_provider=params.provider,
-        refine=params.refine,
-        refine_gender=params.gender_for_refiner,
-        route=params.route,
-        compare=params.compare,
-        fallback=params.fallback,
-    )
+    plan = plan_run(report, **params.plan_options())
     specs = _specs_in_use(plan, refine=params.refine)
     prices = _check_prices(params, specs)
     lake = _open_lake(params)
