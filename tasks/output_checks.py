@@ -151,9 +151,18 @@ def _decode(data: bytes, what: str) -> _Decoded:
 
 
 def image_extension(data: bytes) -> str:
-    """The file extension of an image that decodes whole (by-products such as masks, which
-    may well be flat): refuses non-images, truncated data and pixel bombs."""
-    return _decode(data, "provider result").extension
+    """The file extension of a by-product image (a mask, which may well be flat): refuses
+    non-images and pixel bombs from the header and structure (``Image.verify``), without
+    decoding: a mask never fails its row, so it is not worth a result's full check."""
+    with _open(data, "mask") as image:
+        fmt = (image.format or "").upper()
+        try:
+            image.verify()
+        except Exception as exc:
+            raise _fail(
+                "RESULT_NOT_AN_IMAGE", f"mask does not decode as an image ({type(exc).__name__})"
+            ) from None
+    return _EXTENSIONS.get(fmt, fmt.lower())
 
 
 def grey_spread(thumb: Image.Image) -> float:
