@@ -160,6 +160,7 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
     sink = ProgressTee(*watchers(), progress)
     sink.started(plan.total_rows + plan.compared_rows)
     invalid_errors = await record_invalid(lake, run_id, params, plan, sink)
+    budget = Budget.of(params.budget, params.currency)  # spend counted, and capped if given
 
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(progress)  # 0 % now, 100 % (or where it stopped) at exit
@@ -171,7 +172,7 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
             compare=plan.compare,
             fallback=plan.fallback,
             prices=checks.prices,
-            budget=(budget := Budget.of(params.budget, params.currency)),
+            budget=budget,
             settings=params.chunk_settings(checks.prices),
             limits=params.limits,
             refine_limits=params.refine_limits,
