@@ -421,7 +421,9 @@ def run(
 def _cost(summary: RunSummary) -> str:
     """``0.45 USD (budget 1.00 USD)``; unknown when a price in play is."""
     currency = summary.currency
-    text = "unknown (a provider's price is unknown: --price)" if summary.cost is None else ""
+    unpriced = summary.unpriced or ["a provider"]
+    hint = " ".join(f"--price {name}=AMOUNT" for name in summary.unpriced) or "--price"
+    text = f"unknown (no price for {', '.join(unpriced)}: {hint})" if summary.cost is None else ""
     amount = "" if summary.cost is None else f"{summary.cost:.6f}".rstrip("0").rstrip(".")
     text = text or f"{amount} {currency}"
     if summary.budget is not None:

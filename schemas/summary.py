@@ -61,6 +61,7 @@ class RunSummary(BaseModel):
     cost: float | None = None
     budget: float | None = None
     budget_exhausted: bool = False
+    unpriced: list[str] = Field(default_factory=list)  # accounts in play with no known price
 
     @property
     def exit_code(self) -> int:

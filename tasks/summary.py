@@ -83,6 +83,7 @@ def summarize(
         ),
         budget=float(budget.limit) if budget and budget.limit is not None else None,
         budget_exhausted=bool(budget and budget.exhausted),
+        unpriced=sorted(name for name, price in (prices or {}).items() if price is None),
     )
 
 

@@ -81,6 +81,7 @@ async def test_costs_are_unknown_without_prices_and_a_budget_then_refuses_to_sta
         BatchParams(manifest=str(manifest), lake=str(tmp_path / "lake"), currency="EUR")
     )
     assert summary.currency == "EUR" and summary.cost is None
+    assert summary.unpriced == ["changeclothes"]
     assert read_metadata(tmp_path / "lake")["cost"].is_null().all()
 
     use_emulator.control.reset()
