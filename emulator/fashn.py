@@ -32,8 +32,9 @@ documented ``{"error", "message"}`` shape); a failed prediction gives its credit
 
 Fault plan extras: ``forced_codes`` entries ``"failed:<Name>"`` wait for the next ``/run``,
 which is accepted and whose prediction ends failed with runtime error ``<Name>``
-(``failed:PoseError``); an API error name (``OutOfCredits``, ``UnauthorizedAccess``,
-``ConcurrencyLimitExceeded``, ``InternalServerError``...) answers the next call with it; the int
+(``failed:PoseError``); an API error name answers the next call with it (``OutOfCredits``,
+``ConcurrencyLimitExceeded`` and ``BadRequest`` the next ``/run``: only a submission meets
+them; ``UnauthorizedAccess``, ``InternalServerError``... any call); the int
 429 is the gateway's rate limit, another int a proxy's HTML page with that status.
 ``async_failure_rate`` draws failures among ``PoseError`` and ``ContentModerationError``.
 """
@@ -140,6 +141,8 @@ RUNTIME_MESSAGES: Final[dict[str, str]] = {
 }
 MODERATED_SHARE: Final = 0.5  # of async failures: ContentModerationError, else PoseError
 FORCED_FAILURE = re.compile(r"^failed:(\w+)$")
+# Forced API errors only a /run can meet: they wait in the queue for one.
+SUBMISSION_ONLY: Final = frozenset({"OutOfCredits", "ConcurrencyLimitExceeded", "BadRequest"})
 
 
 class VendorError(common.VendorError[str]):
@@ -215,11 +218,12 @@ class _FashnApi(VendorApi[str]):
         if not forced:
             return None
         head = forced[0]
-        if isinstance(head, str) and FORCED_FAILURE.match(head.strip()):
+        name = head.strip() if isinstance(head, str) else head
+        if isinstance(name, str) and (FORCED_FAILURE.match(name) or name in SUBMISSION_ONLY):
             if not submission:
-                return None
+                return None  # it waits for a /run
             forced.popleft()
-            return head.strip()
+            return name
         forced.popleft()
         return head
 
@@ -357,7 +361,9 @@ class _FashnApi(VendorApi[str]):
             elif value.startswith("data:"):
                 data = common.decode_data_uri(value, field)
             else:
-                raise InputError(f"{field}: base64 must have the data:image/<format>;base64, prefix")
+                raise InputError(
+                    f"{field}: base64 must have the data:image/<format>;base64, prefix"
+                )
         except InputError as exc:
             raise _RuntimeFailure("ImageLoadError", str(exc)) from None
         if not data or len(data) > MAX_IMAGE_BYTES:
@@ -412,11 +418,17 @@ class _FashnApi(VendorApi[str]):
                 output = await self._output(job)
             except composite.UndecodableImage as exc:
                 job.fail()  # the header looked fine but the image does not decode
-                job.meta["error"] = ("ImageLoadError", f"{RUNTIME_MESSAGES['ImageLoadError']}: {exc}")
+                job.meta["error"] = (
+                    "ImageLoadError",
+                    f"{RUNTIME_MESSAGES['ImageLoadError']}: {exc}",
+                )
             else:
                 answer.update(status="completed", output=[output] * job.meta["samples"])
         if job.phase() is JobPhase.FAILED:
-            name, message = job.meta["error"] or ("PipelineError", RUNTIME_MESSAGES["PipelineError"])
+            name, message = job.meta["error"] or (
+                "PipelineError",
+                RUNTIME_MESSAGES["PipelineError"],
+            )
             answer.update(status="failed", error={"name": name, "message": message})
         return JSONResponse(answer)
 

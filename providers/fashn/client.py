@@ -125,11 +125,14 @@ def _text(value: object) -> str:
 def _ok_payload(ctx: ResponseContext, body: bytes) -> dict[str, Any]:
     """The JSON object of a 200 answer; any other answer raises its classified error."""
     payload = _json_object(body)
-    if ctx.status == 200 and payload is not None:
-        # A failed prediction's status answer carries ``error`` too: only an answer without
-        # any of the endpoints' own fields is an error answer.
-        if not _text(payload.get("error")) or {"id", "status", "credits"} & set(payload):
-            return payload
+    # A failed prediction's status answer carries ``error`` too: a 200 is an error answer only
+    # without any of the endpoints' own fields.
+    if (
+        ctx.status == 200
+        and payload is not None
+        and (not _text(payload.get("error")) or {"id", "status", "credits"} & set(payload))
+    ):
+        return payload
     if payload is None or not (_text(payload.get("error")) or _text(payload.get("message"))):
         if ctx.status == 200:
             ctx.fail(ErrorKind.PERMANENT, "MALFORMED_RESPONSE", "HTTP 200 without a JSON object")

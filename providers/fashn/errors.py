@@ -38,7 +38,9 @@ NOT_FOUND: Final = "NotFound"
 API_ERRORS: Final[Mapping[str, ErrorSpec]] = {
     "BadRequest": ErrorSpec(_P, "invalid request format or parameters", http_status=400),
     UNAUTHORIZED: ErrorSpec(_F, "invalid, inactive or missing API key", http_status=401),
-    NOT_FOUND: ErrorSpec(_P, "resource not found, or prediction no longer tracked", http_status=404),
+    NOT_FOUND: ErrorSpec(
+        _P, "resource not found, or prediction no longer tracked", http_status=404
+    ),
     "RateLimitExceeded": ErrorSpec(_T, "too many requests in the window", http_status=429),
     "ConcurrencyLimitExceeded": ErrorSpec(_T, "too many concurrent predictions", http_status=429),
     OUT_OF_CREDITS: ErrorSpec(_F, "no API credits remaining", http_status=429),

@@ -114,8 +114,11 @@ async def test_shapes_fashn_cannot_take_are_refused_before_sending(
 ) -> None:
     client = fa.client()
     two = TryOnRequest(
-        row_id="r", person=prepared(person), garment=prepared(garment),
-        lower_garment=prepared(garment), category="upper_body",
+        row_id="r",
+        person=prepared(person),
+        garment=prepared(garment),
+        lower_garment=prepared(garment),
+        category="upper_body",
     )
     prompt = TryOnRequest(row_id="r", person=prepared(person), prompt="a coat")
     for request in (two, prompt):
@@ -338,8 +341,11 @@ async def test_credits_are_spent_per_image_and_the_balance_reads_them(
         ({"forced_codes": ["OutOfCredits"]}, ErrorKind.FATAL, "OutOfCredits"),
         ({"forced_codes": ["InternalServerError"]}, ErrorKind.TRANSIENT, "InternalServerError"),
         ({"forced_codes": [502]}, ErrorKind.TRANSIENT, "HTTP_502"),
-        ({"forced_codes": ["ConcurrencyLimitExceeded"]}, ErrorKind.TRANSIENT,
-         "ConcurrencyLimitExceeded"),
+        (
+            {"forced_codes": ["ConcurrencyLimitExceeded"]},
+            ErrorKind.TRANSIENT,
+            "ConcurrencyLimitExceeded",
+        ),
     ],
 )
 async def test_injected_faults_are_classified(
@@ -399,7 +405,12 @@ def test_run_answers() -> None:
     for status, body, kind, code in [
         (200, {"error": None}, ErrorKind.PERMANENT, "MALFORMED_RESPONSE"),
         (200, b"<html>", ErrorKind.PERMANENT, "MALFORMED_RESPONSE"),
-        (401, {"error": "UnauthorizedAccess", "message": "x"}, ErrorKind.FATAL, "UnauthorizedAccess"),
+        (
+            401,
+            {"error": "UnauthorizedAccess", "message": "x"},
+            ErrorKind.FATAL,
+            "UnauthorizedAccess",
+        ),
         (429, {"error": "OutOfCredits", "message": "x"}, ErrorKind.FATAL, "OutOfCredits"),
         (429, {"error": "RateLimitExceeded"}, ErrorKind.TRANSIENT, "RateLimitExceeded"),
         (429, b"slow down", ErrorKind.TRANSIENT, "RATE_LIMITED"),
