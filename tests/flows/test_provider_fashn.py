@@ -240,6 +240,9 @@ async def test_out_of_credits_half_way_stops_fashn_at_once(
     summary = caught.value.summary
     assert "OutOfCredits" in (summary.fatal_error or "")
     records = tryon_records(tmp_path / "lake")
-    codes = dict(zip(records["row_id"], records["error_code"], strict=True))
-    assert codes["r000"] == "PoseError"  # a row's own failure, not the run's
+    # One row's own failure (the prediction), one run-fatal answer, whichever row came first.
+    failed = records.filter(pl.col("status") == "failed")
+    assert sorted(failed["error_code"]) == ["OutOfCredits", "PoseError"]
+    assert failed.filter(pl.col("error_code") == "PoseError")["error_kind"][0] == "permanent"
+    assert records.filter(pl.col("status") == "skipped").height == 2
     assert use_emulator.control.posts(FA_RUN) == 2  # none after the fatal answer
