@@ -5,11 +5,13 @@ conftest.py); test_every_provider.py runs the checks all of them share."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import socket
 import time
 import traceback
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,6 +22,7 @@ from pydantic import SecretStr
 from emulator.keys import accepted_key
 from providers.ailab.client import AILabRefinerClient, AILabTryOnClient
 from providers.base import PollPolicy, ProviderError, TryOnRequest
+from providers.fashn.client import FashnClient
 from providers.hidream.client import HiDreamClient
 from providers.tencent.client import TencentClient
 from tests.contract import Cc, Emulated, FakeClock, ImageHost, Site, bearer
@@ -182,7 +185,96 @@ class Tc(Site):
         return result
 
 
-KINDS: dict[str, type[Cc | Ai | Hd | Tc]] = {kind.provider: kind for kind in (Cc, Ai, Hd, Tc)}
+# FASHN allows 50 /status calls per 10 s: poll at most 4 times a second (free on the fake clock).
+FASHN_FAST = PollPolicy(initial_s=0.25, max_interval_s=0.5, factor=1.5, deadline_s=30.0)
+
+
+@dataclass
+class Fa(Site):
+    """FASHN: clients and hand-made JSON calls (a provider registered by entry points only:
+    see ``installed``)."""
+
+    provider: ClassVar[str] = "fashn"
+    key_env: ClassVar[str] = "FASHN_API_KEY"
+
+    def client(self, **options: Any) -> FashnClient:
+        options.setdefault("poll_policy", FASHN_FAST)
+        options.setdefault("api_key", self.key)
+        options.setdefault("base_url", self.base_url)
+        return self.polling(FashnClient(http=self.http, **options))
+
+    async def raw(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        content: bytes | None = None,
+        authorization: str | None = "default",
+    ) -> httpx.Response:
+        """A hand-made request, for what the client would never send."""
+        headers = bearer(self.key, authorization)
+        if content is not None:
+            headers["Content-Type"] = "text/plain"
+        return await self.http.request(
+            method, self.base_url + path, json=body, content=content, headers=headers
+        )
+
+
+# Providers this repository ships as plugins (entry points in pyproject.toml, no line in the
+# registries): name -> (its ``ProviderSpec``, its ``EmulatedProvider``), as the entry points
+# name them.
+PLUGINS: dict[str, tuple[str, str]] = {
+    "fashn": ("providers.fashn:SPEC", "emulator.fashn:EMULATED"),
+}
+
+
+def _load(target: str) -> Any:
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+@contextmanager
+def installed(name: str) -> Iterator[None]:
+    """The plugin ``name`` registered in this process as its installed entry points would
+    register it (provider spec, emulator routes, the emulator's default key), and unregistered
+    after; nothing to do where the distribution's metadata already has them."""
+    from emulator import app, keys
+    from providers import registry
+
+    if name in registry.PROVIDERS:
+        yield
+        return
+    spec_path, emulated_path = PLUGINS[name]
+    spec, emulated = _load(spec_path), _load(emulated_path)
+    added_keys = [k for k in emulated.default_keys if k not in keys.DEFAULT_KEYS]
+    registry.PROVIDERS[name] = spec
+    app.PROVIDER_ROUTES[name] = emulated.routes
+    keys.PLUGINS[name] = emulated
+    for env_name in added_keys:
+        keys.DEFAULT_KEYS[env_name] = emulated.default_keys[env_name]
+    try:
+        yield
+    finally:
+        registry.PROVIDERS.pop(name, None)
+        app.PROVIDER_ROUTES.pop(name, None)
+        keys.PLUGINS.pop(name, None)
+        for env_name in added_keys:
+            keys.DEFAULT_KEYS.pop(env_name, None)
+
+
+@contextmanager
+def plugins_installed() -> Iterator[None]:
+    """Every plugin of ``PLUGINS`` registered (see ``installed``)."""
+    with ExitStack() as stack:
+        for name in PLUGINS:
+            stack.enter_context(installed(name))
+        yield
+
+
+KINDS: dict[str, type[Cc | Ai | Hd | Tc | Fa]] = {
+    kind.provider: kind for kind in (Cc, Ai, Hd, Tc, Fa)
+}
 
 
 def site(
@@ -191,7 +283,7 @@ def site(
     emulator: Emulated,
     clock: FakeClock | None,
     image_host: ImageHost,
-) -> Cc | Ai | Hd | Tc:
+) -> Cc | Ai | Hd | Tc | Fa:
     """``provider``'s site on ``emulator`` (``clock`` None: real time, as on loopback)."""
     return KINDS[provider](http, emulator, clock, image_host)
 

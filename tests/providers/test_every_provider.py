@@ -7,6 +7,7 @@ in-process transport ignores client timeouts. Refused connections go to a closed
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -17,13 +18,27 @@ from emulator import EmulatorConfig, FaultPlan
 from providers.ailab.client import AILabRefinerClient, AILabTryOnClient
 from providers.base import AsyncJobClient, JobState, ProviderError
 from providers.changeclothes.client import ChangeClothesClient
+from providers.fashn.client import FashnClient
 from providers.hidream.client import HiDreamClient
 from providers.tencent.client import TencentClient
 from schemas.results import ErrorKind
 from tests.contract import Emulated, Emulators, ImageHost
-from tests.providers.sites import expect_error, free_port, site, standard_request
+from tests.providers.sites import (
+    expect_error,
+    free_port,
+    plugins_installed,
+    site,
+    standard_request,
+)
 
-PROVIDERS = ["changeclothes", "ailab", "hidream", "tencent"]
+PROVIDERS = ["changeclothes", "ailab", "hidream", "tencent", "fashn"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _plugins() -> Iterator[None]:
+    """The providers shipped as plugins (entry points only), registered as if installed."""
+    with plugins_installed():
+        yield
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -99,6 +114,7 @@ async def test_connection_refused_is_transient(
         (HiDreamClient, "HIDREAM_API_KEY"),
         (AILabTryOnClient, "AILAB_API_KEY"),
         (AILabRefinerClient, "AILAB_API_KEY"),
+        (FashnClient, "FASHN_API_KEY"),
     ],
 )
 def test_from_env_requires_the_key(
@@ -117,6 +133,7 @@ EMPTY_KEY: dict[str, Any] = {
     ),
     "ailab": lambda http: AILabTryOnClient(http=http, api_key=SecretStr(""), base_url="http://x"),
     "hidream": lambda http: HiDreamClient(http=http, api_key=SecretStr(""), base_url="http://x"),
+    "fashn": lambda http: FashnClient(http=http, api_key=SecretStr(""), base_url="http://x"),
     "tencent": lambda http: TencentClient(
         http=http, secret_id=SecretStr("AKIDx"), secret_key=SecretStr(""), base_url="http://x"
     ),
