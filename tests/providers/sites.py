@@ -17,9 +17,12 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from emulator import fal as fal_emulator
 from emulator.keys import accepted_key
+from emulator.plugins import EmulatedProvider
 from providers.ailab.client import AILabRefinerClient, AILabTryOnClient
 from providers.base import PollPolicy, ProviderError, TryOnRequest
+from providers.fal.client import FalClient, FalKolorsClient
 from providers.hidream.client import HiDreamClient
 from providers.tencent.client import TencentClient
 from tests.contract import Cc, Emulated, FakeClock, ImageHost, Site, bearer
@@ -182,7 +185,56 @@ class Tc(Site):
         return result
 
 
-KINDS: dict[str, type[Cc | Ai | Hd | Tc]] = {kind.provider: kind for kind in (Cc, Ai, Hd, Tc)}
+def serve_plugin(emulated: EmulatedProvider) -> None:
+    """Every emulator this process builds serves ``emulated`` (and accepts its default keys),
+    as when its distribution's entry points are installed: a provider registered only by
+    entry points is tested before the shared environment is reinstalled with them."""
+    from emulator import app, keys
+
+    app.PROVIDER_ROUTES.setdefault(emulated.name, emulated.routes)
+    for name, value in emulated.default_keys.items():
+        keys.DEFAULT_KEYS.setdefault(name, value)
+
+
+serve_plugin(fal_emulator.EMULATED)
+
+# Polls at most 4 times a (fake) second: within fal's rate, at no cost on the fake clock.
+FAL_POLL = PollPolicy(initial_s=0.25, max_interval_s=0.5, factor=1.5, deadline_s=60.0)
+
+
+@dataclass
+class Fal(Site):
+    """The fal queue: one account, a client per model (FASHN v1.6 by default)."""
+
+    provider: ClassVar[str] = "fal"
+    key_env: ClassVar[str] = "FAL_KEY"
+
+    def client(self, **options: Any) -> FalClient:
+        options.setdefault("api_key", self.key)
+        options.setdefault("base_url", self.base_url)
+        options.setdefault("poll_policy", FAL_POLL)
+        return self.polling(FalClient(http=self.http, **options))
+
+    def kolors(self, **options: Any) -> FalKolorsClient:
+        options.setdefault("api_key", self.key)
+        options.setdefault("base_url", self.base_url)
+        options.setdefault("poll_policy", FAL_POLL)
+        return self.polling(FalKolorsClient(http=self.http, **options))
+
+    async def raw(
+        self, method: str, path: str, *, body: Any = None, authorization: str | None = "default"
+    ) -> httpx.Response:
+        """A hand-made call (what the client never sends): ``authorization`` as given, or
+        ``Key <key>`` ("default"), or none (None)."""
+        if authorization == "default":
+            authorization = f"Key {self.key.get_secret_value()}"
+        headers = {} if authorization is None else {"Authorization": authorization}
+        return await self.http.request(method, self.base_url + path, json=body, headers=headers)
+
+
+KINDS: dict[str, type[Cc | Ai | Hd | Tc | Fal]] = {
+    kind.provider: kind for kind in (Cc, Ai, Hd, Tc, Fal)
+}
 
 
 def site(
@@ -191,7 +243,7 @@ def site(
     emulator: Emulated,
     clock: FakeClock | None,
     image_host: ImageHost,
-) -> Cc | Ai | Hd | Tc:
+) -> Cc | Ai | Hd | Tc | Fal:
     """``provider``'s site on ``emulator`` (``clock`` None: real time, as on loopback)."""
     return KINDS[provider](http, emulator, clock, image_host)
 

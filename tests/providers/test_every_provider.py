@@ -17,13 +17,14 @@ from emulator import EmulatorConfig, FaultPlan
 from providers.ailab.client import AILabRefinerClient, AILabTryOnClient
 from providers.base import AsyncJobClient, JobState, ProviderError
 from providers.changeclothes.client import ChangeClothesClient
+from providers.fal.client import FalClient, FalKolorsClient
 from providers.hidream.client import HiDreamClient
 from providers.tencent.client import TencentClient
 from schemas.results import ErrorKind
 from tests.contract import Emulated, Emulators, ImageHost
 from tests.providers.sites import expect_error, free_port, site, standard_request
 
-PROVIDERS = ["changeclothes", "ailab", "hidream", "tencent"]
+PROVIDERS = ["changeclothes", "ailab", "hidream", "tencent", "fal"]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -99,6 +100,8 @@ async def test_connection_refused_is_transient(
         (HiDreamClient, "HIDREAM_API_KEY"),
         (AILabTryOnClient, "AILAB_API_KEY"),
         (AILabRefinerClient, "AILAB_API_KEY"),
+        (FalClient, "FAL_KEY"),
+        (FalKolorsClient, "FAL_KEY"),
     ],
 )
 def test_from_env_requires_the_key(
@@ -117,6 +120,7 @@ EMPTY_KEY: dict[str, Any] = {
     ),
     "ailab": lambda http: AILabTryOnClient(http=http, api_key=SecretStr(""), base_url="http://x"),
     "hidream": lambda http: HiDreamClient(http=http, api_key=SecretStr(""), base_url="http://x"),
+    "fal": lambda http: FalClient(http=http, api_key=SecretStr(""), base_url="http://x"),
     "tencent": lambda http: TencentClient(
         http=http, secret_id=SecretStr("AKIDx"), secret_key=SecretStr(""), base_url="http://x"
     ),
