@@ -2,8 +2,8 @@
 
 ``POST /{model_id}`` (JSON, ``Authorization: Key <FAL_KEY>``) queues a request and answers
 ``{request_id, status: IN_QUEUE, queue_position, status_url, response_url, cancel_url}``;
-``GET /{app_id}/requests/{id}/status`` answers ``IN_QUEUE`` (with ``queue_position``), ``IN_PROGRESS``
-or ``COMPLETED`` (all HTTP 200; with ``error`` and ``error_type`` when it failed);
+``GET /{app_id}/requests/{id}/status`` answers ``IN_QUEUE`` (with ``queue_position``),
+``IN_PROGRESS`` or ``COMPLETED`` (all HTTP 200; with ``error`` and ``error_type`` when it failed);
 ``GET /{app_id}/requests/{id}`` the model's output (``images: [File]`` or ``image: File``) or
 its error: a model error as ``{detail: [{loc, msg, type, url}]}`` (422), a request error as
 ``{detail, error_type}`` with ``X-Fal-Error-Type``. The ``app_id`` is the model id's first two

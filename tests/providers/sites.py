@@ -9,7 +9,8 @@ import json
 import socket
 import time
 import traceback
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,7 +18,6 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from emulator import fal as fal_emulator
 from emulator.keys import accepted_key
 from emulator.plugins import EmulatedProvider
 from providers.ailab.client import AILabRefinerClient, AILabTryOnClient
@@ -185,18 +185,21 @@ class Tc(Site):
         return result
 
 
-def serve_plugin(emulated: EmulatedProvider) -> None:
-    """Every emulator this process builds serves ``emulated`` (and accepts its default keys),
-    as when its distribution's entry points are installed: a provider registered only by
-    entry points is tested before the shared environment is reinstalled with them."""
+@contextmanager
+def plugin_served(emulated: EmulatedProvider) -> Iterator[None]:
+    """Within: every emulator built serves ``emulated`` and accepts its default keys, as once
+    its distribution's entry points are installed (nothing changes if they are): a provider
+    registered only by entry points is tested before the environment is reinstalled."""
     from emulator import app, keys
 
-    app.PROVIDER_ROUTES.setdefault(emulated.name, emulated.routes)
-    for name, value in emulated.default_keys.items():
-        keys.DEFAULT_KEYS.setdefault(name, value)
+    with pytest.MonkeyPatch.context() as patch:
+        if emulated.name not in app.PROVIDER_ROUTES:
+            patch.setitem(app.PROVIDER_ROUTES, emulated.name, emulated.routes)
+        for name, value in emulated.default_keys.items():
+            if name not in keys.DEFAULT_KEYS:
+                patch.setitem(keys.DEFAULT_KEYS, name, value)
+        yield
 
-
-serve_plugin(fal_emulator.EMULATED)
 
 # Polls at most 4 times a (fake) second: within fal's rate, at no cost on the fake clock.
 FAL_POLL = PollPolicy(initial_s=0.25, max_interval_s=0.5, factor=1.5, deadline_s=60.0)

@@ -7,6 +7,7 @@ in-process transport ignores client timeouts. Refused connections go to a closed
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ import pytest
 from pydantic import SecretStr
 
 from emulator import EmulatorConfig, FaultPlan
+from emulator import fal as fal_emulator
 from providers.ailab.client import AILabRefinerClient, AILabTryOnClient
 from providers.base import AsyncJobClient, JobState, ProviderError
 from providers.changeclothes.client import ChangeClothesClient
@@ -22,9 +24,22 @@ from providers.hidream.client import HiDreamClient
 from providers.tencent.client import TencentClient
 from schemas.results import ErrorKind
 from tests.contract import Emulated, Emulators, ImageHost
-from tests.providers.sites import expect_error, free_port, site, standard_request
+from tests.providers.sites import (
+    expect_error,
+    free_port,
+    plugin_served,
+    site,
+    standard_request,
+)
 
 PROVIDERS = ["changeclothes", "ailab", "hidream", "tencent", "fal"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fal_served() -> Iterator[None]:
+    """The emulators of this module serve fal (registered by entry points only)."""
+    with plugin_served(fal_emulator.EMULATED):
+        yield
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import tomllib
+from collections.abc import Iterator
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from PIL import Image
 from pydantic import SecretStr
 
 from emulator import EmulatorConfig, FaultPlan
+from emulator.fal import EMULATED as FAL_EMULATED
 from providers.base import JobState, TryOnRequest
 from providers.fal import KOLORS_SPEC, SPEC
 from providers.fal.client import (
@@ -30,13 +32,20 @@ from providers.fal.settings import FASHN, KOLORS
 from schemas.results import ErrorKind
 from tests.contract import CONTRACT_CONFIG, Emulated, Emulators, ImageHost
 from tests.images import garment_jpeg, garment_request, person_jpeg, prepared
-from tests.providers.sites import Fal, assert_secret_kept, expect_error
+from tests.providers.sites import Fal, assert_secret_kept, expect_error, plugin_served
 
 REPO = Path(__file__).resolve().parents[2]
 SUBMIT = f"POST /{FASHN.model_id}"
 STATUS = f"GET /{FASHN.app_id}/requests/{{request_id}}/status"
 RESULT = f"GET /{FASHN.app_id}/requests/{{request_id}}"
 SECRET = "fal-live-7c1d9e3a5b"  # distinctive, so any leak is found by substring
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fal_served() -> Iterator[None]:
+    """The emulators of this module serve fal (registered by entry points only)."""
+    with plugin_served(FAL_EMULATED):
+        yield
 
 
 @pytest.fixture
