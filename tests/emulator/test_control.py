@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from emulator import AsyncEmulatorControl, EmulatorConfig, EmulatorServer, FaultPlan, build_app
+from emulator.app import BUILT_IN_ROUTES, PROVIDER_ROUTES
 from emulator.keys import DEFAULT_KEYS
 from providers.changeclothes.client import GARMENT_PATH
 
@@ -25,7 +26,8 @@ async def test_async_control_in_process_sets_reads_and_resets_faults() -> None:
 
         stats = await control.reset(faults=True)
         assert stats == app.state.emulator.snapshot()  # the server's own model, parsed back
-        assert set(stats.by_provider) == {"changeclothes", "tencent", "hidream", "ailab"}
+        assert set(stats.by_provider) == set(PROVIDER_ROUTES)  # built-ins and plugins
+        assert set(BUILT_IN_ROUTES) == {"changeclothes", "tencent", "hidream", "ailab"}
         restored = await control.faults()
         assert (restored["hidream"].credits, restored["ailab"].latency_s) == (None, 0.0)
         assert restored["ailab"].credits == 5  # the configured plan, not a blank one

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from emulator import EmulatorConfig
-from emulator.keys import DEFAULT_KEYS, accepted_key, accepted_keys
+from emulator.keys import DEFAULT_KEYS, PLUGINS, accepted_key, accepted_keys
 from flows.cli import emulator_env
 from providers import settings
 from providers.changeclothes.client import GARMENT_PATH
@@ -18,6 +18,8 @@ from tests.contract import Emulators
 
 def test_the_defaults_cover_exactly_the_providers_credential_variables() -> None:
     names = {name for spec in BUILT_IN.values() for name in spec.credential_env}
+    # And those of the installed plugins' emulators (this project's own fal among them).
+    names |= {name for plugin in PLUGINS.values() for name in plugin.default_keys}
     assert set(DEFAULT_KEYS) == names
 
 

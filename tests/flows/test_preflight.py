@@ -22,11 +22,11 @@ import pytest
 from emulator.server import EmulatorServer
 from flows.batch import BatchParams, RunNotStarted, tryon_batch
 from flows.preflight import check_run, check_secret_blocks
-from providers.registry import all_specs
+from providers.registry import PROVIDERS, all_specs
 from providers.settings import credential
 from tests.flows.conftest import REPO, SAMPLE_MANIFEST
 
-KNOWN = "ailab, changeclothes, hidream, tencent"
+KNOWN = ", ".join(sorted(PROVIDERS))  # built-ins and installed plugins (fal: entry points)
 # Runs `tryon` as the console script does, then says whether Prefect was imported.
 WRAPPER = (
     "import sys\n"

@@ -20,8 +20,10 @@ import pytest
 from pydantic import SecretStr
 
 from emulator.keys import accepted_key
+from emulator.plugins import EmulatedProvider
 from providers.ailab.client import AILabRefinerClient, AILabTryOnClient
 from providers.base import PollPolicy, ProviderError, TryOnRequest
+from providers.fal.client import FalClient, FalKolorsClient
 from providers.fashn.client import FashnClient
 from providers.hidream.client import HiDreamClient
 from providers.tencent.client import TencentClient
@@ -226,6 +228,8 @@ class Fa(Site):
 # name them.
 PLUGINS: dict[str, tuple[str, str]] = {
     "fashn": ("providers.fashn:SPEC", "emulator.fashn:EMULATED"),
+    "fal": ("providers.fal:SPEC", "emulator.fal:EMULATED"),
+    "fal_kolors": ("providers.fal:KOLORS_SPEC", ""),  # served by fal's emulator module
 }
 
 
@@ -246,19 +250,24 @@ def installed(name: str) -> Iterator[None]:
         yield
         return
     spec_path, emulated_path = PLUGINS[name]
-    spec, emulated = _load(spec_path), _load(emulated_path)
-    added_keys = [k for k in emulated.default_keys if k not in keys.DEFAULT_KEYS]
+    spec = _load(spec_path)
+    emulated = _load(emulated_path) if emulated_path else None
+    added_keys = [
+        k for k in (emulated.default_keys if emulated else {}) if k not in keys.DEFAULT_KEYS
+    ]
     registry.PROVIDERS[name] = spec
-    app.PROVIDER_ROUTES[name] = emulated.routes
-    keys.PLUGINS[name] = emulated
-    for env_name in added_keys:
-        keys.DEFAULT_KEYS[env_name] = emulated.default_keys[env_name]
+    if emulated is not None:
+        app.PROVIDER_ROUTES[name] = emulated.routes
+        keys.PLUGINS[name] = emulated
+        for env_name in added_keys:
+            keys.DEFAULT_KEYS[env_name] = emulated.default_keys[env_name]
     try:
         yield
     finally:
         registry.PROVIDERS.pop(name, None)
-        app.PROVIDER_ROUTES.pop(name, None)
-        keys.PLUGINS.pop(name, None)
+        if emulated is not None:
+            app.PROVIDER_ROUTES.pop(name, None)
+            keys.PLUGINS.pop(name, None)
         for env_name in added_keys:
             keys.DEFAULT_KEYS.pop(env_name, None)
 
@@ -272,8 +281,58 @@ def plugins_installed() -> Iterator[None]:
         yield
 
 
-KINDS: dict[str, type[Cc | Ai | Hd | Tc | Fa]] = {
-    kind.provider: kind for kind in (Cc, Ai, Hd, Tc, Fa)
+@contextmanager
+def plugin_served(emulated: EmulatedProvider) -> Iterator[None]:
+    """Within: every emulator built serves ``emulated`` and accepts its default keys, as once
+    its distribution's entry points are installed (nothing changes if they are): a provider
+    registered only by entry points is tested before the environment is reinstalled."""
+    from emulator import app, keys
+
+    with pytest.MonkeyPatch.context() as patch:
+        if emulated.name not in app.PROVIDER_ROUTES:
+            patch.setitem(app.PROVIDER_ROUTES, emulated.name, emulated.routes)
+        for name, value in emulated.default_keys.items():
+            if name not in keys.DEFAULT_KEYS:
+                patch.setitem(keys.DEFAULT_KEYS, name, value)
+        yield
+
+
+# Polls at most 4 times a (fake) second: within fal's rate, at no cost on the fake clock.
+FAL_POLL = PollPolicy(initial_s=0.25, max_interval_s=0.5, factor=1.5, deadline_s=60.0)
+
+
+@dataclass
+class Fal(Site):
+    """The fal queue: one account, a client per model (FASHN v1.6 by default)."""
+
+    provider: ClassVar[str] = "fal"
+    key_env: ClassVar[str] = "FAL_KEY"
+
+    def client(self, **options: Any) -> FalClient:
+        options.setdefault("api_key", self.key)
+        options.setdefault("base_url", self.base_url)
+        options.setdefault("poll_policy", FAL_POLL)
+        return self.polling(FalClient(http=self.http, **options))
+
+    def kolors(self, **options: Any) -> FalKolorsClient:
+        options.setdefault("api_key", self.key)
+        options.setdefault("base_url", self.base_url)
+        options.setdefault("poll_policy", FAL_POLL)
+        return self.polling(FalKolorsClient(http=self.http, **options))
+
+    async def raw(
+        self, method: str, path: str, *, body: Any = None, authorization: str | None = "default"
+    ) -> httpx.Response:
+        """A hand-made call (what the client never sends): ``authorization`` as given, or
+        ``Key <key>`` ("default"), or none (None)."""
+        if authorization == "default":
+            authorization = f"Key {self.key.get_secret_value()}"
+        headers = {} if authorization is None else {"Authorization": authorization}
+        return await self.http.request(method, self.base_url + path, json=body, headers=headers)
+
+
+KINDS: dict[str, type[Cc | Ai | Hd | Tc | Fa | Fal]] = {
+    kind.provider: kind for kind in (Cc, Ai, Hd, Tc, Fa, Fal)
 }
 
 
@@ -283,7 +342,7 @@ def site(
     emulator: Emulated,
     clock: FakeClock | None,
     image_host: ImageHost,
-) -> Cc | Ai | Hd | Tc | Fa:
+) -> Cc | Ai | Hd | Tc | Fa | Fal:
     """``provider``'s site on ``emulator`` (``clock`` None: real time, as on loopback)."""
     return KINDS[provider](http, emulator, clock, image_host)
 

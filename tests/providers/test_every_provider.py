@@ -18,6 +18,7 @@ from emulator import EmulatorConfig, FaultPlan
 from providers.ailab.client import AILabRefinerClient, AILabTryOnClient
 from providers.base import AsyncJobClient, JobState, ProviderError
 from providers.changeclothes.client import ChangeClothesClient
+from providers.fal.client import FalClient, FalKolorsClient
 from providers.fashn.client import FashnClient
 from providers.hidream.client import HiDreamClient
 from providers.tencent.client import TencentClient
@@ -31,7 +32,7 @@ from tests.providers.sites import (
     standard_request,
 )
 
-PROVIDERS = ["changeclothes", "ailab", "hidream", "tencent", "fashn"]
+PROVIDERS = ["changeclothes", "ailab", "hidream", "tencent", "fashn", "fal"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -115,6 +116,8 @@ async def test_connection_refused_is_transient(
         (AILabTryOnClient, "AILAB_API_KEY"),
         (AILabRefinerClient, "AILAB_API_KEY"),
         (FashnClient, "FASHN_API_KEY"),
+        (FalClient, "FAL_KEY"),
+        (FalKolorsClient, "FAL_KEY"),
     ],
 )
 def test_from_env_requires_the_key(
@@ -134,6 +137,7 @@ EMPTY_KEY: dict[str, Any] = {
     "ailab": lambda http: AILabTryOnClient(http=http, api_key=SecretStr(""), base_url="http://x"),
     "hidream": lambda http: HiDreamClient(http=http, api_key=SecretStr(""), base_url="http://x"),
     "fashn": lambda http: FashnClient(http=http, api_key=SecretStr(""), base_url="http://x"),
+    "fal": lambda http: FalClient(http=http, api_key=SecretStr(""), base_url="http://x"),
     "tencent": lambda http: TencentClient(
         http=http, secret_id=SecretStr("AKIDx"), secret_key=SecretStr(""), base_url="http://x"
     ),
