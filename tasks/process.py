@@ -146,6 +146,9 @@ async def _reuse(
         record.mark_already_recorded()
     else:
         await ctx.ledger.adopt(entry, row.id)
+        # A run killed between writing the work and forgetting its job leaves the job behind:
+        # the run adopting the work (which only a crash or a retry needs) forgets it.
+        await ctx.ledger.forget_job(key)
     return entry
 
 
