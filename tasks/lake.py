@@ -41,6 +41,9 @@ from fsspec.implementations.local import LocalFileSystem
 from schemas.manifest import is_safe_id
 from schemas.results import RowRecord, records_to_frame
 
+# A local lake writes each file here first and renames it into place (``Lake.write_bytes``).
+_PARTIAL = "_partial"
+
 
 class LakePathError(ValueError):
     """A path would leave the lake root."""
@@ -167,10 +170,19 @@ class Lake:
 
     # -- writes (sync; async wrappers below keep the event loop free) --------------------------
     def write_bytes(self, path: str, data: bytes) -> str:
+        """Write ``data`` whole or not at all: a reader (a rerun after kill -9) never finds a
+        file cut short. An object store's PUT is atomic; on a local disk the bytes go to a
+        temporary file first, renamed into place."""
         # No makedirs on object stores: s3fs's would create a mistyped bucket; the local
         # filesystem makes parents itself (auto_mkdir).
         path = self.check_inside(path)
-        self.fs.pipe_file(path, data)
+        if not isinstance(self.fs, LocalFileSystem):
+            self.fs.pipe_file(path, data)
+            return self.full_uri(path)
+        staging = self.check_inside(self.path(_PARTIAL, uuid.uuid4().hex))
+        self.fs.pipe_file(staging, data)
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        os.replace(staging, path)  # atomic on one filesystem: the lake's folder
         return self.full_uri(path)
 
     def write_metadata(self, run_id: str, part: str, records: list[RowRecord]) -> str:
