@@ -68,11 +68,14 @@ async def test_the_report_fetches_no_input_the_run_could_not(
     assert cells["errors"][0] == "input not fetched: FETCH_HTTP_500"
     assert cells["endless"][0] == "input not fetched: FETCH_TOO_LARGE"
 
-    # A rerun fetches its inputs again itself (that is the run), the report still nothing.
+    # A rerun fetches its http inputs again itself (their bytes name them: that is the run),
+    # decodes none of the done row's, and the report fetches nothing.
     with pytest.raises(BatchIncomplete) as second:
         await tryon_batch(params)
     assert second.value.summary.already_done == 1
+    assert second.value.summary.images_prepared == 0  # the failed rows' inputs never decoded
     assert input_server.requests() == {path: 2 for path in once}
     cells = sheet_cells(lake, second.value.summary.run_id)
-    assert cells["held"] == ["", "", ""]  # the result the first run wrote, read from the lake
+    # The done row's inputs were not read; its result, the first run's, read from the lake.
+    assert cells["held"] == ["not read: done by an earlier run"] * 2 + [""]
     assert cells["hangs"][0] == "input not fetched: FETCH_TIMEOUT"
