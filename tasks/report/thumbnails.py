@@ -318,6 +318,11 @@ def cell_specs(row: SheetRow, columns: Sequence[str]) -> list[CellSpec]:
             )
     for column, record in results:
         succeeded = record is not None and record.status == Status.SUCCEEDED
+        if succeeded and record is not None and record.reused_from_run:
+            # An earlier run's result: its own sheet shows it; this run reads no image for it.
+            note = f"done by run {record.reused_from_run[:8]}: see its sheet"
+            specs[column] = CellSpec(uri=None, note=note, output=False)
+            continue
         uri = record.output_uri if succeeded and record else None
         specs[column] = CellSpec(
             uri=uri,

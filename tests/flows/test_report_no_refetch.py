@@ -4,7 +4,7 @@ Inputs are served by a real HTTP server on 127.0.0.1 that counts requests (loopb
 the run with ``fetch_allow``): one input hangs, one answers 500, one streams without end. The
 run tries each once (``max_attempts=1``) within its short ``fetch_timeout_s``; the report at
 the end must add no request, no wait and no download, and show those inputs as placeholders.
-A rerun then shows the row done by the first run with its result read back from the lake.
+A rerun then notes the row done by the first run, reading none of its images.
 """
 
 from __future__ import annotations
@@ -76,6 +76,9 @@ async def test_the_report_fetches_no_input_the_run_could_not(
     assert second.value.summary.images_prepared == 0  # the failed rows' inputs never decoded
     assert input_server.requests() == {path: 2 for path in once}
     cells = sheet_cells(lake, second.value.summary.run_id)
-    # The done row's inputs were not read; its result, the first run's, read from the lake.
-    assert cells["held"] == ["not read: done by an earlier run"] * 2 + [""]
+    # The done row: neither its inputs nor its result (the first run's sheet shows them) read.
+    first_id = first.value.summary.run_id[:8]
+    assert cells["held"] == ["not read: done by an earlier run"] * 2 + [
+        f"done by run {first_id}: see its sheet"
+    ]
     assert cells["hangs"][0] == "input not fetched: FETCH_TIMEOUT"
