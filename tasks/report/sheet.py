@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from io import BytesIO
 from typing import Final
 
@@ -254,13 +254,9 @@ def _draw_row(
             y = top + (layout.thumb_px - cell.thumb.height) // 2
             canvas.paste(cell.thumb, (x, y))
             continue
-        draw.rectangle((left, top, right - 1, bottom - 1), fill=PLACEHOLDER_RGB)
-        lines = _wrap(cell.note, font, layout.thumb_px - 8, 4)
-        y = top + (layout.thumb_px - line_h * len(lines)) // 2
-        for line in lines:
-            x = left + (layout.thumb_px - int(font.getlength(line))) // 2
-            draw.text((x, y), line, fill=_MUTED_RGB, font=font)
-            y += line_h
+        canvas.paste(
+            _placeholder(cell.note, (right - left, bottom - top), layout.thumb_px), (left, top)
+        )
 
     x = len(layout.columns) * layout.cell + layout.pad
     width = layout.status_width - 2 * layout.pad
@@ -273,6 +269,23 @@ def _draw_row(
             draw.text((x, y), line, fill=colour, font=font)
             y += line_h
             room -= 1
+
+
+@lru_cache(maxsize=256)
+def _placeholder(note: str, size: tuple[int, int], thumb_px: int) -> Image.Image:
+    """A placeholder cell with its note, drawn once per distinct note: a long sheet repeats
+    a few ("not read: done by an earlier run"), and text is most of a sheet's drawing."""
+    font = _font()
+    tile = Image.new("RGB", size, PLACEHOLDER_RGB)
+    draw = ImageDraw.Draw(tile)
+    line_h = _line_height(font)
+    lines = _wrap(note, font, thumb_px - 8, 4)
+    y = (thumb_px - line_h * len(lines)) // 2
+    for line in lines:
+        x = (thumb_px - int(font.getlength(line))) // 2
+        draw.text((x, y), line, fill=_MUTED_RGB, font=font)
+        y += line_h
+    return tile
 
 
 def _status_lines(row: SheetRow, layout: SheetLayout) -> list[tuple[str, tuple[int, int, int]]]:
