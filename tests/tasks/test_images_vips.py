@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,11 +96,15 @@ def assert_close(a: bytes, b: bytes, mean: float = 1.5) -> None:
 # ------------------------------------------------------------------------------- set-up
 
 
-def test_libvips_is_configured_for_untrusted_input_and_flat_memory() -> None:
+def test_libvips_is_configured_for_untrusted_input_and_flat_memory(tmp_path: Path) -> None:
     pyvips = vips()
     assert pyvips.cache_get_max() == 0 and pyvips.cache_get_max_mem() == 0
-    assert 1 <= pyvips.concurrency_get() <= 2 or "VIPS_CONCURRENCY" in __import__("os").environ
+    assert 1 <= pyvips.concurrency_get() <= 2 or os.environ.get("VIPS_CONCURRENCY")
     assert vips() is pyvips  # configured once
+    table = tmp_path / "table.csv"
+    table.write_text("1,2\n3,4\n")
+    with pytest.raises(pyvips.Error, match="blocked"):  # libvips marks csvload untrusted
+        pyvips.Image.csvload(str(table))
 
 
 def test_without_pyvips_everything_goes_through_pillow(
@@ -178,6 +184,7 @@ def test_libvips_gets_no_metadata_and_the_same_pixels(mode: str, progressive: bo
     [
         ("rgb", True),
         ("progressive", True),
+        ("restart-markers", True),
         ("grey", True),
         ("srgb-icc", True),
         ("mpo", True),
@@ -190,7 +197,10 @@ def test_libvips_gets_no_metadata_and_the_same_pixels(mode: str, progressive: bo
     ],
 )
 def test_which_images_libvips_prepares(
-    case: str, taken: bool, vips_calls: list[tuple[str, Any]]
+    case: str,
+    taken: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    vips_calls: list[tuple[str, Any]],
 ) -> None:
     img = photo()
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -199,6 +209,7 @@ def test_which_images_libvips_prepares(
     data = {
         "rgb": lambda: jpeg(img),
         "progressive": lambda: jpeg(img, progressive=True),
+        "restart-markers": lambda: jpeg(img, restart_marker_rows=1),
         "grey": lambda: jpeg(img.convert("L")),
         "srgb-icc": lambda: jpeg(img, icc_profile=srgb),
         "mpo": lambda: encode(img, "MPO", save_all=True, append_images=[photo(seed=1)]),
@@ -213,6 +224,8 @@ def test_which_images_libvips_prepares(
     assert bool(vips_calls) == taken
     assert all(kind == "bytes" for kind, _ in vips_calls)
     assert Image.open(io.BytesIO(out.data)).mode == "RGB"
+    if taken:
+        assert_close(out.data, prep_pillow(data, monkeypatch).data)
 
 
 # ----------------------------------------------------------------- same result as Pillow
