@@ -140,7 +140,9 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
         if marker == _SOS:
             if frame is None:
                 return None
-            return JpegFrame(*frame, decodable=b"".join([*kept, data[pos:]]))
+            # A view of the scans: one copy of the file, not two.
+            scans = memoryview(data)[pos:]
+            return JpegFrame(*frame, decodable=b"".join([*kept, scans]))
         if marker in _SOF_ANY:
             if frame is not None or length < 8:
                 return None
