@@ -87,19 +87,20 @@ def vips() -> ModuleType:
                 raise VipsDeclined("pyvips did not load")
             try:
                 import pyvips
-            except Exception as exc:  # ImportError, or OSError from a missing libvips
+
+                # Loaders libvips itself marks unfit for untrusted input (ImageMagick, MATLAB,
+                # CSV...) must never run, whatever a future caller passes.
+                pyvips.block_untrusted_set(True)
+                # Nothing here is computed twice, and the cache would keep sources referenced:
+                # off, so memory stays flat over a long run.
+                pyvips.cache_set_max(0)
+                pyvips.cache_set_max_mem(0)
+                pyvips.cache_set_max_files(0)
+                if not os.environ.get("VIPS_CONCURRENCY"):
+                    pyvips.concurrency_set(_CONCURRENCY)
+            except Exception as exc:  # no pyvips, no libvips, or one too old to be configured
                 _failed = True
                 raise VipsDeclined(f"pyvips did not load ({type(exc).__name__})") from None
-            # Loaders libvips itself marks unfit for untrusted input (ImageMagick, MATLAB...)
-            # must never run, whatever a future caller passes.
-            pyvips.block_untrusted_set(True)
-            # Nothing here is computed twice, and the cache would keep sources referenced:
-            # off, so memory stays flat over a long run.
-            pyvips.cache_set_max(0)
-            pyvips.cache_set_max_mem(0)
-            pyvips.cache_set_max_files(0)
-            if not os.environ.get("VIPS_CONCURRENCY"):
-                pyvips.concurrency_set(_CONCURRENCY)
             _module = pyvips
         return _module
 
