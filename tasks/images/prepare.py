@@ -26,6 +26,7 @@ from tasks.images.resize import (
     banded_resize,
     residual_filter,
 )
+from tasks.images.vips import VipsDeclined, fit_jpeg, fit_jpeg_pixels, vips_jpeg
 
 __all__ = [
     "DEFAULT_ALLOWED_FORMATS",
@@ -59,6 +60,8 @@ EXIF_TRANSPOSE: Final = {
     8: Image.Transpose.ROTATE_90,
 }
 _BOMB_PIXELS_RE: Final = re.compile(r"\((\d+) pixels\)")
+# EXIF orientations that turn the image a quarter: width and height swap.
+_SWAPS_SIDES: Final = frozenset({5, 6, 7, 8})
 
 
 def prepare_image(
@@ -86,6 +89,11 @@ def prepare_image(
     # Scaling keeps the aspect ratio, so the target can be computed in stored orientation and
     # the EXIF transpose applied last, on the small image.
     target = _fit_size(width, height, profile=profile, shown=shown)
+    jpeg = _vips_source(data, im, target)
+    if jpeg is not None:
+        fitted = _prepare_with_vips(jpeg, im, target, profile=profile, source_uri=source_uri)
+        if fitted is not None:
+            return fitted
     drafted = False
     if im.format in ("JPEG", "MPO") and target != im.size:
         # DCT-domain downscale by 1/2, 1/4 or 1/8, never below the target size.
@@ -115,6 +123,52 @@ def prepare_image(
     if orientation in EXIF_TRANSPOSE:
         rgb = rgb.transpose(EXIF_TRANSPOSE[orientation])
     rgb.info = {}  # never carry EXIF/ICC/comments over
+    return _encode_within_limit(rgb, profile=profile, source_uri=source_uri, shown=shown)
+
+
+def _vips_source(data: bytes, im: Image.Image, target: tuple[int, int]) -> bytes | None:
+    """What libvips is to decode, if it may prepare this image: a JPEG, 8-bit grey or RGB
+    (untagged or sRGB), scaled down, of a frame type libjpeg decodes alike for Pillow and libvips
+    (``vips_jpeg`` reads the header again, not trusting Pillow's alone). ``None``: Pillow."""
+    if im.format not in ("JPEG", "MPO") or im.mode not in ("RGB", "L"):
+        return None
+    if target[0] >= im.width or target[1] >= im.height:
+        return None
+    icc = im.info.get("icc_profile")
+    # Pillow's path ignores a grey image's profile and keeps an sRGB one: the same here.
+    if icc and im.mode == "RGB" and not _is_srgb(icc):
+        return None
+    return vips_jpeg(data, im)
+
+
+def _prepare_with_vips(
+    jpeg: bytes,
+    im: Image.Image,
+    target: tuple[int, int],
+    *,
+    profile: ImageProfile,
+    source_uri: str,
+) -> PreparedImage | None:
+    """The image fitted by libvips, or ``None``: Pillow's path then decides, as before."""
+    orientation = _orientation(im)
+    fmt = profile.formats[0]
+    try:
+        if fmt == "JPEG":
+            blob = fit_jpeg(
+                jpeg,
+                size=im.size,
+                target=target,
+                orientation=orientation,
+                quality=profile.jpeg_quality,
+            )
+            if profile.encoded_size(len(blob)) <= profile.max_bytes:
+                upright = target[::-1] if orientation in _SWAPS_SIDES else target
+                return _prepared(blob, fmt, (upright[0], upright[1]), source_uri)
+        # Over the limit, or another format: the fitted pixels go through the usual fall-backs.
+        rgb = fit_jpeg_pixels(jpeg, size=im.size, target=target, orientation=orientation)
+    except VipsDeclined:
+        return None
+    shown = display_uri(source_uri)
     return _encode_within_limit(rgb, profile=profile, source_uri=source_uri, shown=shown)
 
 
@@ -230,6 +284,15 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return im.convert("RGB")  # YCbCr, LAB, HSV...
+
+
+def _is_srgb(icc: bytes) -> bool:
+    """Whether an embedded profile calls itself sRGB (its description, as ``_icc_to_srgb``)."""
+    try:
+        source = ImageCms.ImageCmsProfile(BytesIO(icc))
+        return "srgb" in ImageCms.getProfileDescription(source).lower()
+    except Exception:
+        return False
 
 
 def _icc_to_srgb(im: Image.Image, icc: bytes) -> Image.Image | None:

@@ -961,7 +961,9 @@ def test_bicubic_is_a_candidate_only_after_a_jpeg_draft(monkeypatch: pytest.Monk
         resize.residual_filter(noisy, 1.46, resize.DRAFT_PROBE_CANDIDATES)
         == Image.Resampling.BICUBIC
     )
-    # 6000 wide: drafted to 3000 by the decoder, then 3000 -> 2048 after a passing probe.
+    # 6000 wide: drafted to 3000 by the decoder, then 3000 -> 2048 after a passing probe. The
+    # Pillow path, as for JPEGs libvips does not take (CMYK, a non-sRGB profile, no pyvips).
+    monkeypatch.setattr(prepare, "_vips_source", lambda *_: None)
     jpeg = encode(_gradient(6000, 1600, noise=12), "JPEG", quality=90)
     assert _filter_used(monkeypatch, jpeg) == [Image.Resampling.BICUBIC]
 
