@@ -1,14 +1,22 @@
 """``check_output``: each problem a result can have is refused with its own code and a message
 giving the figure against the limit; photo-like try-ons, and results re-encoded or resized by a
-provider, pass. ``store_result`` checks before it writes anything to the lake."""
+provider, pass. ``store_result`` checks before it writes anything to the lake.
+
+Every test runs three times: every format decoded by Pillow, the default (libvips for PNG), and
+libvips for every format it may take; the verdicts may not depend on the decoder. Damaged
+results get Pillow's verdict whichever decoder is asked first."""
 
 from __future__ import annotations
 
 import io
+import os
+import random
 import struct
+import sys
 import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -21,11 +29,13 @@ from bench.data import synthetic_photo
 from providers.base import ProviderError, TryOnResult
 from providers.changeclothes.client import ChangeClothesClient
 from schemas.results import ErrorKind, RowRecord, Status
+from tasks import output_checks, vips
 from tasks.images import PreparedImageCache
 from tasks.lake import Lake
 from tasks.output_checks import (
     MAX_OUTPUT_PIXELS,
     MIN_OUTPUT_SIDE,
+    VIPS_FORMATS,
     check_output,
     image_extension,
 )
@@ -36,6 +46,20 @@ from tests.images import person_jpeg, prepared
 SIZE = (768, 1024)
 UPPER = (0.28, 0.18, 0.72, 0.52)  # an upper-body garment's share of the frame: 15%
 SMALL = (0.40, 0.30, 0.60, 0.45)  # an accessory's: 3%
+PILLOW: frozenset[str] = frozenset()
+ALL_VIPS = frozenset({"JPEG", "PNG", "WEBP"})
+DECODINGS = {"pillow": PILLOW, "default": VIPS_FORMATS, "vips": ALL_VIPS}
+
+
+@pytest.fixture(autouse=True, params=list(DECODINGS))
+def decoding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The formats libvips decodes in this test (``check_output``'s default, so
+    ``store_result`` too). Tests that compare decoders themselves parametrize it away."""
+    monkeypatch.setattr(output_checks, "VIPS_FORMATS", DECODINGS[request.param])
+    return str(request.param)
+
+
+ACROSS_DECODERS = pytest.mark.parametrize("decoding", ["each"])  # runs once, compares all three
 
 
 def encode(image: Image.Image, fmt: str = "JPEG", **params: Any) -> bytes:
@@ -139,7 +163,7 @@ def test_bytes_that_are_no_image(data: bytes) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
-@pytest.mark.parametrize("kept", [0.5, 0.95])
+@pytest.mark.parametrize("kept", [0.05, 0.5, 0.95, 0.999])
 def test_truncated_results_are_refused(photo: Image.Image, fmt: str, kept: float) -> None:
     whole = encode(photo, fmt)
     cut = whole[: int(len(whole) * kept)]
@@ -148,14 +172,46 @@ def test_truncated_results_are_refused(photo: Image.Image, fmt: str, kept: float
     assert refused(cut).code == "RESULT_NOT_AN_IMAGE"
 
 
+@pytest.mark.parametrize("kept", [0.3, 0.9])
+def test_a_truncated_webp_is_refused_even_with_its_container_size_mended(
+    photo: Image.Image, kept: float
+) -> None:
+    """The RIFF header gives the file's length: one cut and re-labelled holds a short bitstream."""
+    cut = bytearray(encode(photo, "WEBP")[: int(len(encode(photo, "WEBP")) * kept)])
+    cut[4:8] = struct.pack("<I", len(cut) - 8)
+    assert refused(bytes(cut)).code == "RESULT_NOT_AN_IMAGE"
+
+
+def png_chunk(tag: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    chunks, offset = [], 8
+    while offset < len(data):
+        (length,) = struct.unpack_from(">I", data, offset)
+        chunks.append((data[offset + 4 : offset + 8], data[offset + 8 : offset + 8 + length]))
+        offset += 12 + length
+    return chunks
+
+
+def png_from_chunks(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + b"".join(png_chunk(kind, body) for kind, body in chunks)
+
+
 def png_header(width: int, height: int) -> bytes:
     """A PNG that claims ``width`` x ``height`` and holds no pixels: decoding it would fail."""
-
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
-
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    return png_from_chunks([(b"IHDR", header), (b"IEND", b"")])
+
+
+def test_a_png_cut_inside_its_pixels_with_a_clean_end_is_refused(photo: Image.Image) -> None:
+    """The last IDAT chunk's data cut short, the chunk list closed properly after it."""
+    chunks = png_chunks(encode(photo, "PNG"))
+    kind, body = chunks[-2]
+    assert kind == b"IDAT"
+    chunks[-2] = (kind, body[: len(body) // 2])
+    assert refused(png_from_chunks(chunks)).code == "RESULT_NOT_AN_IMAGE"
 
 
 @pytest.mark.parametrize("side", [8000, 30000])  # 64 MP; 900 MP (past Pillow's own limit)
@@ -253,6 +309,261 @@ def test_masks_may_be_flat_but_must_decode() -> None:
     mask = encode(Image.new("L", SIZE, 0), "PNG")
     assert image_extension(mask) == "png"
     assert refused(mask[: len(mask) // 2]).code == "RESULT_NOT_AN_IMAGE"
+
+
+# -- decoders: libvips where it is cheaper, Pillow's verdicts everywhere ---------------------
+
+
+def verdict(data: bytes, person: bytes | None, formats: frozenset[str]) -> str:
+    try:
+        return check_output(data, person=person, vips_formats=formats)
+    except ProviderError as error:
+        return error.code
+
+
+def verdicts(data: bytes, person: bytes | None = None) -> dict[str, str]:
+    return {name: verdict(data, person, formats) for name, formats in DECODINGS.items()}
+
+
+@pytest.fixture
+def loaders(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The libvips loaders the checks ask for, in order."""
+    asked: list[str] = []
+    real = vips.vips()
+
+    class Loaders:
+        def __getattr__(self, name: str) -> Any:
+            asked.append(name)
+            return getattr(real.Image, name)
+
+    fake = SimpleNamespace(Image=Loaders(), Source=real.Source, Error=real.Error)
+    monkeypatch.setattr(output_checks, "vips", lambda: fake)
+    return asked
+
+
+@ACROSS_DECODERS
+def test_libvips_reads_only_what_pillow_identified_through_that_formats_loader(
+    photo: Image.Image, loaders: list[str]
+) -> None:
+    small = photo.resize((384, 512))
+    for fmt, extension in (("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp")):
+        loaders.clear()
+        assert verdict(encode(small, fmt), None, VIPS_FORMATS) == extension
+        assert loaders == (["pngload_source"] if fmt == "PNG" else []), fmt
+        loaders.clear()
+        assert verdict(encode(small, fmt), None, ALL_VIPS) == extension
+        assert loaders == [f"{fmt.lower()}load_source"], fmt
+    loaders.clear()
+    for data in (
+        encode(small.convert("P"), "GIF"),
+        encode(small, "BMP"),
+        encode(small, "TIFF"),
+        b"not an image",
+        png_header(8000, 8000),  # refused from the header first
+    ):
+        verdict(data, None, ALL_VIPS)
+    assert loaders == []
+
+
+@ACROSS_DECODERS
+def test_a_result_libvips_refuses_gets_pillows_verdict(
+    photo: Image.Image, loaders: list[str]
+) -> None:
+    """A checksum libvips holds to and Pillow does not: libvips refuses, Pillow decodes."""
+    chunks = png_chunks(encode(photo, "PNG"))
+    data = bytearray(encode(photo, "PNG"))
+    first_idat = next(i for i, (kind, _) in enumerate(chunks) if kind == b"IDAT")
+    end_of_first_idat = 8 + sum(12 + len(body) for _, body in chunks[: first_idat + 1])
+    data[end_of_first_idat - 1] ^= 0xFF  # the first IDAT's CRC
+    pyvips = vips.vips()
+    with pytest.raises(pyvips.Error):
+        pyvips.Image.pngload_buffer(bytes(data), fail_on="warning").avg()
+    assert verdicts(bytes(data)) == dict.fromkeys(DECODINGS, "png")
+    assert "pngload_source" in loaders
+
+
+def damaged(data: bytes, rng: random.Random) -> bytes:
+    """``data`` with one kind of damage: bits flipped, a run zeroed or cut out, or its end."""
+    out = bytearray(data)
+    where = rng.randrange(len(out))
+    match rng.randrange(4):
+        case 0:
+            for _ in range(rng.randint(1, 4)):
+                out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+        case 1:
+            run = rng.randint(1, 256)
+            out[where : where + run] = bytes(len(out[where : where + run]))
+        case 2:
+            del out[where : where + rng.randint(1, 256)]
+        case _:
+            del out[max(where, 16) :]
+    return bytes(out)
+
+
+@ACROSS_DECODERS
+@pytest.mark.parametrize("kind", ["JPEG", "PNG", "PNG-RGBA", "PNG-P", "WEBP", "WEBP-RGBA"])
+def test_damaged_results_get_pillows_verdict(photo: Image.Image, kind: str) -> None:
+    """libvips fails on any damage it notices, and Pillow then judges; what libvips does not
+    notice must be what Pillow accepts too. (JPEG only with the default decoders: libvips'
+    1/8-scale decode lets a few bit flips through that Pillow refuses, one reason JPEG stays
+    with Pillow.)"""
+    image = photo.resize((256, 384))
+    if kind.endswith("RGBA"):
+        image = image.convert("RGBA")
+        image.putalpha(Image.linear_gradient("L").resize(image.size))
+    elif kind.endswith("-P"):
+        image = image.quantize(64)
+    data = encode(image, kind.split("-")[0])
+    rng = random.Random(kind)
+    for attempt in range(40):
+        bad = damaged(data, rng)
+        found = verdicts(bad)
+        assert found["default"] == found["pillow"], (attempt, found)
+        if kind != "JPEG":
+            assert found["vips"] == found["pillow"], (attempt, found)
+
+
+def flattened(image: Image.Image) -> Image.Image:
+    """``image`` with a gradient alpha."""
+    rgba = image.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(image.size))
+    return rgba
+
+
+@ACROSS_DECODERS
+def test_every_mode_gets_the_same_verdict_from_every_decoder(photo: Image.Image) -> None:
+    """What libvips reads as Pillow does (grey, palette, alpha, transparency), and what it does
+    not and so goes to Pillow (16-bit, CMYK), at sizes a scaled decode does not divide."""
+    person = encode(photo, quality=90)
+    odd = photo.resize((517, 771))
+    grey16 = Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257)
+    pixels = np.asarray(odd)
+    interlaced = (
+        vips.vips()
+        .Image.new_from_memory(pixels.tobytes(), odd.width, odd.height, 3, "uchar")
+        .pngsave_buffer(interlace=True)
+    )
+    results = {
+        "grey-png": encode(photo.convert("L"), "PNG"),
+        "grey-jpeg": encode(photo.convert("L")),
+        "1-bit-png": encode(photo.convert("1"), "PNG"),
+        "palette-png": encode(photo.quantize(64), "PNG"),
+        "palette-transparency-png": encode(photo.quantize(64), "PNG", transparency=3),
+        "grey-transparency-png": encode(photo.convert("L"), "PNG", transparency=128),
+        "rgb-transparency-png": encode(photo, "PNG", transparency=(10, 20, 30)),
+        "grey-alpha-png": encode(flattened(photo).convert("LA"), "PNG"),
+        "alpha-png": encode(flattened(photo), "PNG"),
+        "alpha-webp": encode(flattened(photo), "WEBP"),
+        "transparent-webp": encode(flat((0, 0, 0, 0), "RGBA"), "WEBP"),
+        "16-bit-png": encode(grey16, "PNG"),
+        "cmyk-jpeg": encode(photo.convert("CMYK")),
+        "progressive-jpeg": encode(photo, progressive=True),
+        "lossless-webp": encode(photo, "WEBP", lossless=True),
+        "interlaced-png": interlaced,
+        "interlaced-png-cut": interlaced[: len(interlaced) * 2 // 3],
+        **{f"odd-size-{fmt}": encode(odd, fmt) for fmt in ("JPEG", "PNG", "WEBP")},
+    }
+    for name, data in results.items():
+        found = verdicts(data, person)
+        assert len(set(found.values())) == 1, (name, found)
+    # The person re-encoded at an odd size, each format against a person in each other.
+    for fmt in ("JPEG", "PNG", "WEBP"):
+        for person_fmt in ("JPEG", "PNG", "WEBP"):
+            found = verdicts(encode(odd, fmt, quality=60), encode(odd, person_fmt, quality=95))
+            assert set(found.values()) == {"OUTPUT_UNCHANGED"}, (fmt, person_fmt, found)
+
+
+@ACROSS_DECODERS
+@pytest.mark.parametrize("size", [(768, 1024), (517, 771)])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "PNG-RGBA"])
+def test_the_thumbnail_hardly_depends_on_the_decoder(
+    photo: Image.Image, size: tuple[int, int], fmt: str
+) -> None:
+    """Within a level or two; a size the 1/8 scale does not divide gives the last thumbnail
+    row and column a few more (libvips edge-extends a partial block, Pillow averages it)."""
+    image = photo.resize(size)
+    data = encode(flattened(image) if fmt.endswith("RGBA") else image, fmt.split("-")[0])
+    thumbs = [
+        np.asarray(output_checks._decode(data, "result", formats).thumb, dtype=np.int16)
+        for formats in (PILLOW, ALL_VIPS)
+    ]
+    difference = np.abs(thumbs[0] - thumbs[1]).max(axis=2)
+    assert difference[:-1, :-1].max() <= 2
+    assert difference.max() <= (2 if size[0] % 8 == 0 and size[1] % 8 == 0 else 8)
+
+
+def with_late_exif(png: bytes) -> bytes:
+    """``png`` with its eXIf chunk moved after the pixels (where PNG allows it)."""
+    chunks = png_chunks(png)
+    exif = next(chunk for chunk in chunks if chunk[0] == b"eXIf")
+    chunks.remove(exif)
+    chunks.insert(len(chunks) - 1, exif)
+    return png_from_chunks(chunks)
+
+
+@ACROSS_DECODERS
+def test_an_orientation_in_a_png_after_its_pixels_still_counts(photo: Image.Image) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = with_late_exif(encode(photo.transpose(Image.Transpose.ROTATE_90), "PNG", exif=exif))
+    assert Image.open(io.BytesIO(stored)).info.get("exif") is None  # not in the header
+    assert set(verdicts(encode(photo, "WEBP"), stored).values()) == {"OUTPUT_UNCHANGED"}
+    assert set(verdicts(stored, encode(photo)).values()) == {"OUTPUT_UNCHANGED"}
+
+
+def test_persons_alternating_are_kept_apart(photo: Image.Image, other_photo: Image.Image) -> None:
+    first, second = encode(photo), encode(other_photo)
+    result = encode(photo, "WEBP")
+    for _ in range(2):
+        assert refused(result, person=first).code == "OUTPUT_UNCHANGED"
+        assert check_output(result, person=second) == "webp"
+        assert refused(result, person=bytes(bytearray(first))).code == "OUTPUT_UNCHANGED"
+
+
+# -- tasks.vips: set up once, hardened -------------------------------------------------------
+
+
+@ACROSS_DECODERS
+def test_libvips_is_set_up_once_hardened_and_on_one_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[str, int]] = []
+    fake = SimpleNamespace(
+        **{
+            name: (lambda value, name=name: calls.append((name, value)))
+            for name in (
+                "block_untrusted_set",
+                "cache_set_max",
+                "cache_set_max_mem",
+                "cache_set_max_files",
+                "concurrency_set",
+            )
+        }
+    )
+    monkeypatch.setitem(sys.modules, "pyvips", fake)
+    monkeypatch.setattr(vips, "_MODULE", None)
+    monkeypatch.delenv("VIPS_CONCURRENCY", raising=False)
+    assert vips.vips() is fake and vips.vips() is fake
+    assert sorted(calls) == [
+        ("block_untrusted_set", True),
+        ("cache_set_max", 0),
+        ("cache_set_max_files", 0),
+        ("cache_set_max_mem", 0),
+        ("concurrency_set", 1),
+    ]
+    calls.clear()
+    monkeypatch.setattr(vips, "_MODULE", None)
+    monkeypatch.setenv("VIPS_CONCURRENCY", "2")
+    vips.vips()
+    assert ("concurrency_set", 1) not in calls  # the environment's choice stands
+
+
+@ACROSS_DECODERS
+def test_the_real_libvips_keeps_no_cache() -> None:
+    pyvips = vips.vips()
+    assert pyvips.cache_get_max() == 0 and pyvips.cache_get_max_mem() == 0
+    if not os.environ.get("VIPS_CONCURRENCY"):
+        assert pyvips.concurrency_get() == 1
 
 
 # -- store_result: checked before the lake is written ----------------------------------------
