@@ -39,7 +39,7 @@ from bench.data import PERSON_SIZE, synthetic_photo
 from emulator import composite
 from providers.base import ProviderError
 from tasks import output_checks
-from tasks.vips import vips
+from tasks.images.vips import vips
 
 ALL_VIPS = frozenset({"JPEG", "PNG", "WEBP"})
 WAYS: dict[str, frozenset[str] | None] = {

@@ -39,7 +39,7 @@ from PIL import Image, ImageChops
 from providers.base import ProviderError
 from schemas.results import ErrorKind
 from tasks.images.prepare import EXIF_TRANSPOSE
-from tasks.vips import vips
+from tasks.images.vips import VipsDeclined, vips
 
 __all__ = [
     "CHANGE_LEVEL",
@@ -205,7 +205,10 @@ def _vips_thumbnail(image: Image.Image, data: bytes) -> Image.Image | None:
     width, height = image.size
     scale = _draft_scale(image.size)
     alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-    pyvips = vips()
+    try:
+        pyvips = vips()
+    except VipsDeclined:  # no usable libvips here: Pillow decodes
+        return None
     load = getattr(pyvips.Image, _VIPS_LOADERS[fmt])
     # The reduced image's size, and the source box in its coordinates (as ``_pillow_thumbnail``).
     size = (math.ceil(width / scale), math.ceil(height / scale))

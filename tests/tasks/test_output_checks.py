@@ -9,10 +9,8 @@ results get Pillow's verdict whichever decoder is asked first."""
 from __future__ import annotations
 
 import io
-import os
 import random
 import struct
-import sys
 import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -29,8 +27,8 @@ from bench.data import synthetic_photo
 from providers.base import ProviderError, TryOnResult
 from providers.changeclothes.client import ChangeClothesClient
 from schemas.results import ErrorKind, RowRecord, Status
-from tasks import output_checks, vips
-from tasks.images import PreparedImageCache
+from tasks import output_checks
+from tasks.images import PreparedImageCache, vips
 from tasks.lake import Lake
 from tasks.output_checks import (
     MAX_OUTPUT_PIXELS,
@@ -520,50 +518,15 @@ def test_persons_alternating_are_kept_apart(photo: Image.Image, other_photo: Ima
         assert refused(result, person=bytes(bytearray(first))).code == "OUTPUT_UNCHANGED"
 
 
-# -- tasks.vips: set up once, hardened -------------------------------------------------------
+# -- libvips as the checks use it (set up in tasks.images.vips) --------------------------------
 
 
 @ACROSS_DECODERS
-def test_libvips_is_set_up_once_hardened_and_on_one_thread(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    calls: list[tuple[str, int]] = []
-    fake = SimpleNamespace(
-        **{
-            name: (lambda value, name=name: calls.append((name, value)))
-            for name in (
-                "block_untrusted_set",
-                "cache_set_max",
-                "cache_set_max_mem",
-                "cache_set_max_files",
-                "concurrency_set",
-            )
-        }
-    )
-    monkeypatch.setitem(sys.modules, "pyvips", fake)
-    monkeypatch.setattr(vips, "_MODULE", None)
-    monkeypatch.delenv("VIPS_CONCURRENCY", raising=False)
-    assert vips.vips() is fake and vips.vips() is fake
-    assert sorted(calls) == [
-        ("block_untrusted_set", True),
-        ("cache_set_max", 0),
-        ("cache_set_max_files", 0),
-        ("cache_set_max_mem", 0),
-        ("concurrency_set", 1),
-    ]
-    calls.clear()
-    monkeypatch.setattr(vips, "_MODULE", None)
-    monkeypatch.setenv("VIPS_CONCURRENCY", "2")
-    vips.vips()
-    assert ("concurrency_set", 1) not in calls  # the environment's choice stands
-
-
-@ACROSS_DECODERS
-def test_the_real_libvips_keeps_no_cache() -> None:
+def test_the_real_libvips_keeps_no_cache_and_refuses_untrusted_loaders() -> None:
     pyvips = vips.vips()
     assert pyvips.cache_get_max() == 0 and pyvips.cache_get_max_mem() == 0
-    if not os.environ.get("VIPS_CONCURRENCY"):
-        assert pyvips.concurrency_get() == 1
+    with pytest.raises(pyvips.Error):
+        pyvips.Image.csvload_source(pyvips.Source.new_from_memory(b"1,2\n3,4\n"))
 
 
 # -- store_result: checked before the lake is written ----------------------------------------
