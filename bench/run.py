@@ -144,15 +144,53 @@ def run_child(
     return _result_line(output, what), {**figures, "process_wall_s": round(process_wall_s, 3)}
 
 
+def machine_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+@contextmanager
+def machine_load() -> Iterator[dict[str, Any]]:
+    """The machine's load over a block, shared with other work: the 1-minute load average
+    (sampled every 5 s) and the share of all cores busy (every process, ours included)."""
+    out: dict[str, Any] = {}
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while True:
+            samples.append(os.getloadavg()[0])
+            if stop.wait(5.0):
+                return
+
+    busy0, total0 = machine_cpu_ticks()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        sampler.join()
+        busy1, total1 = machine_cpu_ticks()
+        out["load_1m_mean"] = round(sum(samples) / len(samples), 2)
+        out["load_1m_max"] = round(max(samples), 2)
+        out["cpu_busy_share"] = round((busy1 - busy0) / max(1, total1 - total0), 3)
+
+
 @contextmanager
 def measured(emulator: Emulator, server: PrefectServer | None) -> Iterator[dict[str, Any]]:
-    """CPU of the emulator (and server) over a block, and the emulator's stats after it."""
+    """CPU of the emulator (and server) over a block, the emulator's stats after it, and the
+    machine's load during it (``machine``)."""
     emulator.control.reset()
     out: dict[str, Any] = {}
     e0 = emulator.cpu_s()
     s0 = server.cpu_s() if server else 0.0
     t0 = time.perf_counter()
-    yield out
+    with machine_load() as load:
+        yield out
+    out["machine"] = load
     out["scenario_wall_s"] = round(time.perf_counter() - t0, 3)
     out["emulator_cpu_s"] = round(emulator.cpu_s() - e0, 3)
     if server is not None:
@@ -462,6 +500,9 @@ def slow_scenario(ctx: dict[str, Any], emulator: Emulator, server: PrefectServer
         "ratio_vs_ceiling_bound_with_prefect": round(rows / (span_s + empty_s) / ceiling, 3),
         **per_row(side, rows),
         "plain_cpu_ms_per_row": round(1000 * best["cpu_s"] / rows, 2),
+        # The machine is shared: its load during each side (1-minute load average; share of
+        # the cores busy, every process counted, ours included).
+        "machine_load": {"flow": side["machine"], **{n: p["machine"] for n, p in plains.items()}},
         "checks": {name: p or "ok" for name, p in problems.items()},
         "raw": side,
         "raw_plain": plains,
@@ -1003,6 +1044,8 @@ def summary_table(report: dict[str, Any]) -> str:
         f"{slow.get('ratio_vs_ceiling_rows_phase')}, plain {slow.get('plain_ratio_vs_ceiling')})",
         f"slow  over plain {time_s.get('over_plain')} s: set-up {time_s.get('setup')} s, "
         f"rows phase {time_s.get('over_plain_in_rows_phase')} s, end {time_s.get('end')} s",
+        f"slow  machine load (1-min mean) "
+        f"{ {k: v.get('load_1m_mean') for k, v in slow.get('machine_load', {}).items()} }",
         f"prep  speedup_vs_naive   {prep.get('speedup_vs_naive')}  (target >= 4){at('prep')}",
         f"prep  ssim_min           {prep.get('ssim_min')}  (target >= 0.97)",
         f"mem   peak_rss_mb_1000   {mem.get('peak_rss_mb_1000')}{at('memory')}",
