@@ -67,12 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         sampler = Sampler()
         sampler.start()
     error = None
+    t0_unix = time.time()  # on the clock of the records' started_at/finished_at
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         summary = asyncio.run(tryon_batch(params))
     except BatchIncomplete as exc:
         summary, error = exc.summary, str(exc)
     wall_s = time.perf_counter() - t0
+    t1_unix = t0_unix + wall_s
     cpu_s = time.process_time() - c0
     children_cpu_s = tree_cpu_s(pid, include_self=False) - children0
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         "images_prepared": summary.images_prepared,
         "images_recognised": summary.images_recognised,
         "wall_s": round(wall_s, 3),
+        "t0_unix": round(t0_unix, 4),
+        "t1_unix": round(t1_unix, 4),
         "cpu_s": round(cpu_s, 3),
         "children_cpu_s": round(children_cpu_s, 3),
         "startup_s": round(startup_s, 3),
