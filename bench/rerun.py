@@ -72,7 +72,7 @@ def side(result: dict[str, Any]) -> dict[str, Any]:
 
 def rerun_scenario(ctx: dict[str, Any], emulator: Any, server: Any) -> dict[str, Any]:
     """First run and rerun of the big-photo manifest, each a fresh process (``bench.run``)."""
-    from bench.run import flow_argv, log, manifest_of, measured, run_child
+    from bench.run import PY, flow_argv, log, manifest_of, measured, run_child
 
     tmp: Path = ctx["tmp"] / "rerun"
     log(f"rerun: {ROWS} photos of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}")
@@ -95,8 +95,22 @@ def rerun_scenario(ctx: dict[str, Any], emulator: Any, server: Any) -> dict[str,
             # photos it drew) through fork and exec.
             "peak_rss_mb": max(result["vm_hwm_mb"], peaks["watch_vm_hwm_mb"]),
         }
+    # What any Prefect flow run costs in a fresh process against the same server: the floor.
+    floors = [
+        run_child(
+            [PY, "-m", "bench.empty_flow"],
+            env=ctx["flow_env"],
+            log_path=tmp / f"empty-{k}.log",
+            what="empty flow",
+        )[0]["cpu_s"]
+        for k in range(3)
+    ]
     first, rerun = out["first"], out["rerun"]
+    out["empty_flow_cpu_s"] = min(floors)
     out["cpu_ratio_vs_first"] = round(rerun["cpu_s"] / first["cpu_s"], 4)
+    # The bound: an empty flow run's CPU against the first run's, as if the rerun cost nothing
+    # of its own.
+    out["cpu_ratio_floor"] = round(min(floors) / first["cpu_s"], 4)
     out["wall_ratio_vs_first"] = round(rerun["wall_s"] / first["wall_s"], 4)
     problems = []
     if first["succeeded"] != ROWS or first["emulator_requests"] != ROWS:
