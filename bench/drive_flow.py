@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
 import json
 import os
 import resource
@@ -95,8 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.profile, "w") as handle:
             json.dump(sampler.report(), handle, indent=1)
 
+    parts = f"{args.lake}/metadata/run_id={summary.run_id}/*.parquet"
     if args.storage_options is None:
-        frame = pl.read_parquet(f"{args.lake}/metadata/run_id={summary.run_id}/*.parquet")
+        # A rerun whose rows earlier runs recorded has no part of its own.
+        frame = (
+            pl.read_parquet(parts)
+            if glob.glob(parts)
+            else pl.DataFrame(
+                schema={"stage": pl.String, "status": pl.String, "output_uri": pl.String}
+            )
+        )
         tryon = frame.filter(pl.col("stage") == "tryon")
         succeeded: int | None = tryon.filter(pl.col("status") == "succeeded").height
         # Rows whose result is in the lake (outputs are content-addressed: the emulator's fast

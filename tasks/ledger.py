@@ -48,6 +48,7 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 import threading
 import time
 import weakref
@@ -109,15 +110,17 @@ class JobEntry:
 # The committed records a snapshot keeps: finished work (all columns: an adopted entry is the
 # record itself). Failed records carry their work key too, and are not done.
 _SNAPSHOT_STATUS = "succeeded"
+_RECORD_FIELDS = frozenset(RowRecord.model_fields)
+
+
+_WORK_KEY = re.compile(r"[0-9a-f]{64}")
 
 
 def _digest(key: str) -> bytes:
-    if len(key) != 64:
+    """A work key as its 32 bytes; ``ValueError`` unless it is one (lower-case hex)."""
+    if not _WORK_KEY.fullmatch(key):
         raise ValueError(f"not a work key: {key!r}")
-    try:
-        return bytes.fromhex(key)
-    except ValueError:
-        raise ValueError(f"not a work key: {key!r}") from None
+    return bytes.fromhex(key)
 
 
 def _listed_keys(lake: Lake, folder: str) -> set[bytes]:
@@ -221,7 +224,7 @@ class LedgerSnapshot:
             if row["row_id"] is not None:
                 recorded[row["row_id"]] = row["run_id"]
         record = RowRecord.model_validate(
-            {name: value for name, value in producer.items() if name in RowRecord.model_fields}
+            {name: value for name, value in producer.items() if name in _RECORD_FIELDS}
         )
         return DoneEntry(
             key=key,
@@ -262,7 +265,7 @@ class WorkLedger:
         self._committed: dict[str, bool] = {}
 
     def _path(self, folder: str, key: str) -> str:
-        if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
+        if not _WORK_KEY.fullmatch(key):
             raise ValueError(f"not a work key: {key!r}")
         return self.lake.path(folder, key[:2], f"{key}.json")
 
@@ -286,15 +289,15 @@ class WorkLedger:
 
     # -- finished work ---------------------------------------------------------------------------
     async def done(self, key: str) -> DoneEntry | None:
-        path = self._path("work", key)
+        digest = _digest(key)
         if self.listing:
-            snapshot, digest = await self._snapshot(), _digest(key)
+            snapshot = await self._snapshot()
             if digest not in snapshot.work:
                 return None  # not in the ledger when the run looked, nor written by it since
             entry = snapshot.entry(key, digest)
             if entry is not None:
                 return entry
-        data = await self._read(path)
+        data = await self._read(self._path("work", key))
         if data is None:
             return None
         try:
@@ -340,10 +343,9 @@ class WorkLedger:
 
     # -- accepted async jobs ---------------------------------------------------------------------
     async def job(self, key: str) -> JobEntry | None:
-        path = self._path("jobs", key)
         if self.listing and _digest(key) not in (await self._snapshot()).jobs:
             return None
-        data = await self._read(path)
+        data = await self._read(self._path("jobs", key))
         if data is None:
             return None
         try:
@@ -365,13 +367,10 @@ class WorkLedger:
 
     async def forget_job(self, key: str) -> None:
         """The job ended (its result is in ``work/``, or it failed): nothing to resume."""
-        path = self._path("jobs", key)
         digest = _digest(key)
-        if self.listing:
-            snapshot = await self._snapshot()
-            if digest not in snapshot.jobs:
-                return  # never listed, never recorded by this run: nothing to delete
-        await self.lake.aremove_if_exists(path)
+        if self.listing and digest not in (await self._snapshot()).jobs:
+            return  # never listed, never recorded by this run: nothing to delete
+        await self.lake.aremove_if_exists(self._path("jobs", key))
         self.snapshot.jobs.discard(digest)
 
 
