@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.procs import status_kb, tree_cpu_s
     from flows.batch import BatchIncomplete, BatchParams, tryon_batch
+    from schemas.results import METADATA_SCHEMA
 
     if args.what_if_inline_io:
         inline_small_io()
@@ -96,18 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.profile, "w") as handle:
             json.dump(sampler.report(), handle, indent=1)
 
-    parts = f"{args.lake}/metadata/run_id={summary.run_id}/*.parquet"
     if args.storage_options is None:
-        # A rerun whose rows earlier runs recorded has no part of its own.
-        frame = (
-            pl.read_parquet(parts)
-            if glob.glob(parts)
-            else pl.DataFrame(
-                schema={"stage": pl.String, "status": pl.String, "output_uri": pl.String}
-            )
-        )
+        parts = glob.glob(f"{args.lake}/metadata/run_id={summary.run_id}/*.parquet")
+        # A rerun whose rows earlier runs all recorded writes no metadata of its own.
+        frame = pl.read_parquet(parts) if parts else pl.DataFrame(schema=METADATA_SCHEMA)
         tryon = frame.filter(pl.col("stage") == "tryon")
-        succeeded: int | None = tryon.filter(pl.col("status") == "succeeded").height
+        succeeded: int | None = (
+            tryon.filter(pl.col("status") == "succeeded").height + summary.already_done
+        )
         # Rows whose result is in the lake (outputs are content-addressed: the emulator's fast
         # mode returns the same picture for many rows, which then share one file).
         present = {uri: os.path.isfile(uri) for uri in set(tryon["output_uri"].drop_nulls())}
@@ -121,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         "counts": summary.counts,
         "provider_calls": summary.provider_calls,
         "already_done": summary.already_done,
+        "images_prepared": summary.images_prepared,
+        "images_recognised": summary.images_recognised,
         "wall_s": round(wall_s, 3),
         "cpu_s": round(cpu_s, 3),
         "children_cpu_s": round(children_cpu_s, 3),

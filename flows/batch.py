@@ -196,6 +196,9 @@ async def tryon_batch(params: BatchParams) -> RunSummary:
         budget=budget,
         prices=checks.prices,
     )
+    if isinstance(executor, InProcessChunks):  # Dask workers prepare in their own processes
+        summary.images_prepared = run.images.prepared
+        summary.images_recognised = run.images.recognised
     # Last: readers and reruns trust this run's metadata from here on.
     await asyncio.to_thread(commit_run, lake, summary)
     logger = get_run_logger()

@@ -16,6 +16,7 @@ and ``httpx.TransportError`` as they would with httpx's own transport.
 
 from __future__ import annotations
 
+import functools
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -108,6 +109,13 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._response.release()
 
 
+@functools.cache
+def default_ssl_context() -> ssl.SSLContext:
+    """httpx's default context (certifi, ``SSL_CERT_FILE``), made once per process: loading
+    the CA bundle costs ~40 ms of CPU, and a run opens a pool per provider account."""
+    return httpx.create_ssl_context()
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """``httpx.AsyncBaseTransport`` on one ``aiohttp.ClientSession``, opened lazily on the
     event loop of the first request (aiohttp sessions are bound to their loop)."""
@@ -127,7 +135,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if isinstance(verify, ssl.SSLContext):
             self._ssl: ssl.SSLContext | bool = verify
         else:  # httpx's default context (certifi, SSL_CERT_FILE) so both transports agree
-            self._ssl = httpx.create_ssl_context() if verify else False
+            self._ssl = default_ssl_context() if verify else False
         self._resolver = resolver
         self._session: aiohttp.ClientSession | None = None
 

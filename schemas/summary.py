@@ -62,6 +62,10 @@ class RunSummary(BaseModel):
     budget: float | None = None
     budget_exhausted: bool = False
     unpriced: list[str] = Field(default_factory=list)  # accounts in play with no known price
+    # Input images decoded and fitted in the flow's process, and inputs whose prepared hash
+    # the source index gave without fetching or decoding (None: chunks ran elsewhere, Dask).
+    images_prepared: int | None = None
+    images_recognised: int | None = None
 
     @property
     def exit_code(self) -> int:

@@ -8,6 +8,7 @@ share of the run's leased slots, and rebuilds a context of its own with ``standa
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence, Sized
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from tasks.concurrency import global_limit_name, leased_slots
 from tasks.credentials import load_secret_blocks
 from tasks.fetch_guard import inputs_client_for
 from tasks.images import PreparedImageCache
+from tasks.images.sources import SourceIndex
 from tasks.lake import Lake
 from tasks.ledger import WorkLedger
 from tasks.money import Budget
@@ -151,12 +153,25 @@ async def standalone_context(
                 inputs_client_for(settings.fetch_allow, timeout_s=settings.fetch_timeout_s)
             ),
             lake=lake,
-            images=PreparedImageCache(),
+            images=PreparedImageCache(sources=await _source_index(lake, run_id)),
             retry=RetryPolicy(max_attempts=settings.max_attempts),
             storage_options=settings.storage_options,
             # Another process: other chunks of the run write keys after any listing it takes.
             ledger=WorkLedger(lake, run_id, listing=False),
         )
+
+
+_RUN_INDEX: dict[tuple[str, str], SourceIndex] = {}
+
+
+async def _source_index(lake: Lake, run_id: str) -> SourceIndex:
+    """The run's source index in this worker process: read once per run, not per chunk."""
+    key = (lake.root, run_id)
+    if key not in _RUN_INDEX:
+        index = await asyncio.to_thread(SourceIndex.load, lake, run_id)
+        _RUN_INDEX.clear()  # one run at a time per worker process is the common case
+        _RUN_INDEX[key] = index
+    return _RUN_INDEX[key]
 
 
 def split_slots(total: int, parts: int) -> list[int]:
@@ -216,6 +231,7 @@ class RunContexts:
     lanes_by_provider: dict[str, Lane]
     refine: Lane | None
     thumbnails: ThumbnailBank
+    images: PreparedImageCache  # shared by the tracks in this process
 
     @property
     def contexts(self) -> list[RunContext]:
@@ -267,7 +283,8 @@ async def open_run_contexts(
         lane.price = prices.get(lane.name)
         if budget is not None:
             budget.lanes.append(lane)
-    images = PreparedImageCache()
+    # What earlier runs prepared, by source: a rerun's finished rows decode nothing.
+    images = PreparedImageCache(sources=await asyncio.to_thread(SourceIndex.load, lake, run_id))
     # Contact-sheet thumbnails made as rows go, while the CPU waits on providers.
     thumbnails = ThumbnailBank()
 
@@ -300,4 +317,6 @@ async def open_run_contexts(
         logger.info(
             "%s%s: %d rows, %d in flight", ctx.lane.name, role, len(rows), ctx.lane.max_in_flight
         )
-    return RunContexts(tracks=tracks, lanes_by_provider=lanes, refine=refine, thumbnails=thumbnails)
+    return RunContexts(
+        tracks=tracks, lanes_by_provider=lanes, refine=refine, thumbnails=thumbnails, images=images
+    )

@@ -10,6 +10,7 @@ and its own fatal stop: a refiner out of credits does not stop the try-on provid
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -29,6 +30,8 @@ from schemas.image_profile import ImageProfile
 from schemas.manifest import ManifestRow
 from schemas.results import PRIMARY_TRACK, ErrorKind, RowRecord, Stage, Status
 from tasks.images import ImageInputError, prepare_image
+from tasks.images.sources import content_identity, source_key
+from tasks.lake import Lake
 from tasks.ledger import DoneEntry, work_key
 from tasks.money import BUDGET_EXHAUSTED
 from tasks.plan import provider_problems, refine_not_applicable
@@ -57,6 +60,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class _RowFailure(Exception):
@@ -95,6 +99,54 @@ async def _prepare(ctx: RunContext, uri: str | None, profile: ImageProfile) -> P
     except ImageInputError as exc:
         kind = ErrorKind.TRANSIENT if exc.transient else ErrorKind.PERMANENT
         raise _RowFailure(kind, exc.code, exc.message) from None
+
+
+async def _input_sha256(
+    ctx: RunContext, row: ManifestRow | None, uri: str | None, profile: ImageProfile
+) -> str | None:
+    """The prepared input's sha256, from the source index when an earlier run prepared this
+    very source (nothing fetched nor decoded), else by preparing it (``_prepare``'s errors).
+    ``row``: hand an image prepared here to the contact sheet at once (``_prepare_shown``)."""
+    if uri is None:
+        return None
+    try:
+        sha = await with_retries(
+            ctx,
+            lambda: ctx.images.sha256(
+                uri, http=ctx.http, profile=profile, storage_options=ctx.storage_options
+            ),
+        )
+    except ImageInputError as exc:
+        kind = ErrorKind.TRANSIENT if exc.transient else ErrorKind.PERMANENT
+        raise _RowFailure(kind, exc.code, exc.message) from None
+    if row is not None and ctx.thumbnails is not None:
+        image = ctx.images.peek(uri, profile)
+        if image is not None:
+            ctx.thumbnails.offer(row.row_index, uri, image.data)
+    return sha
+
+
+async def _input_hashes(
+    ctx: RunContext,
+    uris: Sequence[str | None],
+    profile: ImageProfile,
+    *,
+    shown: ManifestRow | None = None,
+    shown_count: int = 2,
+) -> tuple[str | None, ...]:
+    """The inputs' hashes; the first ``shown_count`` (person, garment) offered to the sheet."""
+    return tuple(
+        await asyncio.gather(
+            *(
+                _input_sha256(ctx, shown if i < shown_count else None, uri, profile)
+                for i, uri in enumerate(uris)
+            )
+        )
+    )
+
+
+def _hashes(*images: PreparedImage | None) -> tuple[str | None, ...]:
+    return tuple(image.sha256 if image is not None else None for image in images)
 
 
 @asynccontextmanager
@@ -250,9 +302,32 @@ async def _run_stage(
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class _Coarse:
+    """A try-on result the refiner may take: where it is, its hash, its bytes if at hand
+    (a result found in the ledger is read from the lake only if the refine is not done)."""
+
+    uri: str
+    sha256: str | None
+    data: bytes | None = None
+
+    @classmethod
+    def of(cls, record: RowRecord, data: bytes | None = None) -> _Coarse | None:
+        return (
+            None
+            if record.output_uri is None
+            else cls(record.output_uri, record.output_sha256, data)
+        )
+
+    async def read(self, lake: Lake) -> bytes:
+        return (
+            self.data if self.data is not None else await asyncio.to_thread(lake.read_uri, self.uri)
+        )
+
+
 @dataclass(slots=True)
 class _TryOnOutcome:
-    coarse: bytes | None = None  # the result's bytes when it succeeded (for the refiner)
+    coarse: _Coarse | None = None  # the result when it succeeded (for the refiner)
     input_failed: bool = False  # the row's own input failed: no fallback can help
     redirected: bool = False  # an earlier run finished this row on a fallback: reused
 
@@ -277,83 +352,107 @@ async def _try_on(
 
     async def work(attempts: list[int]) -> None:
         t_prep = time.perf_counter()
-        person, garment, lower = await asyncio.gather(
-            _prepare_shown(ctx, row, row.person_image, lane.profile),
-            _prepare_shown(ctx, row, row.garment_image, lane.profile),
-            _prepare(ctx, row.lower_garment_image, lane.profile),
-        )
-        assert person is not None
-        record.person_sha256 = person.sha256
-        record.garment_sha256 = garment.sha256 if garment else None
         gender = row.gender or ctx.default_gender
-        record.work_key = work_key(
-            stage=str(Stage.TRYON),
-            provider=lane.name,
-            category=row.category,
-            prompt=row.prompt,
-            garment_description=row.garment_description,
-            gender=gender,
-            person=person.sha256,
-            garment=record.garment_sha256,
-            lower=lower.sha256 if lower else None,
-        )
-        async with _one_at_a_time(ctx, record.work_key):
-            done = await _reuse(ctx, record.work_key, row, record)
-            if done is None and then:
-                redirect = _redirect_key(record.work_key, then)
-                done = await _reuse(ctx, redirect, row, record)
-                outcome.redirected = done is not None
-            if done is not None:
-                record.prepare_ms = _ms(t_prep)
-                coarse_uri = done.record.output_uri
-                if ctx.refine is not None and coarse_uri:  # the refiner's input
-                    outcome.coarse = await asyncio.to_thread(ctx.lake.read_uri, coarse_uri)
-                return
-            if lane.state.fatal is not None:  # stopped: nothing earlier to reuse either
-                raise lane.state.fatal
-            if lane.stager is not None:  # URL-only provider: stage the prepared bytes
-                person, garment, lower = [
-                    await lane.stager.stage(image) if image else None
-                    for image in (person, garment, lower)
-                ]
-            record.prepare_ms = _ms(t_prep)
-            assert person is not None
-            request = TryOnRequest(
-                row_id=row.id,
-                person=person,
-                garment=garment,
-                lower_garment=lower,
+        uris = (row.person_image, row.garment_image, row.lower_garment_image)
+        # The work key first, from the inputs' hashes (the source index answers for sources
+        # an earlier run prepared): finished work is found without fetching or decoding.
+        hashes = await _input_hashes(ctx, uris, lane.profile, shown=row)
+        while True:
+            record.person_sha256, record.garment_sha256 = hashes[0], hashes[1]
+            record.work_key = work_key(
+                stage=str(Stage.TRYON),
+                provider=lane.name,
                 category=row.category,
-                garment_description=row.garment_description,
                 prompt=row.prompt,
+                garment_description=row.garment_description,
                 gender=gender,
+                person=hashes[0],
+                garment=hashes[1],
+                lower=hashes[2],
             )
-            client: TryOnClient = lane.client  # type: ignore[assignment]
-            t_call = time.perf_counter()
-            try:
-                result = await call_provider(
-                    ctx,
-                    lane,
-                    lambda on_submitted: client.try_on(request, on_submitted=on_submitted),
-                    record,
-                    attempts,
+            async with _one_at_a_time(ctx, record.work_key):
+                done = await _reuse(ctx, record.work_key, row, record)
+                if done is None and then:
+                    redirect = _redirect_key(record.work_key, then)
+                    done = await _reuse(ctx, redirect, row, record)
+                    outcome.redirected = done is not None
+                if done is not None:
+                    record.prepare_ms = _ms(t_prep)
+                    outcome.coarse = _Coarse.of(done.record)
+                    return
+                if lane.state.fatal is not None:  # stopped: nothing earlier to reuse either
+                    raise lane.state.fatal
+                person, garment, lower = await asyncio.gather(
+                    _prepare_shown(ctx, row, uris[0], lane.profile),
+                    _prepare_shown(ctx, row, uris[1], lane.profile),
+                    _prepare(ctx, uris[2], lane.profile),
                 )
-            finally:
-                record.provider_ms = _ms(t_call)
-            record.request_id = result.request_id or record.request_id
-            record.cache_hit = result.cache_hit
-            t_dl = time.perf_counter()
-            outcome.coarse = await store_result(ctx, lane, result, record, person=person)
-            record.download_ms = _ms(t_dl)
-            if ctx.thumbnails is not None:
-                ctx.thumbnails.offer(row.row_index, record.output_uri, outcome.coarse)
-            await _remember(ctx, record)
+                if _hashes(person, garment, lower) == hashes:
+                    await _call_try_on(
+                        ctx, lane, row, record, outcome, attempts, t_prep, (person, garment, lower)
+                    )
+                    return
+            # The index named what an earlier version prepared from these sources; today's
+            # preparation differs: look for the work under the key of what would be sent.
+            hashes = _hashes(person, garment, lower)
 
     # The first of a chain prepares its inputs even when stopped: their key leads to earlier
     # work, so a rerun whose first provider is out of credits still pays nothing.
     input_ok = await _run_stage(ctx, lane, record, work, skip_when_stopped=not then)
     outcome.input_failed = not input_ok
     return outcome
+
+
+async def _call_try_on(
+    ctx: RunContext,
+    lane: Lane,
+    row: ManifestRow,
+    record: RowRecord,
+    outcome: _TryOnOutcome,
+    attempts: list[int],
+    t_prep: float,
+    images: tuple[PreparedImage | None, PreparedImage | None, PreparedImage | None],
+) -> None:
+    """The try-on call for work not done before, its result checked, stored and remembered."""
+    person, garment, lower = images
+    if lane.stager is not None:  # URL-only provider: stage the prepared bytes
+        person, garment, lower = [
+            await lane.stager.stage(image) if image else None for image in (person, garment, lower)
+        ]
+    gender = row.gender or ctx.default_gender
+    record.prepare_ms = _ms(t_prep)
+    assert person is not None
+    request = TryOnRequest(
+        row_id=row.id,
+        person=person,
+        garment=garment,
+        lower_garment=lower,
+        category=row.category,
+        garment_description=row.garment_description,
+        prompt=row.prompt,
+        gender=gender,
+    )
+    client: TryOnClient = lane.client  # type: ignore[assignment]
+    t_call = time.perf_counter()
+    try:
+        result = await call_provider(
+            ctx,
+            lane,
+            lambda on_submitted: client.try_on(request, on_submitted=on_submitted),
+            record,
+            attempts,
+        )
+    finally:
+        record.provider_ms = _ms(t_call)
+    record.request_id = result.request_id or record.request_id
+    record.cache_hit = result.cache_hit
+    t_dl = time.perf_counter()
+    data = await store_result(ctx, lane, result, record, person=person)
+    outcome.coarse = _Coarse.of(record, data)
+    record.download_ms = _ms(t_dl)
+    if ctx.thumbnails is not None:
+        ctx.thumbnails.offer(row.row_index, record.output_uri, data)
+    await _remember(ctx, record)
 
 
 def _chain(ctx: RunContext, row: ManifestRow) -> list[Lane]:
@@ -365,7 +464,9 @@ def _chain(ctx: RunContext, row: ManifestRow) -> list[Lane]:
     return lanes
 
 
-async def _try_on_chain(ctx: RunContext, row: ManifestRow) -> tuple[list[RowRecord], bytes | None]:
+async def _try_on_chain(
+    ctx: RunContext, row: ManifestRow
+) -> tuple[list[RowRecord], _Coarse | None]:
     """The try-on stage down the row's chain of providers, until one succeeds, the row's own
     input fails, or none is left. Every attempt is a record; each failed one but the last
     names the provider the row went on to."""
@@ -413,7 +514,7 @@ def _cannot_take(ctx: RunContext, row: ManifestRow) -> RowRecord | None:
 
 
 async def _refine(
-    ctx: RunContext, row: ManifestRow, coarse: bytes | None, coarse_record: RowRecord
+    ctx: RunContext, row: ManifestRow, coarse: _Coarse | None, coarse_record: RowRecord
 ) -> RowRecord:
     lane = ctx.refine
     assert lane is not None
@@ -436,70 +537,114 @@ async def _refine(
     assert coarse is not None and row.garment_image is not None
     gender = row.gender or ctx.default_gender
     assert gender is not None  # the flow makes such rows invalid before any call
+    uris = (row.person_image, row.garment_image, row.lower_garment_image)
 
     async def work(attempts: list[int]) -> None:
         t_prep = time.perf_counter()
-        person, top, bottom = await asyncio.gather(
-            _prepare(ctx, row.person_image, lane.profile),
-            _prepare(ctx, row.garment_image, lane.profile),
-            _prepare(ctx, row.lower_garment_image, lane.profile),
-        )
-        try:
-            coarse_image = await asyncio.to_thread(
-                prepare_image,
-                coarse,
-                profile=lane.profile,
-                source_uri=coarse_record.output_uri or "coarse",
-            )
-        except ImageInputError as exc:
-            raise _RowFailure(
-                ErrorKind.PERMANENT, exc.code, f"coarse result: {exc.message}"
-            ) from None
-        assert person is not None and top is not None
-        record.person_sha256, record.garment_sha256 = person.sha256, top.sha256
-        record.work_key = work_key(
-            stage=str(Stage.REFINE),
-            provider=lane.name,
-            gender=gender,
-            coarse=coarse_image.sha256,
-            person=person.sha256,
-            top=top.sha256,
-            bottom=bottom.sha256 if bottom else None,
-        )
-        record.prepare_ms = _ms(t_prep)
-        async with _one_at_a_time(ctx, record.work_key):
-            if await _reuse(ctx, record.work_key, row, record) is not None:
-                return
-            request = RefineRequest(
-                row_id=row.id,
-                person=person,
-                top_garment=top,
-                coarse=coarse_image,
+        # As for the try-on: the key from hashes first, the coarse result named by its own.
+        coarse_sha, coarse_image = await _coarse_sha256(ctx, coarse, lane.profile)
+        hashes = (*await _input_hashes(ctx, uris, lane.profile), coarse_sha)
+        while True:
+            record.person_sha256, record.garment_sha256 = hashes[0], hashes[1]
+            record.work_key = work_key(
+                stage=str(Stage.REFINE),
+                provider=lane.name,
                 gender=gender,
-                bottom_garment=bottom,
+                coarse=hashes[3],
+                person=hashes[0],
+                top=hashes[1],
+                bottom=hashes[2],
             )
-            refiner: RefinerClient = lane.client  # type: ignore[assignment]
-            t_call = time.perf_counter()
-            try:
-                result = await call_provider(
-                    ctx,
-                    lane,
-                    lambda on_submitted: refiner.refine(request, on_submitted=on_submitted),
-                    record,
-                    attempts,
+            async with _one_at_a_time(ctx, record.work_key):
+                if await _reuse(ctx, record.work_key, row, record) is not None:
+                    record.prepare_ms = _ms(t_prep)
+                    return
+                person, top, bottom = await asyncio.gather(
+                    *(_prepare(ctx, uri, lane.profile) for uri in uris)
                 )
-            finally:
-                record.provider_ms = _ms(t_call)
-            record.request_id = result.request_id or record.request_id
-            t_dl = time.perf_counter()
-            refined = await store_result(ctx, lane, result, record, person=person)
-            record.download_ms = _ms(t_dl)
-            if ctx.thumbnails is not None:
-                ctx.thumbnails.offer(row.row_index, record.output_uri, refined)
-            await _remember(ctx, record)
+                if coarse_image is None:
+                    coarse_image = await _prepare_coarse(ctx, coarse, lane.profile)
+                if _hashes(person, top, bottom, coarse_image) == hashes:
+                    assert person is not None and top is not None
+                    record.prepare_ms = _ms(t_prep)
+                    await _call_refine(
+                        ctx,
+                        lane,
+                        row,
+                        record,
+                        attempts,
+                        gender,
+                        (person, top, bottom, coarse_image),
+                    )
+                    return
+            hashes = _hashes(person, top, bottom, coarse_image)
 
     await _run_stage(ctx, lane, record, work)
     return record
+
+
+async def _coarse_sha256(
+    ctx: RunContext, coarse: _Coarse, profile: ImageProfile
+) -> tuple[str, PreparedImage | None]:
+    """The coarse result prepared for the refiner, by hash: from the source index (its
+    identity is its content hash), else prepared now (and returned)."""
+    if coarse.sha256 is not None:
+        known = ctx.images.sources.get(source_key(f"sha256:{coarse.sha256}", profile))
+        if known is not None:
+            return known, None
+    image = await _prepare_coarse(ctx, coarse, profile)
+    return image.sha256, image
+
+
+async def _prepare_coarse(ctx: RunContext, coarse: _Coarse, profile: ImageProfile) -> PreparedImage:
+    data = await coarse.read(ctx.lake)
+    try:
+        image = await asyncio.to_thread(prepare_image, data, profile=profile, source_uri=coarse.uri)
+    except ImageInputError as exc:
+        raise _RowFailure(ErrorKind.PERMANENT, exc.code, f"coarse result: {exc.message}") from None
+    ctx.images.prepared += 1
+    ctx.images.sources.remember(source_key(content_identity(data), profile), image.sha256)
+    return image
+
+
+async def _call_refine(
+    ctx: RunContext,
+    lane: Lane,
+    row: ManifestRow,
+    record: RowRecord,
+    attempts: list[int],
+    gender: str,
+    images: tuple[PreparedImage, PreparedImage, PreparedImage | None, PreparedImage],
+) -> None:
+    """The refine call for work not done before, its result checked, stored and remembered."""
+    person, top, bottom, coarse_image = images
+    request = RefineRequest(
+        row_id=row.id,
+        person=person,
+        top_garment=top,
+        coarse=coarse_image,
+        gender=gender,
+        bottom_garment=bottom,
+    )
+    refiner: RefinerClient = lane.client  # type: ignore[assignment]
+    t_call = time.perf_counter()
+    try:
+        result = await call_provider(
+            ctx,
+            lane,
+            lambda on_submitted: refiner.refine(request, on_submitted=on_submitted),
+            record,
+            attempts,
+        )
+    finally:
+        record.provider_ms = _ms(t_call)
+    record.request_id = result.request_id or record.request_id
+    t_dl = time.perf_counter()
+    refined = await store_result(ctx, lane, result, record, person=person)
+    record.download_ms = _ms(t_dl)
+    if ctx.thumbnails is not None:
+        ctx.thumbnails.offer(row.row_index, record.output_uri, refined)
+    await _remember(ctx, record)
 
 
 async def process_row(row: ManifestRow, ctx: RunContext) -> list[RowRecord]:
@@ -541,4 +686,8 @@ async def process_rows(rows: Sequence[ManifestRow], ctx: RunContext) -> list[Row
             return await process_row(row, ctx)
 
     per_row = await asyncio.gather(*(bounded(row) for row in rows))
+    try:  # what this chunk prepared, named by source, for the next run (tasks.images.sources)
+        await asyncio.to_thread(ctx.images.sources.flush)
+    except OSError as exc:  # kept for the next chunk's flush; the index only saves work
+        logger.warning("the source index could not be written: %s", type(exc).__name__)
     return [record for records in per_row for record in records]

@@ -25,7 +25,13 @@ from schemas.results import ErrorKind
 from schemas.uris import ImageRoute, Refusal, classify_image_ref
 from tasks.fetch_guard import BLOCKED_CODE, FetchBlockedError
 
-__all__ = ["DEFAULT_MAX_FETCH_BYTES", "ImageInputError", "display_uri", "fetch_bytes"]
+__all__ = [
+    "DEFAULT_MAX_FETCH_BYTES",
+    "ImageInputError",
+    "display_uri",
+    "fetch_bytes",
+    "route_filesystem",
+]
 
 DEFAULT_MAX_FETCH_BYTES: Final = 50 * 1024 * 1024
 
@@ -196,7 +202,7 @@ async def _fetch_http(uri: str, *, http: httpx.AsyncClient, max_bytes: int) -> b
         raise ImageInputError("BAD_URI", f"{shown}: invalid URL") from None
 
 
-def _filesystem(route: ImageRoute, storage_options: dict[str, Any]) -> AbstractFileSystem:
+def route_filesystem(route: ImageRoute, storage_options: dict[str, Any]) -> AbstractFileSystem:
     """The one filesystem for an allowed non-HTTP route, chosen here, never from the URL."""
     if route.route == "s3":
         # The endpoint and credentials come from the run's configuration, not the manifest.
@@ -211,7 +217,7 @@ def _read_filesystem(
 ) -> bytes:
     """Blocking filesystem read, run in a worker thread."""
     try:
-        fs = _filesystem(route, storage_options)
+        fs = route_filesystem(route, storage_options)
         path = route.target
         try:
             info = fs.info(path)

@@ -51,6 +51,7 @@ DEFAULT_THUMB_PX: Final = 128
 DEFAULT_MAX_IMAGE_ROWS: Final = 100
 _THUMB_JPEG_QUALITY: Final = 80
 _INPUT_UNAVAILABLE: Final = "input unavailable"
+_INPUT_NOT_READ: Final = "not read: done by an earlier run"
 PROMPT_NOTE_CHARS: Final = 120  # of a prompt in its placeholder; the page shows it whole
 
 
@@ -270,6 +271,8 @@ def _names_input(message: str, uri: str) -> bool:
 def _input_note(record: RowRecord | None, uri: str) -> str:
     """Why an input the bank does not hold has no picture. The sheet never fetches it: the run
     either never obtained it (the record's error names it) or did not keep it for the sheet."""
+    if record is not None and record.status == Status.SUCCEEDED and record.reused_from_run:
+        return _INPUT_NOT_READ  # recognised from its source: the rerun read no input
     if record is None or record.status == Status.SUCCEEDED or not record.error_code:
         return _INPUT_UNAVAILABLE
     if not _names_input(record.error_message or "", uri):
@@ -315,6 +318,11 @@ def cell_specs(row: SheetRow, columns: Sequence[str]) -> list[CellSpec]:
             )
     for column, record in results:
         succeeded = record is not None and record.status == Status.SUCCEEDED
+        if succeeded and record is not None and record.reused_from_run:
+            # An earlier run's result: its own sheet shows it; this run reads no image for it.
+            note = f"done by run {record.reused_from_run[:8]}: see its sheet"
+            specs[column] = CellSpec(uri=None, note=note, output=False)
+            continue
         uri = record.output_uri if succeeded and record else None
         specs[column] = CellSpec(
             uri=uri,

@@ -4,7 +4,7 @@ Inputs are served by a real HTTP server on 127.0.0.1 that counts requests (loopb
 the run with ``fetch_allow``): one input hangs, one answers 500, one streams without end. The
 run tries each once (``max_attempts=1``) within its short ``fetch_timeout_s``; the report at
 the end must add no request, no wait and no download, and show those inputs as placeholders.
-A rerun then shows the row done by the first run with its result read back from the lake.
+A rerun then notes the row done by the first run, reading none of its images.
 """
 
 from __future__ import annotations
@@ -68,11 +68,17 @@ async def test_the_report_fetches_no_input_the_run_could_not(
     assert cells["errors"][0] == "input not fetched: FETCH_HTTP_500"
     assert cells["endless"][0] == "input not fetched: FETCH_TOO_LARGE"
 
-    # A rerun fetches its inputs again itself (that is the run), the report still nothing.
+    # A rerun fetches its http inputs again itself (their bytes name them: that is the run),
+    # decodes none of the done row's, and the report fetches nothing.
     with pytest.raises(BatchIncomplete) as second:
         await tryon_batch(params)
     assert second.value.summary.already_done == 1
+    assert second.value.summary.images_prepared == 0  # the failed rows' inputs never decoded
     assert input_server.requests() == {path: 2 for path in once}
     cells = sheet_cells(lake, second.value.summary.run_id)
-    assert cells["held"] == ["", "", ""]  # the result the first run wrote, read from the lake
+    # The done row: neither its inputs nor its result (the first run's sheet shows them) read.
+    first_id = first.value.summary.run_id[:8]
+    assert cells["held"] == ["not read: done by an earlier run"] * 2 + [
+        f"done by run {first_id}: see its sheet"
+    ]
     assert cells["hangs"][0] == "input not fetched: FETCH_TIMEOUT"

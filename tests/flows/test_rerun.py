@@ -179,3 +179,48 @@ def test_sigkill_mid_run_then_rerun_resumes_accepted_jobs(
     assert files == set(frame["output_uri"]) | set(frame["mask_uri"].drop_nulls())
     # Rows the killed run finished were adopted, not redone.
     assert frame["reused_from_run"].drop_nulls().len() >= 2
+
+
+async def test_a_rerun_finds_finished_rows_from_their_sources_and_decodes_nothing(
+    use_emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """The work keys of finished rows come from the source index (size, times, inode of each
+    file): no image is read or decoded, no provider called. A photo rewritten in place (its
+    old modification time put back) is a new source: only its rows are done again."""
+    import os
+    import shutil
+
+    from PIL import Image
+
+    sample = tmp_path / "sample"
+    shutil.copytree(SAMPLE_MANIFEST.parent / "images", sample / "images")
+    shutil.copy(SAMPLE_MANIFEST, sample / "manifest.csv")
+    lake = tmp_path / "lake"
+    params = BatchParams(
+        manifest=str(sample / "manifest.csv"), lake=str(lake), refine=True, refine_gender="woman"
+    )
+    first = await tryon_batch(params)
+    assert first.counts == {"succeeded": 8, "invalid": 1}
+    assert first.images_prepared and first.images_prepared > 0
+    assert list((lake / "sources").glob("*.parquet"))
+
+    use_emulator.control.reset()
+    second = await tryon_batch(params)
+    assert use_emulator.control.posts() == 0 and second.provider_calls == 0
+    assert second.images_prepared == 0
+    assert second.images_recognised and second.images_recognised >= 8
+    assert second.counts == first.counts and second.already_done == 8
+    assert second.refine_counts == first.refine_counts
+
+    # person_dev.jpg (rows dev-red-tee, dev-prompt) redrawn, same modification time.
+    photo = sample / "images" / "person_dev.jpg"
+    stat = photo.stat()
+    with Image.open(photo) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photo, "JPEG", quality=90)
+    os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    use_emulator.control.reset()
+    third = await tryon_batch(params)
+    assert third.counts == first.counts and third.already_done == 6
+    assert use_emulator.control.posts("POST /api/openapi/change-clothes") == 2  # garment, prompt
+    assert third.images_prepared and third.images_prepared < first.images_prepared
+    assert_no_duplicate_pairs(dataset(lake).filter(pl.col("run_id") != third.run_id))
