@@ -31,7 +31,7 @@ from typing import Any
 
 import polars as pl
 
-from bench import data, procs
+from bench import data, procs, s3scale
 from emulator.control import EmulatorControl
 from emulator.keys import DEFAULT_KEYS
 
@@ -606,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-profile", dest="profile", action="store_false", help="skip the profiled extra run"
     )
+    parser.add_argument(
+        "--s3-rows", type=int, help="rows of the S3 scenario (bench/s3scale.py); 0 skips it"
+    )
     args = parser.parse_args(argv)
 
     quick = args.quick
@@ -677,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
         results["fast"] = fast_scenario(ctx, emulator, server, fast_rows)
         results["slow"] = slow_scenario(ctx, emulator, server, slow_rows)
         results["memory"] = memory_scenario(ctx, emulator, server, memory_sizes)
+        s3_rows = args.s3_rows if args.s3_rows is not None else (2000 if quick else s3scale.ROWS)
+        if s3_rows:
+            results[s3scale.scenario_key(s3_rows)] = s3scale.s3_scenario(ctx, emulator, s3_rows)
         if args.profile:
             fast = results["fast"]
             fast["profile"] = profile = profile_scenario(ctx, emulator, server, fast_rows)
