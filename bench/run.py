@@ -52,6 +52,9 @@ TARGETS = {
     "prep_speedup_median_min_per_profile": 2.5,
     "prep_ssim_min": 0.97,
     "rerun_cpu_ratio_vs_first_max": 0.05,
+    "s3_ratio_vs_plain_min": 0.90,
+    "s3_rerun_ratio_vs_first_max": 0.05,
+    "s3_peak_rss_mb_max": 1024.0,
     "memory_peak_rss_mb_10000_max": 1024.0,
 }
 
@@ -689,7 +692,7 @@ RUN_KEYS = frozenset(
 
 # Modules that add scenarios: each is imported by main() and calls ``bench.run.register`` (run
 # as ``python -m bench.run``, this file is also imported as ``bench.run``: see the end).
-SCENARIO_MODULES: tuple[str, ...] = ("bench.rerun",)
+SCENARIO_MODULES: tuple[str, ...] = ("bench.rerun", "bench.s3scale")
 
 
 def register(
@@ -801,6 +804,10 @@ def verdicts(results: dict[str, Any]) -> dict[str, bool]:
             for p in prep["by_profile"].values()
         )
         out["prep_ssim"] = prep["ssim_min"] >= TARGETS["prep_ssim_min"]
+    if s3 := results.get("s3_100k"):
+        out["s3_throughput"] = s3["ratio_vs_plain"] >= TARGETS["s3_ratio_vs_plain_min"]
+        out["s3_rerun"] = s3["rerun_ratio_vs_first"] <= TARGETS["s3_rerun_ratio_vs_first_max"]
+        out["s3_memory"] = s3["peak_rss_mb"] < TARGETS["s3_peak_rss_mb_max"]
     if rerun := results.get("rerun"):
         out["rerun_cpu"] = rerun["cpu_ratio_vs_first"] <= TARGETS["rerun_cpu_ratio_vs_first_max"]
         out["rerun_nothing_redone"] = rerun["checks"] == "ok"
@@ -1059,6 +1066,10 @@ def summary_table(report: dict[str, Any]) -> str:
         f"prep  ssim_min           {prep.get('ssim_min')}  (target >= 0.97)",
         f"rerun cpu_ratio_vs_first {report.get('rerun', {}).get('cpu_ratio_vs_first')}  "
         f"(target <= 0.05); checks {report.get('rerun', {}).get('checks')}{at('rerun')}",
+        f"s3    ratio_vs_plain {report.get('s3_100k', {}).get('ratio_vs_plain')} (>= 0.90), "
+        f"rerun_ratio_vs_first {report.get('s3_100k', {}).get('rerun_ratio_vs_first')} "
+        f"(<= 0.05), peak_rss_mb {report.get('s3_100k', {}).get('peak_rss_mb')} (< 1024)"
+        f"{at('s3_100k')}",
         f"mem   peak_rss_mb_1000   {mem.get('peak_rss_mb_1000')}{at('memory')}",
         f"mem   peak_rss_mb_10000  {mem.get('peak_rss_mb_10000')}  (target < 1024)",
         f"verdicts {report.get('verdicts')}",

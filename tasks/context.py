@@ -156,7 +156,8 @@ async def standalone_context(
             images=PreparedImageCache(sources=await _source_index(lake, run_id)),
             retry=RetryPolicy(max_attempts=settings.max_attempts),
             storage_options=settings.storage_options,
-            ledger=WorkLedger(lake, run_id),
+            # Another process: other chunks of the run write keys after any listing it takes.
+            ledger=WorkLedger(lake, run_id, listing=False),
         )
 
 

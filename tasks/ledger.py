@@ -16,18 +16,50 @@ Decision for a stage whose key is in the ledger: when another, committed run's m
 already holds the record for this row id, nothing is written (no duplicate in the dataset);
 otherwise the record is adopted into this run's metadata (a crashed run's finished work, or
 this same run retried from the Prefect UI).
+
+Lookups at scale (an object store answers each request in a round trip). At its first lookup
+a run takes a ``LedgerSnapshot``: one listing of ``work/`` and of ``jobs/`` (paginated,
+about one request per 1,000 keys), and the committed runs' metadata (``metadata/``, read
+once, a GET per part, only runs whose ``_COMMITTED`` marker is there). Then:
+
+- a key neither listed nor written by this run is not done, and has no job: no request;
+- a key listed whose record a committed run's metadata holds (a succeeded record with that
+  work key) is answered from that metadata: the entry, who produced it and which rows
+  committed runs recorded it for, with no request per key;
+- any other listed key (a crashed run's work, a fallback's redirect, an invalid or skipped
+  row's finding) is read from ``work/`` as before: one GET;
+- a job is deleted only when it was listed or recorded by this run.
+
+A run that adds a key after the listing (another run on the same lake at the same time) is
+not seen: the work may be done twice, as two runs of the same manifest at the same time
+already may (README, "Reruns never pay twice"). Chunks run in other processes (Dask) do not
+take the listing as the whole truth (``listing=False``): a key another process of the same
+run wrote after it is still found, by a GET.
+
+Memory stays bounded: keys are kept as 32-byte digests, the committed records as one Polars
+frame with an index by key (records are built one at a time, when a row asks).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import io
 import json
+import posixpath
+import re
+import threading
+import time
+import weakref
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.results import RowRecord
+import polars as pl
+
+from schemas.manifest import is_safe_id
+from schemas.results import METADATA_SCHEMA, RowRecord
 from tasks.lake import Lake
 
 LEDGER_VERSION = 1
@@ -45,6 +77,8 @@ class DoneEntry:
     record: RowRecord  # the record of the stage as its producing run wrote it
     produced_by: str  # run id that did the work
     recorded: dict[str, str] = field(default_factory=dict)  # row id -> run id holding its record
+    # Read from committed runs' metadata: every run in ``recorded`` is committed.
+    committed: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,22 +107,178 @@ class JobEntry:
     submitted_at: str
 
 
-class WorkLedger:
-    """Ledger reads and writes for one run. IO runs in threads; safe to share across rows."""
+# The committed records a snapshot keeps: finished work (all columns: an adopted entry is the
+# record itself). Failed records carry their work key too, and are not done.
+_SNAPSHOT_STATUS = "succeeded"
+_RECORD_FIELDS = frozenset(RowRecord.model_fields)
 
-    def __init__(self, lake: Lake, run_id: str) -> None:
+
+_WORK_KEY = re.compile(r"[0-9a-f]{64}")
+
+
+def _digest(key: str) -> bytes:
+    """A work key as its 32 bytes; ``ValueError`` unless it is one (lower-case hex)."""
+    if not _WORK_KEY.fullmatch(key):
+        raise ValueError(f"not a work key: {key!r}")
+    return bytes.fromhex(key)
+
+
+def _listed_keys(lake: Lake, folder: str) -> set[bytes]:
+    """The work keys with an entry under ``folder`` (``work/`` or ``jobs/``), as digests."""
+    keys = set()
+    for path in lake.list_files(lake.path(folder)):
+        name = posixpath.basename(path)
+        if name.endswith(".json") and len(name) == 69:
+            with contextlib.suppress(ValueError):
+                keys.add(bytes.fromhex(name[:64]))
+    return keys
+
+
+class LedgerSnapshot:
+    """What the lake's ledger held when a run first looked (see the module docstring): the
+    keys listed in ``work/`` and ``jobs/``, plus those this run wrote since, and the committed
+    runs' succeeded records by work key. Shared by a run's ledgers in one process."""
+
+    def __init__(self) -> None:
+        self.work: set[bytes] = set()
+        self.jobs: set[bytes] = set()
+        self.committed_runs: set[str] = set()
+        self.records = pl.DataFrame()
+        self._rows: dict[bytes, tuple[int, int]] = {}  # key -> (first row, count) in records
+        self._loaded = False
+        self._lock = threading.Lock()
+        self.stats: dict[str, float | int] = {}
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def load(self, lake: Lake) -> None:
+        """List the ledger and read the committed metadata, once (blocking; thread-safe)."""
+        with self._lock:
+            if self._loaded:
+                return
+            t0 = time.perf_counter()
+            work, jobs = _listed_keys(lake, "work"), _listed_keys(lake, "jobs")
+            self.work |= work
+            self.jobs |= jobs
+            self._read_committed(lake)
+            self.stats = {
+                "work_keys": len(work),
+                "job_keys": len(jobs),
+                "committed_runs": len(self.committed_runs),
+                "committed_records": self.records.height,
+                "load_s": round(time.perf_counter() - t0, 3),
+            }
+            self._loaded = True
+
+    def _read_committed(self, lake: Lake) -> None:
+        parts: dict[str, list[str]] = {}
+        for path in lake.list_files(lake.metadata_dir()):
+            folder = posixpath.basename(posixpath.dirname(path))
+            if folder.startswith("run_id=") and path.endswith(".parquet"):
+                parts.setdefault(folder.removeprefix("run_id="), []).append(path)
+        # Parts of a run killed while committing are in metadata/ without its marker.
+        committed = [run for run in sorted(parts) if is_safe_id(run) and lake.is_committed(run)]
+        self.committed_runs = set(committed)
+        paths = [path for run in committed for path in sorted(parts[run])]
+        frames = []
+        for data in lake.read_many(paths):
+            frame = pl.read_parquet(io.BytesIO(data))
+            if "work_key" not in frame.columns or "status" not in frame.columns:
+                continue
+            frame = frame.filter(
+                (pl.col("status") == _SNAPSHOT_STATUS) & pl.col("work_key").is_not_null()
+            )
+            if frame.height:
+                frames.append(align_metadata(frame))
+        if not frames:
+            return
+        # The producing run's record first for each key (reused_from_run null), then others.
+        records = (
+            pl.concat(frames, how="vertical")
+            .sort(["work_key", pl.col("reused_from_run").is_not_null(), "run_id"])
+            .rechunk()
+        )
+        index: dict[bytes, tuple[int, int]] = {}
+        keys = records["work_key"].to_list()
+        start = 0
+        for i in range(1, len(keys) + 1):
+            if i == len(keys) or keys[i] != keys[start]:
+                with contextlib.suppress(ValueError):
+                    index[bytes.fromhex(keys[start])] = (start, i - start)
+                start = i
+        self.records, self._rows = records, index
+
+    def entry(self, key: str, digest: bytes) -> DoneEntry | None:
+        """The entry committed runs' metadata gives for ``key``, or None."""
+        found = self._rows.get(digest)
+        if found is None:
+            return None
+        first, count = found
+        columns = self.records.columns
+        producer = dict(zip(columns, self.records.row(first), strict=True))
+        recorded: dict[str, str] = {}
+        for i in range(first, first + count):
+            row = self.records.row(i, named=True) if i != first else producer
+            if row["row_id"] is not None:
+                recorded[row["row_id"]] = row["run_id"]
+        record = RowRecord.model_validate(
+            {name: value for name, value in producer.items() if name in _RECORD_FIELDS}
+        )
+        return DoneEntry(
+            key=key,
+            record=record,
+            produced_by=producer["reused_from_run"] or producer["run_id"],
+            recorded=recorded,
+            committed=True,
+        )
+
+
+# A run's snapshot, shared by the ledgers of the run in this process while any holds it.
+_SNAPSHOTS: weakref.WeakValueDictionary[tuple[str, str, int], LedgerSnapshot] = (
+    weakref.WeakValueDictionary()
+)
+_SNAPSHOTS_LOCK = threading.Lock()
+
+
+def _shared_snapshot(lake: Lake, run_id: str) -> LedgerSnapshot:
+    key = (lake.uri, run_id, id(lake.fs))
+    with _SNAPSHOTS_LOCK:
+        snapshot = _SNAPSHOTS.get(key)
+        if snapshot is None:
+            snapshot = _SNAPSHOTS[key] = LedgerSnapshot()
+        return snapshot
+
+
+class WorkLedger:
+    """Ledger reads and writes for one run. IO runs off the event loop; safe to share across
+    rows. ``listing``: look up through the run's snapshot (the flow's own process); False:
+    every lookup reads the lake, one GET per key (a chunk in another process, which cannot
+    see what the run's other processes write after its listing)."""
+
+    def __init__(self, lake: Lake, run_id: str, *, listing: bool = True) -> None:
         self.lake = lake
         self.run_id = run_id
+        self.listing = listing
+        self.snapshot = _shared_snapshot(lake, run_id)
         self._committed: dict[str, bool] = {}
 
     def _path(self, folder: str, key: str) -> str:
-        if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
+        if not _WORK_KEY.fullmatch(key):
             raise ValueError(f"not a work key: {key!r}")
         return self.lake.path(folder, key[:2], f"{key}.json")
 
-    def _read(self, path: str) -> dict[str, Any] | None:
+    async def _snapshot(self) -> LedgerSnapshot:
+        if not self.snapshot.loaded:
+            await asyncio.to_thread(self.snapshot.load, self.lake)
+            for run in self.snapshot.committed_runs:
+                self._committed[run] = True
+        return self.snapshot
+
+    async def _read(self, path: str) -> dict[str, Any] | None:
         try:
-            data = self.lake.fs.cat_file(path)
+            data = await self.lake.aread_bytes(path)
         except FileNotFoundError:
             return None
         try:
@@ -99,7 +289,15 @@ class WorkLedger:
 
     # -- finished work ---------------------------------------------------------------------------
     async def done(self, key: str) -> DoneEntry | None:
-        data = await asyncio.to_thread(self._read, self._path("work", key))
+        digest = _digest(key)
+        if self.listing:
+            snapshot = await self._snapshot()
+            if digest not in snapshot.work:
+                return None  # not in the ledger when the run looked, nor written by it since
+            entry = snapshot.entry(key, digest)
+            if entry is not None:
+                return entry
+        data = await self._read(self._path("work", key))
         if data is None:
             return None
         try:
@@ -127,12 +325,15 @@ class WorkLedger:
     async def _write_entry(self, entry: DoneEntry) -> None:
         data = json.dumps(entry.to_json(), sort_keys=True).encode()
         await self.lake.awrite_bytes(self._path("work", entry.key), data)
+        self.snapshot.work.add(_digest(entry.key))
 
     async def recorded_elsewhere(self, entry: DoneEntry, row_id: str) -> str | None:
         """The committed other run whose metadata already holds this row's record, or None."""
         run = entry.recorded.get(row_id)
         if run is None or run == self.run_id:
             return None
+        if entry.committed:  # read from committed runs' metadata: no marker to check
+            return run
         return run if await self.is_committed(run) else None
 
     async def is_committed(self, run_id: str) -> bool:
@@ -142,7 +343,9 @@ class WorkLedger:
 
     # -- accepted async jobs ---------------------------------------------------------------------
     async def job(self, key: str) -> JobEntry | None:
-        data = await asyncio.to_thread(self._read, self._path("jobs", key))
+        if self.listing and _digest(key) not in (await self._snapshot()).jobs:
+            return None
+        data = await self._read(self._path("jobs", key))
         if data is None:
             return None
         try:
@@ -159,12 +362,26 @@ class WorkLedger:
             submitted_at=datetime.now(UTC).isoformat(),
         )
         data = json.dumps(_job_json(entry))
+        self.snapshot.jobs.add(_digest(key))  # before the write: a crash leaves it to forget
         await self.lake.awrite_bytes(self._path("jobs", key), data.encode())
 
     async def forget_job(self, key: str) -> None:
         """The job ended (its result is in ``work/``, or it failed): nothing to resume."""
-        path = self._path("jobs", key)
-        await asyncio.to_thread(self.lake.remove_if_exists, path)
+        digest = _digest(key)
+        if self.listing and digest not in (await self._snapshot()).jobs:
+            return  # never listed, never recorded by this run: nothing to delete
+        await self.lake.aremove_if_exists(self._path("jobs", key))
+        self.snapshot.jobs.discard(digest)
+
+
+def align_metadata(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` (a metadata part) with exactly ``METADATA_SCHEMA``'s columns and types: a
+    column an older part lacks is null."""
+    present = set(frame.columns)
+    return frame.select(
+        pl.col(name).cast(dtype) if name in present else pl.lit(None, dtype=dtype).alias(name)
+        for name, dtype in METADATA_SCHEMA.items()
+    )
 
 
 def _job_json(entry: JobEntry) -> dict[str, str]:

@@ -14,14 +14,17 @@ from tasks.ledger import WorkLedger, work_key
 
 
 def record(run_id: str, row_id: str, **extra: object) -> RowRecord:
+    fields: dict[str, object] = {
+        "status": Status.SUCCEEDED,
+        "output_uri": "/lake/outputs/x.webp",
+        **extra,
+    }
     return RowRecord(
         run_id=run_id,
         row_id=row_id,
         row_index=0,
         provider="changeclothes",
-        status=Status.SUCCEEDED,
-        output_uri="/lake/outputs/x.webp",
-        **extra,  # type: ignore[arg-type]
+        **fields,  # type: ignore[arg-type]
     )
 
 
@@ -133,3 +136,132 @@ def test_outputs_are_named_by_content_only(tmp_path: Path) -> None:
             lake.output_path(bad_digest, ext)
     with pytest.raises(LakePathError):
         lake.read_uri("/etc/passwd")
+
+
+# -- lookups through the run's snapshot: a listing and the committed metadata ---------------
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every ledger entry the lake is asked for (a GET each on an object store)."""
+    seen: list[str] = []
+    original = Lake.aread_bytes
+
+    async def aread_bytes(self: Lake, path: str) -> bytes:
+        seen.append(path)
+        return await original(self, path)
+
+    monkeypatch.setattr(Lake, "aread_bytes", aread_bytes)
+    return seen
+
+
+def committed_run(lake: Lake, run_id: str, key: str, row_id: str, **extra: object) -> RowRecord:
+    """A run that did ``key``'s work for ``row_id``, its metadata committed."""
+    done = record(run_id, row_id, work_key=key, **extra)
+    lake.write_metadata(run_id, "part-a", [done])
+    lake.commit_run(run_id, {})
+    return done
+
+
+async def test_work_committed_runs_recorded_is_answered_without_reading_it(
+    tmp_path: Path, reads: list[str]
+) -> None:
+    lake = Lake.open(str(tmp_path / "lake"))
+    key = work_key(stage="tryon", person="a")
+    await WorkLedger(lake, "run-1").mark_done(key, record("run-1", "row-a", work_key=key))
+    committed_run(lake, "run-1", key, "row-a", output_sha256="ab" * 32)
+
+    ledger = WorkLedger(lake, "run-2")
+    entry = await ledger.done(key)
+    assert entry is not None and entry.produced_by == "run-1"
+    assert entry.record.output_sha256 == "ab" * 32 and entry.record.work_key == key
+    assert await ledger.recorded_elsewhere(entry, "row-a") == "run-1"
+    assert await ledger.recorded_elsewhere(entry, "row-b") is None  # same work, another row
+    # Nothing was read per key: the listing and the committed metadata answered.
+    assert reads == []
+    assert ledger.snapshot.stats["committed_records"] == 1
+
+
+async def test_a_key_the_listing_lacks_is_not_done_and_costs_no_read(
+    tmp_path: Path, reads: list[str]
+) -> None:
+    lake = Lake.open(str(tmp_path / "lake"))
+    key = work_key(stage="tryon", person="late")
+    ledger = WorkLedger(lake, "run-1")
+    assert await ledger.done(key) is None
+    assert await ledger.job(key) is None
+    # Another run writes it after this run listed: not seen (two runs at once may both do
+    # a row, as documented), while this run's own writes are.
+    await WorkLedger(lake, "run-2").mark_done(key, record("run-2", "row-a"))
+    assert await ledger.done(key) is None
+    assert reads == []
+    mine = work_key(stage="tryon", person="mine")
+    await ledger.mark_done(mine, record("run-1", "row-b"))
+    entry = await ledger.done(mine)
+    assert entry is not None and entry.produced_by == "run-1"
+    # A chunk in another process does not trust a listing: it reads.
+    other_process = WorkLedger(lake, "run-1-elsewhere", listing=False)
+    found = await other_process.done(key)
+    assert found is not None and found.produced_by == "run-2"
+
+
+async def test_a_crashed_runs_work_is_read_and_adopted(tmp_path: Path, reads: list[str]) -> None:
+    lake = Lake.open(str(tmp_path / "lake"))
+    key = work_key(stage="tryon", person="crashed")
+    await WorkLedger(lake, "run-1").mark_done(key, record("run-1", "row-a"))
+    # run-1 staged and even published a part, but was killed before its marker.
+    lake.write_metadata("run-1", "part-a", [record("run-1", "row-a", work_key=key)])
+    lake.commit_run("run-1", {})
+    Path(lake.commit_marker("run-1")).unlink()
+
+    ledger = WorkLedger(lake, "run-2")
+    entry = await ledger.done(key)
+    assert entry is not None and not entry.committed and entry.produced_by == "run-1"
+    assert len(reads) == 1  # listed, not in committed metadata: read from work/
+    assert await ledger.recorded_elsewhere(entry, "row-a") is None
+    await ledger.adopt(entry, "row-a")
+    lake.write_metadata("run-2", "part-a", [record("run-2", "row-a", work_key=key)])
+    lake.commit_run("run-2", {})
+    third = WorkLedger(lake, "run-3")
+    entry = await third.done(key)
+    assert entry is not None and entry.committed
+    assert await third.recorded_elsewhere(entry, "row-a") == "run-2"
+
+
+async def test_failed_records_are_not_done_work(tmp_path: Path, reads: list[str]) -> None:
+    lake = Lake.open(str(tmp_path / "lake"))
+    key = work_key(stage="tryon", person="failed")
+    committed_run(lake, "run-1", key, "row-a", status=Status.FAILED, output_uri=None)
+    assert await WorkLedger(lake, "run-2").done(key) is None  # not in work/ either
+    # run-3 did it and crashed: its entry, not run-1's failed record, answers.
+    await WorkLedger(lake, "run-3").mark_done(key, record("run-3", "row-a", work_key=key))
+    entry = await WorkLedger(lake, "run-4").done(key)
+    assert entry is not None and entry.produced_by == "run-3" and not entry.committed
+    assert entry.record.status == Status.SUCCEEDED and len(reads) == 1
+
+
+async def test_a_job_is_deleted_only_when_there_is_one(tmp_path: Path) -> None:
+    lake = Lake.open(str(tmp_path / "lake"))
+    key = work_key(stage="tryon", person="job")
+    deletes: list[str] = []
+    original = Lake.aremove_if_exists
+
+    async def count(self: Lake, path: str) -> None:
+        deletes.append(path)
+        await original(self, path)
+
+    ledger = WorkLedger(lake, "run-1")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Lake, "aremove_if_exists", count)
+        await ledger.forget_job(key)  # a synchronous provider's row: no job, no delete
+        assert deletes == []
+        await ledger.record_job(key, "hidream", "task-1")
+        await ledger.forget_job(key)
+        assert len(deletes) == 1
+        # A job an earlier run left behind is listed, resumed and then forgotten.
+        await WorkLedger(lake, "run-2").record_job(key, "hidream", "task-2")
+        later = WorkLedger(lake, "run-3")
+        job = await later.job(key)
+        assert job is not None and job.job_id == "task-2"
+        await later.forget_job(key)
+        assert len(deletes) == 2 and await WorkLedger(lake, "run-4").job(key) is None
