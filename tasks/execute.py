@@ -164,7 +164,13 @@ class DaskChunks:
                 }
             )
             future = process_chunk.submit(
-                ctx.run_id, lane.name, index, quote(list(chunk)), settings, track=ctx.track
+                # Not quoted here: the annotation does not survive the trip to a worker.
+                ctx.run_id,
+                lane.name,
+                index,
+                list(chunk),
+                settings,
+                track=ctx.track,
             )
             outcome: ChunkOutcome = await asyncio.to_thread(future.result)
         finally:
