@@ -201,6 +201,53 @@ def s3_scenario(
     return _figures(sides, rows, chunk)
 
 
+def memory_check(ctx: dict[str, Any], emulator: Any, rows: int, *, latency_s: float) -> dict:
+    """Our flow alone, first run and rerun, at a short latency: peak memory and requests per
+    row, without the baseline (a check of memory at scale in a fraction of the time)."""
+    from bench.run import measured
+
+    tmp: Path = ctx["tmp"]
+    people = sorted((tmp / "inputs" / "people").glob("*.jpg"))
+    garments = sorted((tmp / "inputs" / "garments").glob("*.jpg"))
+    manifest = data.write_manifest(tmp / "inputs" / f"manifest-{rows}.csv", people, garments, rows)
+    emulator.control.set_faults("changeclothes", latency_s=latency_s)
+    s3 = SeaweedS3(tmp / "seaweed", env=ctx["env"])
+    out: dict[str, Any] = {"rows": rows, "latency_s": latency_s, "chunk_size": CHUNK}
+    try:
+        lake = s3.uri("lake")
+        argv = [PY, "-m", "bench.drive_flow", str(manifest), lake, "--phases"]
+        argv += ["--max-in-flight", str(CONCURRENCY), "--chunk-size", str(CHUNK)]
+        argv += ["--storage-options", json.dumps(s3.flow_storage_options)]
+        for name in ("flow", "flow_rerun"):
+            log(f"memory: {name} ({rows} rows, latency {latency_s} s)")
+            before = s3.reading()
+            with measured(emulator, None) as m:
+                result, peaks = run_measured(
+                    argv,
+                    env={**ctx["flow_env"], **s3.env()},
+                    log_path=tmp / f"mem-{name}.log",
+                    what=name,
+                    timeout_s=_timeout_s(rows),
+                )
+            delta = per_row(s3.reading().minus(before), rows)
+            peak = max(result["vm_hwm_mb"], result["ru_maxrss_mb"], peaks["watch_vm_hwm_mb"])
+            out[name] = {
+                "peak_rss_mb": round(peak, 1),
+                "wall_s": result["wall_s"],
+                "cpu_ms_per_row": round(1000 * result["cpu_s"] / rows, 3),
+                "provider_calls": result["provider_calls"],
+                "already_done": result["already_done"],
+                "emulator_calls": m["emulator"]["changeclothes_requests"],
+                "s3_requests_per_row": delta["per_row"],
+                "phases_s": result.get("phases"),
+                "lake": _check_lake(s3, lake, rows),
+            }
+            log(f"memory: {name} peak {peak:.0f} MB, {result['wall_s']} s")
+    finally:
+        s3.stop()
+    return out
+
+
 def _figures(sides: dict[str, dict[str, Any]], rows: int, chunk: int) -> dict[str, Any]:
     plain, first, rerun = sides["plain"], sides["flow"], sides["flow_rerun"]
 
@@ -313,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         "--merge", action="store_true", help="also write it into bench/results/latest.json"
     )
     parser.add_argument("--keep-tmp", action="store_true")
+    parser.add_argument(
+        "--memory-only",
+        type=float,
+        metavar="LATENCY_S",
+        help="our flow alone (first run, rerun) at this emulator latency: peak memory only",
+    )
     args = parser.parse_args(argv)
 
     key = scenario_key(args.rows)
@@ -347,7 +400,12 @@ def main(argv: list[str] | None = None) -> int:
             "chunk_size": args.chunk_size,
         }
         warmup = warm_up_server(ctx, server)
-        result = s3_scenario(ctx, emulator, args.rows, chunk_size=args.chunk_size)
+        if args.memory_only is not None:
+            key += "_memory"
+            out = args.out or REPO / "bench" / "results" / f"{key}.json"
+            result = memory_check(ctx, emulator, args.rows, latency_s=args.memory_only)
+        else:
+            result = s3_scenario(ctx, emulator, args.rows, chunk_size=args.chunk_size)
         result["servers"] = {"prefect_server_warmup": warmup}
     finally:
         clean_up(tmp, keep=args.keep_tmp, children=(server, emulator), say=log)
@@ -369,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         merged[key] = {**result, "date_utc": report["date_utc"], "git": report["git"]}
         latest.write_text(json.dumps(merged, indent=2) + "\n")
         log(f"merged {key} into {latest}")
-    print(summary_lines(result))
+    if args.memory_only is None:
+        print(summary_lines(result))
     return 0
 
 

@@ -77,8 +77,10 @@ class DoneEntry:
     record: RowRecord  # the record of the stage as its producing run wrote it
     produced_by: str  # run id that did the work
     recorded: dict[str, str] = field(default_factory=dict)  # row id -> run id holding its record
-    # Read from committed runs' metadata: every run in ``recorded`` is committed.
+    # Read from committed runs' metadata: every run in ``recorded`` is committed, and the
+    # record holds what a reuse needs only (``partial``).
     committed: bool = False
+    partial: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -108,9 +110,24 @@ class JobEntry:
 
 
 # The committed records a snapshot keeps: finished work (all columns: an adopted entry is the
-# record itself). Failed records carry their work key too, and are not done.
-_SNAPSHOT_STATUS = "succeeded"
+# record itself). That is a success, or a finding final whatever run makes it (an invalid
+# row, a row a provider or the refiner cannot take: skipped as permanent). Failed records,
+# and rows a run-fatal error skipped, carry their work key too and are not done. Only keys
+# listed in work/ are looked up here at all.
+_FINISHED = (
+    (pl.col("status") == "succeeded")
+    | (pl.col("status") == "invalid")
+    | ((pl.col("status") == "skipped") & (pl.col("error_kind") == "permanent"))
+)
 _RECORD_FIELDS = frozenset(RowRecord.model_fields)
+# What a snapshot keeps of each record: what a reuse copies, who recorded it for which row.
+# The rest (paths, prompts, timings) would be most of its memory at 100,000 rows; an entry
+# adopted for another row reads the whole record from work/ first (``WorkLedger.adopt``).
+_SNAPSHOT_COLUMNS = (
+    "work_key", "run_id", "row_id", "row_index", "stage", "provider", "track", "status",
+    "error_kind", "fallback_from", "output_uri", "mask_uri", "person_sha256",
+    "garment_sha256", "output_sha256", "request_id", "cache_hit", "reused_from_run",
+)  # fmt: skip
 
 
 _WORK_KEY = re.compile(r"[0-9a-f]{64}")
@@ -187,11 +204,9 @@ class LedgerSnapshot:
             frame = pl.read_parquet(io.BytesIO(data))
             if "work_key" not in frame.columns or "status" not in frame.columns:
                 continue
-            frame = frame.filter(
-                (pl.col("status") == _SNAPSHOT_STATUS) & pl.col("work_key").is_not_null()
-            )
+            frame = align_metadata(frame).filter(_FINISHED & pl.col("work_key").is_not_null())
             if frame.height:
-                frames.append(align_metadata(frame))
+                frames.append(frame.select(_SNAPSHOT_COLUMNS))
         if not frames:
             return
         # The producing run's record first for each key (reused_from_run null), then others.
@@ -221,8 +236,9 @@ class LedgerSnapshot:
         recorded: dict[str, str] = {}
         for i in range(first, first + count):
             row = self.records.row(i, named=True) if i != first else producer
-            if row["row_id"] is not None:
-                recorded[row["row_id"]] = row["run_id"]
+            # An invalid row without an id is recorded under its number (tasks.tryon).
+            row_id = row["row_id"] if row["row_id"] is not None else f"#{row['row_index']}"
+            recorded[row_id] = row["run_id"]
         record = RowRecord.model_validate(
             {name: value for name, value in producer.items() if name in _RECORD_FIELDS}
         )
@@ -232,6 +248,7 @@ class LedgerSnapshot:
             produced_by=producer["reused_from_run"] or producer["run_id"],
             recorded=recorded,
             committed=True,
+            partial=True,
         )
 
 
@@ -319,6 +336,13 @@ class WorkLedger:
 
     async def adopt(self, entry: DoneEntry, row_id: str) -> None:
         """This run records ``entry``'s work for ``row_id`` in its own metadata."""
+        if entry.partial:  # from the snapshot: the entry in work/ has the whole record
+            data = await self._read(self._path("work", entry.key))
+            with contextlib.suppress(KeyError, ValueError, TypeError):
+                if data is not None:
+                    whole = DoneEntry.from_json(data)
+                    entry.record, entry.partial = whole.record, False
+                    entry.recorded = {**whole.recorded, **entry.recorded}
         entry.recorded[row_id] = self.run_id
         await self._write_entry(entry)
 

@@ -252,13 +252,21 @@ def _report_dir(lake: Lake, run_id: str) -> str:
 
 def _read_records(lake: Lake, folder: str) -> list[RowRecord]:
     records = []
+    # One string object per distinct value (paths, run and provider names repeat across
+    # rows), and no null passed (the field's default is the same None): ~1 KB less a record,
+    # 100 MB at 100,000 rows.
+    strings: dict[str, str] = {}
+    same = strings.setdefault
     for file in sorted(lake.fs.glob(folder + "/*.parquet")):
         with lake.fs.open(file, "rb") as handle:
             frame = pl.read_parquet(handle)
         # Only known fields: a part written by an older or newer schema still reads.
         columns = [c for c in frame.columns if c in RowRecord.model_fields]
         records.extend(
-            RowRecord.model_validate(row) for row in frame.select(columns).iter_rows(named=True)
+            RowRecord.model_validate(
+                {k: same(v, v) if type(v) is str else v for k, v in row.items() if v is not None}
+            )
+            for row in frame.select(columns).iter_rows(named=True)
         )
     return records
 

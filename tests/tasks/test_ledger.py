@@ -265,3 +265,45 @@ async def test_a_job_is_deleted_only_when_there_is_one(tmp_path: Path) -> None:
         assert job is not None and job.job_id == "task-2"
         await later.forget_job(key)
         assert len(deletes) == 2 and await WorkLedger(lake, "run-4").job(key) is None
+
+
+async def test_committed_work_adopted_for_another_row_keeps_its_whole_record(
+    tmp_path: Path, reads: list[str]
+) -> None:
+    lake = Lake.open(str(tmp_path / "lake"))
+    key = work_key(stage="tryon", person="shared")
+    done = record("run-1", "row-a", work_key=key, prompt="a prompt", total_ms=12.5)
+    await WorkLedger(lake, "run-1").mark_done(key, done)
+    committed_run(lake, "run-1", key, "row-a", prompt="a prompt", total_ms=12.5)
+
+    ledger = WorkLedger(lake, "run-2")
+    entry = await ledger.done(key)
+    assert entry is not None and entry.partial and reads == []
+    assert await ledger.recorded_elsewhere(entry, "row-b") is None
+    await ledger.adopt(entry, "row-b")  # reads the whole record first: one GET
+    assert len(reads) == 1
+    stored = json.loads(Path(lake.path("work", key[:2], f"{key}.json")).read_text())
+    assert stored["record"]["prompt"] == "a prompt" and stored["record"]["total_ms"] == 12.5
+    assert stored["recorded"] == {"row-a": "run-1", "row-b": "run-2"}
+
+
+async def test_an_invalid_row_without_id_is_found_in_committed_metadata(
+    tmp_path: Path, reads: list[str]
+) -> None:
+    lake = Lake.open(str(tmp_path / "lake"))
+    key = work_key(stage="invalid", row_index=3)
+    finding = RowRecord(
+        run_id="run-1",
+        row_id=None,
+        row_index=3,
+        provider="changeclothes",
+        status=Status.INVALID,
+        work_key=key,
+    )
+    await WorkLedger(lake, "run-1").mark_done(key, finding.model_copy(update={"row_id": "#3"}))
+    lake.write_metadata("run-1", "part-invalid", [finding])
+    lake.commit_run("run-1", {})
+    ledger = WorkLedger(lake, "run-2")
+    entry = await ledger.done(key)
+    assert entry is not None and entry.committed and reads == []
+    assert await ledger.recorded_elsewhere(entry, "#3") == "run-1"
