@@ -111,7 +111,12 @@ def _result_line(output: str, what: str) -> dict[str, Any]:
 
 
 def run_child(
-    argv: list[str], *, env: dict[str, str], log_path: Path, what: str
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    log_path: Path,
+    what: str,
+    timeout_s: float = DRIVER_TIMEOUT_S,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Run a measured child to completion; returns its BENCH_RESULT, and its /proc memory peaks
     and whole wall time (spawn to exit: ``process_wall_s``)."""
@@ -132,11 +137,11 @@ def run_child(
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        proc.wait(DRIVER_TIMEOUT_S)
+        proc.wait(timeout_s)
         process_wall_s = time.perf_counter() - t0
     except subprocess.TimeoutExpired:
         procs.stop(proc)
-        raise RuntimeError(f"{what}: timed out after {DRIVER_TIMEOUT_S:.0f} s") from None
+        raise RuntimeError(f"{what}: timed out after {timeout_s:.0f} s") from None
     finally:
         stop.set()
         watcher.join()

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +33,7 @@ from typing import Any
 
 import polars as pl
 
-from bench import data, procs
+from bench import data
 from bench.s3server import SeaweedS3, per_row
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,45 +59,6 @@ def log(message: str) -> None:
 
 def scenario_key(rows: int) -> str:
     return "s3_100k" if rows == ROWS else f"s3_{rows}"
-
-
-def run_measured(
-    argv: list[str], *, env: dict[str, str], log_path: Path, what: str, timeout_s: float
-) -> tuple[dict[str, Any], dict[str, float]]:
-    """Run a child to completion (``bench.run.run_child`` with a longer timeout): its
-    BENCH_RESULT line and the /proc memory peaks sampled while it ran."""
-    proc = procs.spawn(argv, env=env, cwd=REPO, log=log_path)
-    peaks = {"watch_vm_hwm_mb": 0.0, "watch_vm_rss_max_mb": 0.0}
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.wait(0.25):
-            hwm, rss = procs.status_kb(proc.pid, "VmHWM"), procs.status_kb(proc.pid, "VmRSS")
-            if hwm:
-                peaks["watch_vm_hwm_mb"] = max(peaks["watch_vm_hwm_mb"], hwm / 1024)
-            if rss:
-                peaks["watch_vm_rss_max_mb"] = max(peaks["watch_vm_rss_max_mb"], rss / 1024)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        procs.stop(proc)
-        raise RuntimeError(f"{what}: timed out after {timeout_s:.0f} s") from None
-    finally:
-        stop.set()
-        watcher.join()
-        procs.stop(proc)
-    output = log_path.read_text(errors="replace")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what}: exit {proc.returncode}; output ends:\n{output[-3000:]}")
-    for line in reversed(output.splitlines()):
-        if line.startswith("BENCH_RESULT "):
-            return json.loads(line.removeprefix("BENCH_RESULT ")), {
-                k: round(v, 1) for k, v in peaks.items()
-            }
-    raise RuntimeError(f"{what}: no BENCH_RESULT line; output ends:\n{output[-3000:]}")
 
 
 def _timeout_s(rows: int) -> float:
@@ -149,7 +108,7 @@ def s3_scenario(
 ) -> dict[str, Any]:
     """Plain, first run, rerun; ``ctx`` as ``bench.run`` builds it (tmp, env, flow_env,
     manifests). Starts (and stops) its own SeaweedFS."""
-    from bench.run import EMULATOR_KEY, manifest_of, measured
+    from bench.run import EMULATOR_KEY, manifest_of, measured, run_child
 
     tmp: Path = ctx["tmp"]
     manifest = manifest_of(ctx, rows)
@@ -166,7 +125,7 @@ def s3_scenario(
             log(f"{name} ({rows} rows)")
             before, w0 = s3.reading(), s3.cpu_s()
             with measured(emulator, None) as m:
-                result, peaks = run_measured(
+                result, peaks = run_child(
                     argv, env=env, log_path=tmp / f"s3-{name}.log", what=name, timeout_s=timeout_s
                 )
             after = s3.reading()
@@ -204,7 +163,7 @@ def s3_scenario(
 def memory_check(ctx: dict[str, Any], emulator: Any, rows: int, *, latency_s: float) -> dict:
     """Our flow alone, first run and rerun, at a short latency: peak memory and requests per
     row, without the baseline (a check of memory at scale in a fraction of the time)."""
-    from bench.run import measured
+    from bench.run import measured, run_child
 
     tmp: Path = ctx["tmp"]
     people = sorted((tmp / "inputs" / "people").glob("*.jpg"))
@@ -222,7 +181,7 @@ def memory_check(ctx: dict[str, Any], emulator: Any, rows: int, *, latency_s: fl
             log(f"memory: {name} ({rows} rows, latency {latency_s} s)")
             before = s3.reading()
             with measured(emulator, None) as m:
-                result, peaks = run_measured(
+                result, peaks = run_child(
                     argv,
                     env={**ctx["flow_env"], **s3.env()},
                     log_path=tmp / f"mem-{name}.log",

@@ -19,12 +19,14 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from providers.base import (
+    OnSubmitted,
     PreparedImage,
     ProviderError,
     RefinerClient,
     RefineRequest,
     TryOnClient,
     TryOnRequest,
+    TryOnResult,
 )
 from schemas.image_profile import ImageProfile
 from schemas.manifest import ManifestRow
@@ -433,26 +435,16 @@ async def _call_try_on(
         gender=gender,
     )
     client: TryOnClient = lane.client  # type: ignore[assignment]
-    t_call = time.perf_counter()
-    try:
-        result = await call_provider(
-            ctx,
-            lane,
-            lambda on_submitted: client.try_on(request, on_submitted=on_submitted),
-            record,
-            attempts,
-        )
-    finally:
-        record.provider_ms = _ms(t_call)
-    record.request_id = result.request_id or record.request_id
-    record.cache_hit = result.cache_hit
-    t_dl = time.perf_counter()
-    data = await store_result(ctx, lane, result, record, person=person)
+    data = await _call_and_store(
+        ctx,
+        lane,
+        row,
+        record,
+        attempts,
+        lambda on_submitted: client.try_on(request, on_submitted=on_submitted),
+        person=person,
+    )
     outcome.coarse = _Coarse.of(record, data)
-    record.download_ms = _ms(t_dl)
-    if ctx.thumbnails is not None:
-        ctx.thumbnails.offer(row.row_index, record.output_uri, data)
-    await _remember(ctx, record)
 
 
 def _chain(ctx: RunContext, row: ManifestRow) -> list[Lane]:
@@ -627,24 +619,43 @@ async def _call_refine(
         bottom_garment=bottom,
     )
     refiner: RefinerClient = lane.client  # type: ignore[assignment]
+    await _call_and_store(
+        ctx,
+        lane,
+        row,
+        record,
+        attempts,
+        lambda on_submitted: refiner.refine(request, on_submitted=on_submitted),
+        person=person,
+    )
+
+
+async def _call_and_store(
+    ctx: RunContext,
+    lane: Lane,
+    row: ManifestRow,
+    record: RowRecord,
+    attempts: list[int],
+    submit: Callable[[OnSubmitted], Awaitable[TryOnResult]],
+    *,
+    person: PreparedImage,
+) -> bytes:
+    """The provider call (with retries), its result checked and stored, then remembered in
+    the ledger; the result's bytes."""
     t_call = time.perf_counter()
     try:
-        result = await call_provider(
-            ctx,
-            lane,
-            lambda on_submitted: refiner.refine(request, on_submitted=on_submitted),
-            record,
-            attempts,
-        )
+        result = await call_provider(ctx, lane, submit, record, attempts)
     finally:
         record.provider_ms = _ms(t_call)
     record.request_id = result.request_id or record.request_id
+    record.cache_hit = result.cache_hit
     t_dl = time.perf_counter()
-    refined = await store_result(ctx, lane, result, record, person=person)
+    data = await store_result(ctx, lane, result, record, person=person)
     record.download_ms = _ms(t_dl)
     if ctx.thumbnails is not None:
-        ctx.thumbnails.offer(row.row_index, record.output_uri, refined)
+        ctx.thumbnails.offer(row.row_index, record.output_uri, data)
     await _remember(ctx, record)
+    return data
 
 
 async def process_row(row: ManifestRow, ctx: RunContext) -> list[RowRecord]:
