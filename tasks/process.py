@@ -88,19 +88,24 @@ async def _prepare_shown(
     return image
 
 
-async def _prepare(ctx: RunContext, uri: str | None, profile: ImageProfile) -> PreparedImage | None:
-    if uri is None:
-        return None
+async def _input_step(ctx: RunContext, step: Callable[[], Awaitable[T]]) -> T:
+    """An input's fetch or preparation, retried when transient; its failure ends the row."""
     try:
-        return await with_retries(
-            ctx,
-            lambda: ctx.images.get(
-                uri, http=ctx.http, profile=profile, storage_options=ctx.storage_options
-            ),
-        )
+        return await with_retries(ctx, step)
     except ImageInputError as exc:
         kind = ErrorKind.TRANSIENT if exc.transient else ErrorKind.PERMANENT
         raise _RowFailure(kind, exc.code, exc.message) from None
+
+
+async def _prepare(ctx: RunContext, uri: str | None, profile: ImageProfile) -> PreparedImage | None:
+    if uri is None:
+        return None
+    return await _input_step(
+        ctx,
+        lambda: ctx.images.get(
+            uri, http=ctx.http, profile=profile, storage_options=ctx.storage_options
+        ),
+    )
 
 
 async def _input_sha256(
@@ -111,16 +116,12 @@ async def _input_sha256(
     ``row``: hand an image prepared here to the contact sheet at once (``_prepare_shown``)."""
     if uri is None:
         return None
-    try:
-        sha = await with_retries(
-            ctx,
-            lambda: ctx.images.sha256(
-                uri, http=ctx.http, profile=profile, storage_options=ctx.storage_options
-            ),
-        )
-    except ImageInputError as exc:
-        kind = ErrorKind.TRANSIENT if exc.transient else ErrorKind.PERMANENT
-        raise _RowFailure(kind, exc.code, exc.message) from None
+    sha = await _input_step(
+        ctx,
+        lambda: ctx.images.sha256(
+            uri, http=ctx.http, profile=profile, storage_options=ctx.storage_options
+        ),
+    )
     if row is not None and ctx.thumbnails is not None:
         image = ctx.images.peek(uri, profile)
         if image is not None:
