@@ -250,6 +250,10 @@ def _report_dir(lake: Lake, run_id: str) -> str:
     return lake.path("runs", run_id, "report")
 
 
+# Fields without a default (a null is passed as such: ``row_id`` of an id-less invalid row).
+_REQUIRED: Final = frozenset(n for n, f in RowRecord.model_fields.items() if f.is_required())
+
+
 def _read_records(lake: Lake, folder: str) -> list[RowRecord]:
     records = []
     # One string object per distinct value (paths, run and provider names repeat across
@@ -264,7 +268,11 @@ def _read_records(lake: Lake, folder: str) -> list[RowRecord]:
         columns = [c for c in frame.columns if c in RowRecord.model_fields]
         records.extend(
             RowRecord.model_validate(
-                {k: same(v, v) if type(v) is str else v for k, v in row.items() if v is not None}
+                {
+                    k: same(v, v) if type(v) is str else v
+                    for k, v in row.items()
+                    if v is not None or k in _REQUIRED
+                }
             )
             for row in frame.select(columns).iter_rows(named=True)
         )
